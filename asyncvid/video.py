@@ -1,0 +1,213 @@
+"""A generated video (uint8 RGB frames + fps) and its atomic writers: MP4, GIF, a folder of PNG frames, JSON."""
+
+import base64
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from asyncvid.errors import UsageError
+
+FORMATS = ("mp4", "gif", "png")
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    """Return `frames` if it is a uint8 (F, H, W, 3) array with F >= 1, else raise ValueError."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 but are {frames.dtype}; convert with (x * 255).round().astype('uint8')")
+    if frames.ndim != 4 or frames.shape[-1] != 3 or min(frames.shape) < 1:
+        raise ValueError(f"frames must have shape (F, H, W, 3) with F, H, W >= 1 but have shape {frames.shape}")
+    return frames
+
+
+def _check_fps(fps: int) -> int:
+    """Return `fps` as an int if it is an integer >= 1, else raise ValueError."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, np.integer)) or fps < 1:
+        raise ValueError(f"fps must be an integer >= 1 but is {fps!r}")
+    return int(fps)
+
+
+@dataclass
+class Video:
+    """RGB frames as a uint8 (F, H, W, 3) array, played at `fps` frames per second."""
+
+    frames: np.ndarray
+    fps: int
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.frames = _check_frames(self.frames)
+        self.fps = _check_fps(self.fps)
+
+    @property
+    def num_frames(self) -> int:
+        return self.frames.shape[0]
+
+    @property
+    def height(self) -> int:
+        return self.frames.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.frames.shape[2]
+
+    def __repr__(self) -> str:
+        # The default dataclass repr would print every pixel.
+        return f"Video(num_frames={self.num_frames}, height={self.height}, width={self.width}, fps={self.fps})"
+
+    def pil_frames(self) -> list[Image.Image]:
+        """The frames as RGB PIL images."""
+        return [Image.fromarray(frame) for frame in self.frames]
+
+    def save(self, path: str | os.PathLike, format: str | None = None, overwrite: bool = False) -> Path:
+        """Write the video; the format comes from `format` or the suffix (.mp4, .gif; none means PNG frames)."""
+        path = Path(path)
+        format = format or _format_from_suffix(path)
+        if format == "mp4":
+            return write_mp4(self.frames, self.fps, path, overwrite=overwrite)
+        if format == "gif":
+            return write_gif(self.frames, self.fps, path, overwrite=overwrite)
+        if format == "png":
+            return write_png_frames(self.frames, path, overwrite=overwrite)
+        raise UsageError(f"unknown video format {format!r}; use one of {', '.join(FORMATS)}")
+
+    def _repr_html_(self) -> str:
+        """Jupyter preview: the MP4 inlined as base64."""
+        # Crop odd edges: a preview should not fail where yuv420p needs even sizes.
+        frames = self.frames[:, : self.height // 2 * 2, : self.width // 2 * 2]
+        with tempfile.TemporaryDirectory() as tmp:
+            data = write_mp4(frames, self.fps, Path(tmp) / "preview.mp4").read_bytes()
+        src = "data:video/mp4;base64," + base64.b64encode(data).decode("ascii")
+        return f'<video controls autoplay loop muted width="{self.width}" src="{src}"></video>'
+
+
+def _format_from_suffix(path: Path) -> str:
+    """'mp4' or 'gif' from the suffix, 'png' (a folder of frames) when there is none."""
+    suffix = path.suffix.lower()
+    if suffix in ("", ".mp4", ".gif"):
+        return suffix[1:] or "png"
+    raise UsageError(
+        f"cannot tell the video format of '{path}'; use a .mp4 or .gif suffix, or no suffix for a folder of PNG frames"
+    )
+
+
+@contextmanager
+def _atomic_target(path: str | os.PathLike, *, overwrite: bool, is_dir: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` on success, delete it on any error."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise UsageError(f"output folder '{path.parent}' does not exist; create it first or choose another path")
+    if path.exists() and not overwrite:
+        raise UsageError(f"'{path}' already exists; pass --overwrite to replace it")
+    if path.exists() and path.is_dir() != is_dir:
+        kind = "folder" if path.is_dir() else "file"
+        raise UsageError(f"'{path}' exists and is a {kind}; remove it or choose another output name")
+    # Same folder, so the rename cannot cross filesystems; the real suffix lets muxers recognise the container.
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.with_name(f".{path.stem}.tmp-{tag}{path.suffix}")
+    try:
+        if is_dir:
+            tmp.mkdir()
+        yield tmp
+        if not is_dir or not path.exists():
+            os.replace(tmp, path)
+            return
+        # A folder cannot be replaced in one step: move the old one aside, rename, then delete the old one.
+        old = path.with_name(f".{path.name}.old-{tag}")
+        os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            os.replace(old, path)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        if is_dir:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_mp4(
+    frames: np.ndarray, fps: int, path: str | os.PathLike, *, overwrite: bool = False, crf: int = 18
+) -> Path:
+    """Encode frames as H.264 yuv420p MP4 with PyAV; `crf` 18 is visually lossless, 0 is lossless after yuv420p."""
+    import av  # Imported here so that reading prompts or PNGs does not need FFmpeg.
+
+    frames, fps = _check_frames(frames), _check_fps(fps)
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise UsageError(
+            f"MP4 (yuv420p) needs an even height and width but the video is {height}x{width} (HxW); "
+            "generate an even size or save as .gif or PNG frames"
+        )
+    if not 0 <= crf <= 51:
+        raise UsageError(f"crf must be in 0..51 but is {crf}; lower is better quality (18 is the default)")
+    if "libx264" not in av.codecs_available:
+        raise RuntimeError("this PyAV build has no libx264 encoder; install a PyAV wheel (pip install av) that has it")
+    with _atomic_target(path, overwrite=overwrite) as tmp:
+        with av.open(str(tmp), mode="w", format="mp4") as container:
+            stream = container.add_stream("libx264", rate=Fraction(fps), options={"crf": str(crf)})
+            stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            container.mux(stream.encode(None))  # flush the frames the encoder still holds
+    return Path(path)
+
+
+def write_gif(frames: np.ndarray, fps: int, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a looping GIF with Pillow (a preview: 256 colours, delays in 10 ms units)."""
+    frames, fps = _check_frames(frames), _check_fps(fps)
+    images = [Image.fromarray(frame) for frame in frames]
+    # GIF stores delays in centiseconds; round rather than let Pillow truncate. Pillow merges a frame identical
+    # to the previous one into a longer frame, so playback time is kept but n_frames can be lower.
+    duration = max(1, round(100 / fps)) * 10
+    with _atomic_target(path, overwrite=overwrite) as tmp:
+        images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=duration, loop=0)
+    return Path(path)
+
+
+def write_png_frames(frames: np.ndarray, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a folder of lossless frame_0000.png, frame_0001.png, ... (for bit-exact comparisons)."""
+    frames = _check_frames(frames)
+    digits = max(4, len(str(len(frames) - 1)))  # keep names sortable past 10000 frames
+    with _atomic_target(path, overwrite=overwrite, is_dir=True) as tmp:
+        for i, frame in enumerate(frames):
+            Image.fromarray(frame).save(tmp / f"frame_{i:0{digits}d}.png", format="PNG")
+    return Path(path)
+
+
+def read_png_frames(path: str | os.PathLike) -> np.ndarray:
+    """Read a folder written by write_png_frames back into a uint8 (F, H, W, 3) array."""
+    path = Path(path)
+    files = sorted(
+        (f for f in path.glob("frame_*.png") if re.fullmatch(r"frame_\d+\.png", f.name)),
+        key=lambda f: int(f.stem.removeprefix("frame_")),
+    )
+    if not files:
+        raise UsageError(f"'{path}' is not a folder of frame_NNNN.png files; pass a folder written by write_png_frames")
+    frames = []
+    for f in files:
+        with Image.open(f) as image:
+            frames.append(np.asarray(image.convert("RGB")))
+    return np.stack(frames)
+
+
+def write_json_atomic(data: dict, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write `data` as indented UTF-8 JSON with a trailing newline."""
+    text = json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n"  # serialise before touching disk
+    with _atomic_target(path, overwrite=overwrite) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
