@@ -1,0 +1,61 @@
+"""One video from a loaded pipeline: seed the generator, run the adapter, time the phases, wrap the frames."""
+
+from __future__ import annotations
+
+import time
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .video import Video
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps total)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions that decide the output bits, recorded in every sidecar."""
+    found = {}
+    for name in ("asyncvid", "torch", "diffusers", "transformers", "av"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    return found
+
+
+def to_uint8(frames: np.ndarray) -> np.ndarray:
+    """Float frames in [0, 1] to uint8 with rounding (what every writer stores)."""
+    return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, metadata: dict | None = None) -> Video:
+    """Sample one video with the pipeline's own loop; the sidecar metadata records settings and timings."""
+    adapter.check(pipe, request)
+    # A CPU generator gives the same noise on every device, so CPU and GPU runs start from the same latents.
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    marks: list[float] = []
+
+    def callback(pipeline, step, timestep, tensors):
+        marks.append(time.perf_counter())
+        if on_step is not None:
+            on_step(step + 1, request.num_inference_steps)
+        return tensors
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        frames = adapter.call(pipe, request, generator=generator, callback=callback)
+    end = time.perf_counter()
+    last_step = marks[-1] if marks else end
+    meta = {
+        **request.describe(),
+        **(metadata or {}),
+        "versions": package_versions(),
+        "timings": {
+            "total_s": round(end - start, 4),
+            "until_last_step_s": round(last_step - start, 4),
+            "decode_s": round(end - last_step, 4),
+        },
+    }
+    return Video(frames=to_uint8(frames), fps=request.fps, metadata=meta)

@@ -1,0 +1,92 @@
+"""What the user asks for: one video's settings, in diffusers' vocabulary, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import UsageError
+
+
+def _check_size(name: str, value: int | None) -> None:
+    if value is not None and (value < 8 or value % 8):
+        suggestion = max(8, (value + 4) // 8 * 8)
+        raise UsageError(f"{name} must be a positive multiple of 8 (the VAE's factor), got {value}; try {suggestion}")
+
+
+def _check_common(req) -> None:
+    if req.num_inference_steps < 1:
+        raise UsageError(f"steps must be at least 1, got {req.num_inference_steps}")
+    if req.num_frames is not None and req.num_frames < 1:
+        raise UsageError(f"frames must be at least 1, got {req.num_frames}")
+    _check_size("height", req.height)
+    _check_size("width", req.width)
+    if req.seed < 0 or req.seed >= 2**63:
+        raise UsageError(f"seed must be in [0, 2**63), got {req.seed}")
+    if req.fps < 1:
+        raise UsageError(f"fps must be at least 1, got {req.fps}")
+
+
+@dataclass
+class TextToVideo:
+    """A text-to-video request (AnimateDiff); `None` sizes and frames mean the model's defaults."""
+
+    prompt: str
+    negative_prompt: str = ""
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    seed: int = 0
+    fps: int = 8
+
+    def __post_init__(self):
+        if not self.prompt.strip():
+            raise UsageError("prompt is empty; write what the video should show")
+        if self.guidance_scale < 0:
+            raise UsageError(f"guidance must be >= 0 (1 disables guidance), got {self.guidance_scale}")
+        _check_common(self)
+
+    def describe(self) -> dict:
+        return {"task": "text-to-video", **asdict(self)}
+
+
+@dataclass
+class ImageToVideo:
+    """An image-to-video request (Stable Video Diffusion); `None` sizes and frames mean the model's defaults."""
+
+    image: Path
+    num_frames: int | None = None
+    height: int | None = None
+    width: int | None = None
+    num_inference_steps: int = 25
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    decode_chunk_size: int | None = None
+    seed: int = 0
+    fps: int = 7
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        self.image = Path(self.image)
+        if not 0 <= self.min_guidance_scale <= self.max_guidance_scale:
+            raise UsageError(
+                f"guidance range must satisfy 0 <= min <= max, got min {self.min_guidance_scale} and max "
+                f"{self.max_guidance_scale}"
+            )
+        if not 0 <= self.motion_bucket_id <= 1023:
+            raise UsageError(f"motion bucket id must be in [0, 1023], got {self.motion_bucket_id}")
+        if self.noise_aug_strength < 0:
+            raise UsageError(f"noise augmentation strength must be >= 0, got {self.noise_aug_strength}")
+        if self.decode_chunk_size is not None and self.decode_chunk_size < 1:
+            raise UsageError(f"decode chunk size must be at least 1, got {self.decode_chunk_size}")
+        _check_common(self)
+
+    def describe(self) -> dict:
+        d = {"task": "image-to-video", **asdict(self)}
+        d["image"] = str(self.image)
+        d.pop("extra")
+        return d

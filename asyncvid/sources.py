@@ -1,0 +1,69 @@
+"""Where a model comes from: an embedded name, a local diffusers folder, or a hub id in the local HF cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+from .errors import UsageError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: str = "model_index.json") -> Path:
+    """Turn `spec` into a local folder holding `marker`; never downloads."""
+    names = sorted(embedded)
+    if spec in names:
+        return materialize(spec)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / marker).is_file():
+            raise UsageError(f"model folder '{spec}' has no {marker}; pass a diffusers folder saved by save_pretrained")
+        return path
+    if _looks_like_hub_id(spec):
+        return _from_hf_cache(spec)
+    raise UsageError(
+        f"model '{spec}' is not an embedded model ({', '.join(names)}), a local folder, or a hub id (org/name)"
+    )
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    parts = spec.split("/")
+    return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
+
+
+def _from_hf_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        # Offline by design: asyncvid never downloads; weights come from a cache filled elsewhere.
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        raise UsageError(
+            f"hub model '{repo_id}' is not in the local Hugging Face cache and asyncvid does not download; "
+            f"run `hf download {repo_id}` on a connected machine (or pass a local folder)"
+        ) from None
+
+
+def check_components(folder: Path) -> None:
+    """Fail early, in one line, on a pipeline folder with a missing component or pickle-only weights."""
+    index = json.loads((folder / "model_index.json").read_text())
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+            continue
+        sub = folder / name
+        if not sub.is_dir():
+            raise UsageError(f"model folder '{folder}' is missing component '{name}' ({sub}); re-save the pipeline")
+        check_weights(sub)
+
+
+def check_weights(folder: Path) -> None:
+    """Refuse pickle-only weights: loading a pickle can run arbitrary code."""
+    files = [p for p in folder.iterdir() if p.is_file()]
+    pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
+    if pickles and not any(p.suffix == ".safetensors" for p in files):
+        raise UsageError(
+            f"'{folder}' has weights only as pickle files ({pickles[0]}); convert them to safetensors "
+            f"(e.g. load and save_pretrained(..., safe_serialization=True) in a trusted environment)"
+        )

@@ -1,0 +1,53 @@
+"""Model adapters, chosen by pipeline class: how to load each family and how to call it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from asyncvid.errors import UsageError
+from asyncvid.sources import check_components, resolve_folder
+
+from . import animatediff, svd
+from .embedded import EMBEDDED, materialize
+
+# model_index.json `_class_name` -> adapter. A Stable Diffusion folder is an AnimateDiff base model.
+ADAPTERS: dict[str, ModuleType] = {
+    "AnimateDiffPipeline": animatediff,
+    "StableDiffusionPipeline": animatediff,
+    "StableVideoDiffusionPipeline": svd,
+}
+
+
+def adapter_for(folder: Path) -> ModuleType:
+    """The adapter for a diffusers folder, by the pipeline class it was saved from."""
+    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    if class_name not in ADAPTERS:
+        raise UsageError(f"model '{folder}' is a {class_name}; asyncvid supports {', '.join(sorted(ADAPTERS))}")
+    return ADAPTERS[class_name]
+
+
+def resolve_model(spec: str) -> Path:
+    """An embedded name, a local folder or a cached hub id, as a local diffusers pipeline folder."""
+    folder = resolve_folder(spec, EMBEDDED, materialize)
+    check_components(folder)
+    return folder
+
+
+def resolve_motion_adapter(spec: str) -> Path:
+    """A motion adapter folder (config.json + weights), local or from the HF cache."""
+    return resolve_folder(spec, (), materialize, marker="config.json")
+
+
+def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motion_adapter: str | None = None):
+    """Load a pipeline onto `device` in `dtype`; returns (pipeline, adapter, folder)."""
+    folder = resolve_model(model)
+    adapter = adapter_for(folder)
+    adapter_folder = resolve_motion_adapter(motion_adapter) if motion_adapter else None
+    pipe = adapter.load(folder, dtype=dtype, motion_adapter=adapter_folder)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter, folder

@@ -1,0 +1,58 @@
+"""Image-to-video with Stable Video Diffusion (`StableVideoDiffusionPipeline`): loading and calling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import StableVideoDiffusionPipeline
+from PIL import Image, UnidentifiedImageError
+
+from asyncvid.errors import UsageError
+from asyncvid.requests import ImageToVideo
+
+TASK = "image-to-video"
+
+
+def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None) -> StableVideoDiffusionPipeline:
+    """An SVD pipeline from its diffusers folder."""
+    if motion_adapter is not None:
+        raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
+    return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+
+
+def load_image(path: Path) -> Image.Image:
+    """Open the conditioning image as RGB, with one-line errors for missing or non-image files."""
+    if not path.is_file():
+        raise UsageError(f"image '{path}' does not exist; pass a PNG or JPEG file")
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise UsageError(f"image '{path}' is not a readable image ({type(err).__name__}); pass a PNG or JPEG file")
+
+
+def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
+    """Limits that depend on the loaded model (SVD has none beyond the request's own)."""
+
+
+def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback) -> np.ndarray:
+    """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1]."""
+    out = pipe(
+        image=load_image(request.image),
+        height=request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        width=request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor,
+        num_frames=request.num_frames,
+        num_inference_steps=request.num_inference_steps,
+        min_guidance_scale=request.min_guidance_scale,
+        max_guidance_scale=request.max_guidance_scale,
+        fps=request.fps,
+        motion_bucket_id=request.motion_bucket_id,
+        noise_aug_strength=request.noise_aug_strength,
+        decode_chunk_size=request.decode_chunk_size,
+        generator=generator,
+        output_type="np",
+        callback_on_step_end=callback,
+    )
+    return out.frames[0]
