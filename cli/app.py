@@ -1,0 +1,232 @@
+"""`asyncvid`: text-to-video (`generate`), image-to-video (`i2v`), and what models are available (`models`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from asyncvid import __version__
+from asyncvid.errors import UsageError
+
+app = typer.Typer(
+    help="Generate videos with diffusion models (AnimateDiff, Stable Video Diffusion), sequentially or in parallel.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+class Format(str, Enum):
+    mp4 = "mp4"
+    gif = "gif"
+    png = "png"
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"asyncvid {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = None,
+):
+    """Generate videos with diffusion models, sequentially or in parallel across devices."""
+
+
+Model = Annotated[str, typer.Option(help="Embedded name (see `asyncvid models`), a local diffusers folder, or a hub id in the local HF cache.")]
+Steps = Annotated[int, typer.Option(help="Denoising steps.")]
+Frames = Annotated[Optional[int], typer.Option(help="Frames per video [default: the model's].")]
+Height = Annotated[Optional[int], typer.Option(help="Frame height, a multiple of 8 [default: the model's].")]
+Width = Annotated[Optional[int], typer.Option(help="Frame width, a multiple of 8 [default: the model's].")]
+Seed = Annotated[int, typer.Option(help="Random seed; the same seed and settings give the same frames.")]
+Out = Annotated[Path, typer.Option(help="Output folder (created if missing).")]
+Fmt = Annotated[Format, typer.Option("--format", help="mp4 (H.264), gif, or png (a folder of lossless frames).")]
+Overwrite = Annotated[bool, typer.Option(help="Replace outputs that already exist.")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cuda if available, else cpu].")]
+DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="[default: float16 on CUDA, float32 on CPU]")]
+Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
+
+
+@app.command()
+def generate(
+    prompt_file: Annotated[Path, typer.Argument(help="Text file: one prompt per line, '#' starts a comment line.")],
+    model: Model = "tiny-animatediff",
+    motion_adapter: Annotated[Optional[str], typer.Option(help="AnimateDiff motion adapter folder or cached hub id (needed with a Stable Diffusion base model).")] = None,
+    steps: Steps = 25,
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 disables it).")] = 7.5,
+    negative_prompt: Annotated[str, typer.Option(help="What the video should not show.")] = "",
+    seed: Seed = 0,
+    fps: Annotated[int, typer.Option(help="Frames per second of the written video.")] = 8,
+    out: Out = Path("outputs"),
+    fmt: Fmt = Format.mp4,
+    overwrite: Overwrite = False,
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    debug: Debug = False,
+):
+    """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
+    from asyncvid.naming import output_stem, read_prompts
+    from asyncvid.requests import TextToVideo
+
+    def build():
+        prompts = read_prompts(prompt_file)
+        requests = [
+            TextToVideo(p, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
+                        num_inference_steps=steps, guidance_scale=guidance, seed=seed, fps=fps)
+            for p in prompts
+        ]
+        return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
+
+    _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug)
+
+
+@app.command()
+def i2v(
+    images: Annotated[list[Path], typer.Argument(help="Conditioning images (PNG or JPEG), one video each.")],
+    model: Model = "tiny-svd",
+    steps: Steps = 25,
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    motion_bucket_id: Annotated[int, typer.Option(help="SVD's motion conditioning: higher moves more.")] = 127,
+    noise_aug_strength: Annotated[float, typer.Option(help="Noise added to the conditioning image.")] = 0.02,
+    min_guidance: Annotated[float, typer.Option(help="Guidance scale at the first frame.")] = 1.0,
+    max_guidance: Annotated[float, typer.Option(help="Guidance scale at the last frame.")] = 3.0,
+    decode_chunk_size: Annotated[Optional[int], typer.Option(help="Frames decoded at once [default: all].")] = None,
+    seed: Seed = 0,
+    fps: Annotated[int, typer.Option(help="Frames per second: SVD's conditioning and the written video's rate.")] = 7,
+    out: Out = Path("outputs"),
+    fmt: Fmt = Format.mp4,
+    overwrite: Overwrite = False,
+    device: Device = None,
+    dtype: DTypeOpt = None,
+    debug: Debug = False,
+):
+    """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
+    from asyncvid.naming import output_stem
+    from asyncvid.requests import ImageToVideo
+
+    def build():
+        from asyncvid.pipelines.svd import load_image  # imports diffusers: only after logs are quietened
+
+        requests = []
+        for image in images:
+            load_image(image)  # fail on a bad image before the model loads
+            requests.append(ImageToVideo(
+                image, num_frames=frames, height=height, width=width, num_inference_steps=steps,
+                min_guidance_scale=min_guidance, max_guidance_scale=max_guidance, motion_bucket_id=motion_bucket_id,
+                noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size, seed=seed, fps=fps,
+            ))
+        return requests, [output_stem(i, image.stem) for i, image in enumerate(images)]
+
+    _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug)
+
+
+@app.command()
+def models():
+    """List the embedded models and explain how to use real weights."""
+    from asyncvid.pipelines import EMBEDDED
+
+    typer.echo("Embedded models (no download needed):")
+    for m in EMBEDDED.values():
+        typer.echo(f"  {m.name:<18} {m.task:<15} {m.description}")
+    typer.echo(
+        "\nReal weights: pass --model a local diffusers folder or a hub id already in the Hugging Face cache, e.g.\n"
+        "  asyncvid i2v photo.png --model stabilityai/stable-video-diffusion-img2vid-xt --height 576 --width 1024\n"
+        "  asyncvid generate prompts.txt --model runwayml/stable-diffusion-v1-5 \\\n"
+        "      --motion-adapter guoyww/animatediff-motion-adapter-v1-5-2 --height 512 --width 512\n"
+        "asyncvid never downloads: fill the cache with `hf download <id>` on a connected machine. Safetensors only."
+    )
+
+
+def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug):
+    """Validate everything, load the model once, then sample and write each video as soon as it is done."""
+    _quiet_libraries(debug)
+    try:
+        _generate_all(build, task, model=model, motion_adapter=motion_adapter, out=out, fmt=fmt,
+                      overwrite=overwrite, device=device, dtype=dtype)
+    except UsageError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+def _generate_all(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from asyncvid.devices import resolve_device, resolve_dtype
+    from asyncvid.generate import generate
+    from asyncvid.outputs import plan_targets, prepare_out_dir, save_with_sidecar
+    from asyncvid.pipelines import load_pipeline
+
+    # 1. Everything that can be wrong with the input is found before the model loads or a file is written.
+    requests, stems = build()
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype.value if dtype else None, torch_device)
+    out_dir = prepare_out_dir(out)
+    targets = plan_targets(out_dir, stems, fmt, overwrite=overwrite)
+
+    # 2. Load once; refuse a model of the wrong task.
+    pipe, adapter, folder = load_pipeline(model, device=torch_device, dtype=torch_dtype, motion_adapter=motion_adapter)
+    if adapter.TASK != task:
+        command = "generate" if adapter.TASK == "text-to-video" else "i2v"
+        raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
+
+    # 3. Sample and write each video as soon as it is done.
+    meta = {"model": model, "model_folder": str(folder), "device": str(torch_device),
+            "dtype": str(torch_dtype).removeprefix("torch."), "sampler": {"name": "sequential"}}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
+        for request, target in zip(requests, targets):
+            bar = progress.add_task(target.name, total=request.num_inference_steps)
+            video = generate(pipe, adapter, request, metadata=meta,
+                             on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
+            progress.remove_task(bar)
+            written = save_with_sidecar(video, target, fmt, overwrite=overwrite)
+            seconds = video.metadata["timings"]["total_s"]
+            progress.console.print(f"wrote {written} ({video.num_frames} frames, {seconds:.1f} s)")
+
+
+def _quiet_libraries(debug: bool) -> None:
+    """Hide library warnings and loading bars unless --debug: the CLI prints its own progress."""
+    if debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
