@@ -22,7 +22,13 @@ def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: s
             raise UsageError(f"model folder '{spec}' has no {marker}; pass a diffusers folder saved by save_pretrained")
         return path
     if _looks_like_hub_id(spec):
-        return _from_hf_cache(spec)
+        folder = _from_hf_cache(spec)
+        if not (folder / marker).is_file():
+            raise UsageError(
+                f"hub model '{spec}' in the local Hugging Face cache ({folder}) has no {marker}; it is not a "
+                f"diffusers folder, or only part of it was downloaded: run `hf download {spec}` to complete it"
+            )
+        return folder
     raise UsageError(
         f"model '{spec}' is not an embedded model ({', '.join(names)}), a local folder, or a hub id (org/name)"
     )

@@ -206,7 +206,9 @@ def _generate_all(build, task, *, model, motion_adapter, out, fmt, overwrite, de
             progress.remove_task(bar)
             written = save_with_sidecar(video, target, fmt, overwrite=overwrite)
             seconds = video.metadata["timings"]["total_s"]
-            progress.console.print(f"wrote {written} ({video.num_frames} frames, {seconds:.1f} s)")
+            # Plain text: a path is neither rich markup ("out[1]") nor wrapped at 80 columns when piped.
+            progress.console.print(f"wrote {written} ({video.num_frames} frames, {seconds:.1f} s)",
+                                   markup=False, highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries(debug: bool) -> None:

@@ -39,6 +39,9 @@ def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
 
 def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback) -> np.ndarray:
     """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1]."""
+    # Guidance ramps linspace(min, max, frames), so one frame gets `min`. Say so: diffusers decides whether to use
+    # guidance from `max` when encoding the image and from the ramp when sampling, and fails if the two disagree.
+    one_frame = request.num_frames == 1
     out = pipe(
         image=load_image(request.image),
         height=request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
@@ -46,7 +49,7 @@ def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator
         num_frames=request.num_frames,
         num_inference_steps=request.num_inference_steps,
         min_guidance_scale=request.min_guidance_scale,
-        max_guidance_scale=request.max_guidance_scale,
+        max_guidance_scale=request.min_guidance_scale if one_frame else request.max_guidance_scale,
         fps=request.fps,
         motion_bucket_id=request.motion_bucket_id,
         noise_aug_strength=request.noise_aug_strength,

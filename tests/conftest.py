@@ -1,0 +1,46 @@
+"""Shared fixtures: a private model home for the session, an empty offline Hugging Face cache, the sample image."""
+
+from pathlib import Path
+
+import pytest
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def asyncvid_home(tmp_path_factory):
+    """Embedded models are built once per session into a temp folder, never into ~/.cache.
+
+    It is set in os.environ, so CLI subprocesses inherit it too.
+    """
+    home = tmp_path_factory.mktemp("asyncvid-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ASYNCVID_HOME", str(home))
+        yield home
+
+
+@pytest.fixture
+def hf_cache(tmp_path, monkeypatch):
+    """An empty, offline Hugging Face hub cache; returns its folder (a test may fill it with the cache layout).
+
+    huggingface_hub reads HF_HUB_CACHE once, at import, into `huggingface_hub.constants`, so setting the
+    environment is not enough in this process: the constants are patched as well.
+    """
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(cache.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def red_circle() -> Path:
+    """The sample conditioning image shipped in samples/."""
+    path = SAMPLES / "red_circle.png"
+    assert path.is_file(), f"missing sample image {path}"
+    return path
