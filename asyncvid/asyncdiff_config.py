@@ -20,7 +20,9 @@ class AsyncDiffConfig:
     time_shift: bool = False
     split: tuple[str, ...] | None = None  # manual split: the first unit of each stage after the first
     cost: str = "measured"  # how units are weighed for balancing: measured time, or FLOPs
-    weight_cap: float = 0.6  # most of the UNet's weights one stage may hold (relaxed if no split fits)
+    # The most of the UNet's weights one stage may hold (relaxed if no split fits). 1 balances compute alone, which
+    # is fastest; a UNet's deep blocks hold most weights but little compute, so a cap trades speed for memory.
+    weight_cap: float = 1.0
 
     def __post_init__(self):
         if not isinstance(self.stages, int) or self.stages < 1:

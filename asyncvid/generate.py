@@ -30,9 +30,17 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
-def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, metadata: dict | None = None) -> Video:
-    """Sample one video with the pipeline's own loop; the sidecar metadata records settings and timings."""
+def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, metadata: dict | None = None,
+             decoder: Callable | None = None) -> Video | None:
+    """Sample one video with the pipeline's own loop; the sidecar metadata records settings and timings.
+
+    With `decoder(pipe, adapter, latents, request)`, the loop returns latents and the decoder makes the frames
+    (parallel decoding); ranks on which it returns None get None.
+    """
     adapter.check(pipe, request)
+    registry = getattr(pipe.unet, "_diffusers_hook", None)
+    if registry is not None:  # per-call state of samplers hooked into the UNet starts fresh
+        registry.reset_stateful_hooks()
     # A CPU generator gives the same noise on every device, so CPU and GPU runs start from the same latents.
     generator = torch.Generator("cpu").manual_seed(request.seed)
     marks: list[float] = []
@@ -45,8 +53,14 @@ def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, met
 
     start = time.perf_counter()
     with torch.inference_mode():
-        frames = adapter.call(pipe, request, generator=generator, callback=callback)
+        if decoder is None:
+            frames = adapter.call(pipe, request, generator=generator, callback=callback)
+        else:
+            latents = adapter.call(pipe, request, generator=generator, callback=callback, output_type="latent")
+            frames = decoder(pipe, adapter, latents, request)
     end = time.perf_counter()
+    if frames is None:
+        return None
     last_step = marks[-1] if marks else end
     meta = {
         **request.describe(),

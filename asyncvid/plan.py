@@ -87,13 +87,14 @@ def capped_balance(costs: list[float], n: int, weights: list[float], cap: float 
 
 
 def make_plan(names: list[str], costs: list[float], stages: int, split: list[str] | None = None,
-              weights: list[float] | None = None, weight_cap: float = 0.6) -> Plan:
+              weights: list[float] | None = None, weight_cap: float = 1.0) -> Plan:
     """Balance `stages` stages by cost (under a weight cap when `weights` are given), or follow a manual `split`
     (the first unit of each stage after the first)."""
     if not 1 <= stages <= len(names):
         raise UsageError(f"stages must be between 1 and {len(names)} (the units of this UNet), got {stages}")
     if not split:
-        bounds = capped_balance(list(costs), stages, list(weights), weight_cap) if weights else balance(list(costs), stages)
+        bounds = (capped_balance(list(costs), stages, list(weights), weight_cap) if weights and weight_cap < 1
+                  else balance(list(costs), stages))
         return Plan(tuple(names), bounds, tuple(costs))
     if len(split) != stages - 1:
         raise UsageError(f"a manual split for {stages} stages names {stages - 1} units, got {len(split)}: {split}")

@@ -63,6 +63,30 @@ DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="[default: fl
 Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
 
 
+class Sampler(str, Enum):
+    sequential = "sequential"
+    asyncdiff = "asyncdiff"
+
+
+SamplerOpt = Annotated[Sampler, typer.Option(help="sequential, or asyncdiff (stage-parallel UNet across --devices).", rich_help_panel="Parallel sampling")]
+Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel="Parallel sampling")]
+Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel="Parallel sampling")]
+Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel="Parallel sampling")]
+Warmup = Annotated[int, typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling).", rich_help_panel="Parallel sampling")]
+TimeShift = Annotated[bool, typer.Option(help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel="Parallel sampling")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process [default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
+Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
+
+
+def _sampler(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str]):
+    from asyncvid.asyncdiff_config import AsyncDiffConfig
+
+    if sampler is Sampler.sequential:
+        return None
+    return AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
+                           split=tuple(s.strip() for s in split.split(",")) if split else None)
+
+
 @app.command()
 def generate(
     prompt_file: Annotated[Path, typer.Argument(help="Text file: one prompt per line, '#' starts a comment line.")],
@@ -81,6 +105,14 @@ def generate(
     overwrite: Overwrite = False,
     device: Device = None,
     dtype: DTypeOpt = None,
+    sampler: SamplerOpt = Sampler.sequential,
+    devices: Devices = 1,
+    stages: Stages = 2,
+    stride: Stride = 1,
+    warmup: Warmup = 3,
+    time_shift: TimeShift = False,
+    split: Split = None,
+    threads: Threads = None,
     debug: Debug = False,
 ):
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
@@ -97,7 +129,8 @@ def generate(
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
-         overwrite=overwrite, device=device, dtype=dtype, debug=debug)
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
 
 
 @app.command()
@@ -120,6 +153,14 @@ def i2v(
     overwrite: Overwrite = False,
     device: Device = None,
     dtype: DTypeOpt = None,
+    sampler: SamplerOpt = Sampler.sequential,
+    devices: Devices = 1,
+    stages: Stages = 2,
+    stride: Stride = 1,
+    warmup: Warmup = 3,
+    time_shift: TimeShift = False,
+    split: Split = None,
+    threads: Threads = None,
     debug: Debug = False,
 ):
     """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
@@ -140,7 +181,8 @@ def i2v(
         return requests, [output_stem(i, image.stem) for i, image in enumerate(images)]
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
-         overwrite=overwrite, device=device, dtype=dtype, debug=debug)
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
 
 
 @app.command()
@@ -160,12 +202,29 @@ def models():
     )
 
 
-def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug):
-    """Validate everything, load the model once, then sample and write each video as soon as it is done."""
+def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads, sampler):
+    """Validate everything before the model loads or a process starts, then hand the job to the library."""
     _quiet_libraries(debug)
     try:
-        _generate_all(build, task, model=model, motion_adapter=motion_adapter, out=out, fmt=fmt,
-                      overwrite=overwrite, device=device, dtype=dtype)
+        from asyncvid.devices import resolve_device, resolve_dtype
+        from asyncvid.jobs import Job, run_job
+        from asyncvid.outputs import plan_targets, prepare_out_dir
+
+        requests, stems = build()
+        config = sampler()
+        if devices < 1:
+            raise UsageError(f"devices must be at least 1, got {devices}")
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be at least 1, got {threads}")
+        if config is not None:
+            config.check_world_size(devices if not _external() else _external_world())
+        dtype_name = dtype.value if dtype else None
+        resolve_dtype(dtype_name, resolve_device(device))
+        targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=overwrite)
+        job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
+                  device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
+                  threads=threads)
+        run_job(job)
     except UsageError as err:
         if debug:
             raise
@@ -173,57 +232,21 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
         raise typer.Exit(2)
 
 
-def _generate_all(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _external() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
-    from asyncvid.devices import resolve_device, resolve_dtype
-    from asyncvid.generate import generate
-    from asyncvid.outputs import plan_targets, prepare_out_dir, save_with_sidecar
-    from asyncvid.pipelines import load_pipeline
 
-    # 1. Everything that can be wrong with the input is found before the model loads or a file is written.
-    requests, stems = build()
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype.value if dtype else None, torch_device)
-    out_dir = prepare_out_dir(out)
-    targets = plan_targets(out_dir, stems, fmt, overwrite=overwrite)
-
-    # 2. Load once; refuse a model of the wrong task.
-    pipe, adapter, folder = load_pipeline(model, device=torch_device, dtype=torch_dtype, motion_adapter=motion_adapter)
-    if adapter.TASK != task:
-        command = "generate" if adapter.TASK == "text-to-video" else "i2v"
-        raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
-
-    # 3. Sample and write each video as soon as it is done.
-    meta = {"model": model, "model_folder": str(folder), "device": str(torch_device),
-            "dtype": str(torch_dtype).removeprefix("torch."), "sampler": {"name": "sequential"}}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True, disable=not sys.stderr.isatty()) as progress:
-        for request, target in zip(requests, targets):
-            bar = progress.add_task(target.name, total=request.num_inference_steps)
-            video = generate(pipe, adapter, request, metadata=meta,
-                             on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
-            progress.remove_task(bar)
-            written = save_with_sidecar(video, target, fmt, overwrite=overwrite)
-            seconds = video.metadata["timings"]["total_s"]
-            # Plain text: a path is neither rich markup ("out[1]") nor wrapped at 80 columns when piped.
-            progress.console.print(f"wrote {written} ({video.num_frames} frames, {seconds:.1f} s)",
-                                   markup=False, highlight=False, soft_wrap=True)
+def _external_world() -> int:
+    return int(os.environ["WORLD_SIZE"])
 
 
 def _quiet_libraries(debug: bool) -> None:
     """Hide library warnings and loading bars unless --debug: the CLI prints its own progress."""
-    if debug:
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import diffusers
-    import transformers
+    if not debug:
+        from asyncvid.jobs import quiet_libraries
 
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    logging.getLogger("torch.distributed").setLevel(logging.ERROR)
+        quiet_libraries()
+        logging.getLogger("torch.distributed").setLevel(logging.ERROR)
 
 
 def main() -> None:

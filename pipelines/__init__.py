@@ -11,7 +11,9 @@ import torch
 from asyncvid.errors import UsageError
 from asyncvid.sources import check_components, resolve_folder
 
-from . import animatediff, svd
+from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
+
+from . import animatediff, motion_units, svd, svd_units
 from .embedded import EMBEDDED, materialize
 
 # model_index.json `_class_name` -> adapter. A Stable Diffusion folder is an AnimateDiff base model.
@@ -20,6 +22,22 @@ ADAPTERS: dict[str, ModuleType] = {
     "StableDiffusionPipeline": animatediff,
     "StableVideoDiffusionPipeline": svd,
 }
+
+
+# UNet class -> its unit program (how stage-parallel samplers split it).
+UNIT_PROGRAMS: dict[type, ModuleType] = {
+    UNetSpatioTemporalConditionModel: svd_units,
+    UNetMotionModel: motion_units,
+}
+
+
+def units_for(unet) -> ModuleType:
+    """The unit-program module for a UNet, by class."""
+    for cls, module in UNIT_PROGRAMS.items():
+        if isinstance(unet, cls):
+            return module
+    raise UsageError(f"{type(unet).__name__} cannot be split into stages; supported: "
+                     f"{', '.join(c.__name__ for c in UNIT_PROGRAMS)}")
 
 
 def adapter_for(folder: Path) -> ModuleType:

@@ -7,20 +7,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
+from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
 
 from asyncvid.errors import UsageError
 from asyncvid.requests import TextToVideo
 from asyncvid.sources import check_weights
+from asyncvid.stage_weights import skeleton
 
 TASK = "text-to-video"
+FRAME_DIM = 2  # latents are (batch, channels, frames, height, width)
 DEFAULT_FRAMES = 16  # AnimateDiff's own default
+DECODE_CHUNK = 16  # AnimateDiffPipeline's default decode_chunk_size
 
 
-def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None) -> AnimateDiffPipeline:
-    """An AnimateDiff pipeline from its own folder, or from a Stable Diffusion base folder plus a motion adapter."""
+def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None) -> AnimateDiffPipeline:
+    """An AnimateDiff pipeline from its own folder, or from a Stable Diffusion base folder plus a motion adapter.
+
+    With `unet` (a UNetMotionModel from `unet_skeleton`), that UNet is used and no motion adapter is loaded.
+    """
     opts = dict(dtype=dtype, use_safetensors=True)
-    base_class = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    if unet is not None:
+        return AnimateDiffPipeline.from_pretrained(folder, unet=unet, motion_adapter=None, **opts)
+    base_class = _base_class(folder)
     adapter = None
     if motion_adapter is not None:
         check_weights(motion_adapter)
@@ -42,6 +50,18 @@ def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None
     return pipe
 
 
+def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
+    """The UNetMotionModel with empty weights and its safetensors folder, when the folder holds one; None for a
+    base model plus a separate motion adapter (that UNet is assembled on load, so it loads whole)."""
+    if motion_adapter is not None or _base_class(folder) != "AnimateDiffPipeline":
+        return None, None
+    return skeleton(UNetMotionModel, folder / "unet"), folder / "unet"
+
+
+def _base_class(folder: Path) -> str:
+    return json.loads((folder / "model_index.json").read_text())["_class_name"]
+
+
 def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
     """Limits that depend on the loaded model."""
     limit = pipe.unet.config.get("motion_max_seq_length", None)
@@ -50,8 +70,8 @@ def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
         raise UsageError(f"frames {frames} exceed this motion adapter's limit of {limit}; use --frames {limit} or fewer")
 
 
-def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback) -> np.ndarray:
-    """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1]."""
+def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):
+    """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1], or the latents."""
     out = pipe(
         prompt=request.prompt,
         negative_prompt=request.negative_prompt or None,
@@ -61,7 +81,19 @@ def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale,
         generator=generator,
-        output_type="np",
+        output_type=output_type,
         callback_on_step_end=callback,
     )
-    return out.frames[0]
+    return out.frames[0] if output_type == "np" else out.frames
+
+
+def decode_chunk(pipe: AnimateDiffPipeline, request: TextToVideo, num_frames: int) -> int:
+    """The pipeline decodes DECODE_CHUNK frames per VAE batch; splitting elsewhere changes the batch size, and CPU
+    kernels may round differently at another batch size, so ranks split only between the pipeline's chunks."""
+    return DECODE_CHUNK
+
+
+def decode(pipe: AnimateDiffPipeline, latents, request: TextToVideo, start: int, stop: int) -> np.ndarray:
+    """Frames [start, stop) of latents (B, C, F, H, W), decoded and post-processed as the pipeline does."""
+    video = pipe.decode_latents(latents[:, :, start:stop], DECODE_CHUNK)
+    return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]

@@ -6,20 +6,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import StableVideoDiffusionPipeline
+from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
 from PIL import Image, UnidentifiedImageError
 
 from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo
+from asyncvid.stage_weights import skeleton
 
 TASK = "image-to-video"
+FRAME_DIM = 1  # latents are (batch, frames, channels, height, width)
 
 
-def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None) -> StableVideoDiffusionPipeline:
-    """An SVD pipeline from its diffusers folder."""
+def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None):
+    """An SVD pipeline from its diffusers folder (with `unet`, that UNet instead of the folder's)."""
     if motion_adapter is not None:
         raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
-    return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    extra = {"unet": unet} if unet is not None else {}
+    return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra)
+
+
+def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
+    """The UNet with empty weights, and the folder its safetensors are in."""
+    return skeleton(UNetSpatioTemporalConditionModel, folder / "unet"), folder / "unet"
 
 
 def load_image(path: Path) -> Image.Image:
@@ -37,8 +45,8 @@ def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
     """Limits that depend on the loaded model (SVD has none beyond the request's own)."""
 
 
-def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback) -> np.ndarray:
-    """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1]."""
+def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback, output_type: str = "np"):
+    """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1], or the latents."""
     # Guidance ramps linspace(min, max, frames), so one frame gets `min`. Say so: diffusers decides whether to use
     # guidance from `max` when encoding the image and from the ramp when sampling, and fails if the two disagree.
     one_frame = request.num_frames == 1
@@ -55,7 +63,21 @@ def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator
         noise_aug_strength=request.noise_aug_strength,
         decode_chunk_size=request.decode_chunk_size,
         generator=generator,
-        output_type="np",
+        output_type=output_type,
         callback_on_step_end=callback,
     )
-    return out.frames[0]
+    return out.frames[0] if output_type == "np" else out.frames
+
+
+def decode_chunk(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, num_frames: int) -> int:
+    """The temporal decoder mixes the frames of a chunk, so only whole chunks decode exactly apart."""
+    return request.decode_chunk_size or num_frames
+
+
+def decode(pipe: StableVideoDiffusionPipeline, latents, request: ImageToVideo, start: int, stop: int) -> np.ndarray:
+    """Frames [start, stop) of latents (B, F, C, H, W), decoded and post-processed as the pipeline does."""
+    if pipe.vae.dtype != pipe.unet.dtype:  # the pipeline upcasts the VAE to encode; it casts back before decoding
+        pipe.vae.to(dtype=pipe.unet.dtype)
+    chunk = decode_chunk(pipe, request, latents.shape[1])
+    frames = pipe.decode_latents(latents[:, start:stop], stop - start, chunk)
+    return pipe.video_processor.postprocess_video(video=frames, output_type="np")[0]

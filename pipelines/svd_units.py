@@ -11,7 +11,8 @@ from asyncvid.units import Program, Unit
 
 from .unit_common import check_upsample_size, downsample, timestep_tensor, upsample
 
-SHARED = ("time_proj", "time_embedding", "add_time_proj", "add_embedding")
+# conv_in is tiny and holds the first parameter, which diffusers reads for the model's device and dtype.
+SHARED = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding")
 
 
 @dataclass

@@ -1,0 +1,119 @@
+"""Setting up AsyncDiff on one rank: plan the split, load only this rank's share of the UNet, attach the hook."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .asyncdiff_config import AsyncDiffConfig, Layout
+from .costs import UnitProfile, fake_profile, measure_times
+from .errors import UsageError
+from .plan import Plan, make_plan
+from .stage_runtime import AsyncDiffHook, apply_asyncdiff
+from .stage_weights import load_owned, materialised_share, release_unowned
+
+log = logging.getLogger("asyncvid")
+
+
+@dataclass
+class StagedPipeline:
+    """A pipeline whose UNet runs one stage on this rank."""
+
+    pipe: object
+    adapter: object
+    plan: Plan
+    hook: AsyncDiffHook
+    profiles: list[UnitProfile]
+    weight_share: float  # of the UNet's parameters materialised on this rank
+
+
+def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
+                    motion_adapter=None, settings: dict, group=None) -> StagedPipeline:
+    """Steps 1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
+    config.check_world_size(world)
+    unet, weights_folder = adapter.unet_skeleton(folder, motion_adapter)
+    full = None
+    if unet is None:  # a base model plus motion adapter assembles its UNet on load: load whole, then release
+        full = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter)
+        unet = full.unet
+    family = units_for(unet)
+    example = functools.partial(family.example_inputs, **shape)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    names = [p.name for p in profiles]
+    weights = [float(p.param_bytes) for p in profiles]
+    make_plan(names, [float(p.flops) for p in profiles], config.stages, config.split, weights, config.weight_cap)
+
+    # 2. Agree: every rank must run the same model and settings.
+    _check_agreement(settings, group)
+
+    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
+    costs = [float(p.flops) for p in profiles]
+    if config.cost == "measured" and config.stages > 1 and not config.split:
+        costs = _measured_costs(unet, family, example, device, dtype, rank, group)
+    plan = make_plan(names, costs, config.stages, config.split, weights, config.weight_cap)
+
+    # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
+    program = family.build_program(unet)
+    stage = Layout(config.stages, config.stride).stage_of(rank)
+    keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
+    if full is None:
+        load_owned(unet, weights_folder, keep, device=device, dtype=dtype)
+        pipe = adapter.load(folder, dtype=dtype, unet=unet)
+    else:
+        release_unowned(unet, keep)
+        pipe = full
+    _move_except_unet(pipe, device)
+    pipe.set_progress_bar_config(disable=True)
+    share = materialised_share(unet)
+    log.info("rank %d builds stage %d with %d units (%s .. %s), %.0f%% of the UNet's weights", rank, stage,
+             len(plan.units(stage)), names[plan.units(stage)[0]], names[plan.units(stage)[-1]], 100 * share)
+
+    # 5. The hook replaces the UNet's forward; the pipeline's own loop and scheduler do the rest.
+    hook = apply_asyncdiff(unet, family.build_program(unet), plan, config, pipe.scheduler, group)
+    return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
+
+
+def _check_agreement(settings: dict, group) -> None:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    digests = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise UsageError(
+            f"ranks {differing} were started with a different model or settings than rank 0; launch every rank "
+            f"with the same command"
+        )
+
+
+def _measured_costs(unet, family, example, device, dtype, rank, group) -> list[float]:
+    """Rank 0 times each unit on a random-weight copy of the UNet at the real input shape; all ranks receive it."""
+    costs = torch.zeros(len(family.build_program(unet).units), dtype=torch.float64)
+    if rank == 0:
+        model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
+        args, kwargs = example(model)
+        args = tuple(_to(a, device, dtype) for a in args)
+        costs = torch.tensor(measure_times(family.build_program(model), args, kwargs), dtype=torch.float64)
+        del model
+    dist.broadcast(costs, 0, group=group)
+    return costs.tolist()
+
+
+def _to(value, device, dtype):
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    return value
+
+
+def _move_except_unet(pipe, device) -> None:
+    """`pipe.to` would try to copy the UNet's meta (not materialised) weights."""
+    for name, component in pipe.components.items():
+        if name != "unet" and isinstance(component, torch.nn.Module):
+            component.to(device)
