@@ -32,6 +32,7 @@ class Job:
     devices: int = 1
     quiet: bool = True  # hide library warnings and loading bars on every rank
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
+    oversubscribe: bool = False  # allow more processes than CPU cores
 
 
 def run_job(job: Job) -> list[Path]:
@@ -40,7 +41,7 @@ def run_job(job: Job) -> list[Path]:
     if job.sampler is None and job.devices == 1 and not launch.launched_externally():
         with launch.cpu_threads(job.threads, device):
             return _sequential(job, device)
-    return launch.run(_rank_main, job.devices, device, job, threads=job.threads)
+    return launch.run(_rank_main, job.devices, device, job, threads=job.threads, oversubscribe=job.oversubscribe)
 
 
 def _sequential(job: Job, device) -> list[Path]:

@@ -57,13 +57,16 @@ def threads_per_process(world_size: int) -> int:
     return max(1, cores // local)
 
 
-def check_device_count(world_size: int, device: torch.device) -> None:
-    """One GPU per rank on CUDA; on CPU, at most one rank per core (more only slows every rank down)."""
+def check_device_count(world_size: int, device: torch.device, oversubscribe: bool = False) -> None:
+    """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing)."""
     if device.type == "cuda" and world_size > torch.cuda.device_count():
         raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {torch.cuda.device_count()} are visible")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cpu" and world_size > cores:
-        raise UsageError(f"--devices {world_size} exceeds the {cores} CPU cores here; use --devices {cores} or fewer")
+    if device.type == "cpu" and world_size > cores and not oversubscribe:
+        raise UsageError(
+            f"--devices {world_size} exceeds the {cores} CPU cores here; use --devices {cores} or fewer "
+            f"(or --oversubscribe to run slower, e.g. to test a layout)"
+        )
 
 
 @contextmanager
@@ -78,13 +81,14 @@ def cpu_threads(n: int | None, device: torch.device):
         torch.set_num_threads(before)
 
 
-def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int | None = None):
+def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int | None = None,
+        oversubscribe: bool = False):
     """Call `fn(rank, *args)` on every rank; returns rank 0's result (on other external ranks, their own)."""
     if launched_externally():
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         local = int(os.environ.get("LOCAL_RANK", 0))
         return _in_group(fn, rank, world, local, device, None, args, threads)
-    check_device_count(world_size, device)
+    check_device_count(world_size, device, oversubscribe)
     port = _free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()

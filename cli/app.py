@@ -75,6 +75,7 @@ Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; 
 Warmup = Annotated[int, typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling).", rich_help_panel="Parallel sampling")]
 TimeShift = Annotated[bool, typer.Option(help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel="Parallel sampling")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process [default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
+Oversubscribe = Annotated[bool, typer.Option(help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel="Parallel sampling")]
 Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
 
 
@@ -113,6 +114,7 @@ def generate(
     time_shift: TimeShift = False,
     split: Split = None,
     threads: Threads = None,
+    oversubscribe: Oversubscribe = False,
     debug: Debug = False,
 ):
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
@@ -130,7 +132,7 @@ def generate(
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
+         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
 
 
 @app.command()
@@ -161,6 +163,7 @@ def i2v(
     time_shift: TimeShift = False,
     split: Split = None,
     threads: Threads = None,
+    oversubscribe: Oversubscribe = False,
     debug: Debug = False,
 ):
     """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
@@ -182,7 +185,7 @@ def i2v(
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
+         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
 
 
 @app.command()
@@ -202,7 +205,8 @@ def models():
     )
 
 
-def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads, sampler):
+def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
+         oversubscribe, sampler):
     """Validate everything before the model loads or a process starts, then hand the job to the library."""
     _quiet_libraries(debug)
     try:
@@ -223,7 +227,7 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
         targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=overwrite)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
-                  threads=threads)
+                  threads=threads, oversubscribe=oversubscribe)
         run_job(job)
     except UsageError as err:
         if debug:

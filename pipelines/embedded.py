@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 from diffusers import DiffusionPipeline
 
 from .tiny_models import build_tiny_animatediff, build_tiny_svd
@@ -54,11 +57,21 @@ def materialize(name: str, root: Path | None = None) -> Path:
     target = root / "models" / f"{name}-{model.revision}"
     if (target / "model_index.json").is_file():
         return target
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # transformers' save_pretrained writes no weights on ranks other than 0 once a process group exists,
+        # so build in a clean interpreter (once per machine; every rank may need it on multi-node runs).
+        code = "import sys; from pathlib import Path; from asyncvid.pipelines.embedded import materialize; " \
+               "materialize(sys.argv[1], Path(sys.argv[2]))"
+        subprocess.run([sys.executable, "-c", code, name, str(root)], check=True)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build into a private folder and rename, so concurrent ranks never load a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
         model.build().save_pretrained(tmp, safe_serialization=True)
+        empty = [d.name for d in tmp.iterdir() if d.is_dir() and not any(d.iterdir())]
+        if empty:
+            raise RuntimeError(f"building {name} left no files in {empty}; the model was not saved")
         try:
             os.rename(tmp, target)
         except OSError:

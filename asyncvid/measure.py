@@ -1,0 +1,91 @@
+"""Sampling for comparison: final latents, decoded frames and timings of one request, sequential or on ranks.
+
+Used by the benchmark and the tests; both compare a parallel run with a sequential one of the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .generate import to_uint8
+
+
+@dataclass
+class Sample:
+    """One sampled video: final latents, uint8 frames, and what it cost."""
+
+    latents: torch.Tensor
+    frames: np.ndarray
+    loop_s: float  # the pipeline call up to the end of its last denoising step
+    decode_s: float
+    bytes_sent: list[int] = field(default_factory=list)  # per rank, during the loop
+    weight_share: list[float] = field(default_factory=list)  # of the UNet's parameters held, per rank
+
+
+def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.ndarray | None, float, float]:
+    """(latents, frames, loop seconds, decode seconds) of one request through the pipeline's own loop."""
+    registry = getattr(pipe.unet, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks()
+    generator = torch.Generator("cpu").manual_seed(request.seed)
+    marks = []
+
+    def callback(pipeline, step, timestep, tensors):
+        marks.append(time.perf_counter())
+        return tensors
+
+    with torch.inference_mode():
+        start = time.perf_counter()
+        latents = adapter.call(pipe, request, generator=generator, callback=callback, output_type="latent")
+        loop_end = marks[-1] if marks else time.perf_counter()
+        if decoder is not None:
+            frames = decoder(pipe, adapter, latents, request)
+        else:
+            frames = adapter.decode(pipe, latents, request, 0, latents.shape[adapter.FRAME_DIM])
+        end = time.perf_counter()
+    return latents, (None if frames is None else to_uint8(frames)), loop_end - start, end - loop_end
+
+
+def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1) -> Sample:
+    """Sequential sampling in this process (threads as set by the caller); the fastest of `repeats` loops."""
+    from .pipelines import load_pipeline
+
+    pipe, adapter, _ = load_pipeline(model, device=device or torch.device("cpu"), dtype=dtype)
+    runs = [sample(pipe, adapter, request) for _ in range(repeats)]
+    latents, frames, _, decode_s = runs[-1]
+    return Sample(latents, frames, min(r[2] for r in runs), decode_s)
+
+
+def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1) -> Sample | None:
+    """AsyncDiff sampling on this rank (call through `launch.run`); rank 0 returns the Sample, others None."""
+    from .asyncdiff_setup import setup_asyncdiff
+    from .jobs import quiet_libraries
+    from .parallel_decode import parallel_decode
+    from .pipelines import adapter_for, resolve_model, units_for
+
+    quiet_libraries()
+    folder = resolve_model(model)
+    adapter = adapter_for(folder)
+    shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
+    staged = setup_asyncdiff(folder, adapter, units_for, config, shape=shape, device=rank.device, dtype=dtype,
+                             settings={"model": model, "request": request.describe(), "config": config.describe()})
+    runs = [sample(staged.pipe, adapter, request, decoder=parallel_decode) for _ in range(repeats)]
+    latents, frames, _, decode_s = runs[-1]
+    loop_s = torch.tensor(min(r[2] for r in runs), dtype=torch.float64)
+    dist.all_reduce(loop_s, op=dist.ReduceOp.MAX)  # the loop ends when the slowest rank's does
+    info = [None] * rank.world_size
+    dist.all_gather_object(info, (staged.hook.state.bytes_sent, staged.weight_share))
+    if rank.rank != 0:
+        return None
+    return Sample(latents, frames, float(loop_s), decode_s, [b for b, _ in info], [w for _, w in info])
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of uint8 frames, in dB (inf when identical)."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
