@@ -93,15 +93,19 @@ def _check_agreement(settings: dict, group) -> None:
         )
 
 
+def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
+    """Time each unit on a random-weight copy of the UNet at the real input shape (compute time does not depend
+    on the weights' values), on `device` in `dtype`."""
+    model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
+    args, kwargs = example(model)
+    return measure_times(family.build_program(model), tuple(_to(a, device, dtype) for a in args), kwargs)
+
+
 def _measured_costs(unet, family, example, device, dtype, rank, group) -> list[float]:
-    """Rank 0 times each unit on a random-weight copy of the UNet at the real input shape; all ranks receive it."""
+    """Rank 0 measures (so every rank balances on the same numbers) and broadcasts."""
     costs = torch.zeros(len(family.build_program(unet).units), dtype=torch.float64)
     if rank == 0:
-        model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
-        args, kwargs = example(model)
-        args = tuple(_to(a, device, dtype) for a in args)
-        costs = torch.tensor(measure_times(family.build_program(model), args, kwargs), dtype=torch.float64)
-        del model
+        costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64)
     dist.broadcast(costs, 0, group=group)
     return costs.tolist()
 
@@ -117,3 +121,29 @@ def _move_except_unet(pipe, device) -> None:
     for name, component in pipe.components.items():
         if name != "unet" and isinstance(component, torch.nn.Module):
             component.to(device)
+
+
+def describe_plan(model: str, stages: int, *, frames=None, height=None, width=None, cost="flops", weight_cap=1.0,
+                  split=None, motion_adapter=None, device=None) -> str:
+    """The printable plan of `model` split into `stages` (what `asyncvid plan` shows); loads no weights."""
+    from .devices import resolve_device
+    from .pipelines import adapter_for, resolve_model, resolve_motion_adapter, units_for
+    from .plan import describe, transfers
+
+    config = AsyncDiffConfig(stages=stages, cost=cost, weight_cap=weight_cap, split=split)
+    folder = resolve_model(model)
+    adapter = adapter_for(folder)
+    motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
+    unet, _ = adapter.unet_skeleton(folder, motion)
+    if unet is None:
+        unet = adapter.load(folder, dtype=torch.float32, motion_adapter=motion).unet
+    family = units_for(unet)
+    example = functools.partial(family.example_inputs, frames=frames, height=height, width=width)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    costs = [float(p.flops) for p in profiles]
+    if cost == "measured":
+        costs = measure_unit_costs(unet, family, example, resolve_device(device), torch.float32)
+    plan = make_plan([p.name for p in profiles], costs, stages, config.split,
+                     [float(p.param_bytes) for p in profiles], config.weight_cap)
+    header = f"{model}: {type(unet).__name__}, {len(profiles)} units, {stages} stages, balanced by {cost}"
+    return header + "\n" + describe(plan, profiles, transfers(plan, family.build_program(unet)))

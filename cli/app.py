@@ -188,6 +188,40 @@ def i2v(
          oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
 
 
+class Cost(str, Enum):
+    flops = "flops"
+    measured = "measured"
+
+
+@app.command()
+def plan(
+    model: Model = "tiny-svd",
+    stages: Annotated[int, typer.Option(help="Stages to split the UNet into.")] = 2,
+    frames: Frames = None,
+    height: Height = None,
+    width: Width = None,
+    cost: Annotated[Cost, typer.Option(help="Balance by FLOPs, or by unit times measured here (random weights).")] = Cost.flops,
+    weight_cap: Annotated[float, typer.Option(help="Most of the UNet's weights one stage may hold (1: balance compute only).")] = 1.0,
+    split: Split = None,
+    motion_adapter: Annotated[Optional[str], typer.Option(help="Motion adapter, with a Stable Diffusion base model.")] = None,
+    device: Device = None,
+    debug: Debug = False,
+):
+    """Print how AsyncDiff splits a model's UNet: each stage's units, cost share, weights, and the tensors that cross."""
+    _quiet_libraries(debug)
+    try:
+        from asyncvid.asyncdiff_setup import describe_plan
+
+        typer.echo(describe_plan(model, stages, frames=frames, height=height, width=width, cost=cost.value,
+                                 weight_cap=weight_cap, split=tuple(s.strip() for s in split.split(",")) if split else None,
+                                 motion_adapter=motion_adapter, device=device))
+    except UsageError as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
 @app.command()
 def models():
     """List the embedded models and explain how to use real weights."""
