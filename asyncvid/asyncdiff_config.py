@@ -23,6 +23,7 @@ class AsyncDiffConfig:
     # The most of the UNet's weights one stage may hold (relaxed if no split fits). 1 balances compute alone, which
     # is fastest; a UNet's deep blocks hold most weights but little compute, so a cap trades speed for memory.
     weight_cap: float = 1.0
+    cfg_parallel: bool = False  # the two halves of the guidance batch on two groups of ranks
 
     def __post_init__(self):
         if not isinstance(self.stages, int) or self.stages < 1:
@@ -41,15 +42,23 @@ class AsyncDiffConfig:
             object.__setattr__(self, "split", tuple(self.split))
 
     @property
-    def world_size(self) -> int:
+    def group_size(self) -> int:
+        """Ranks that run one copy of the staged UNet."""
         return self.stages + self.stride - 1
+
+    @property
+    def world_size(self) -> int:
+        return self.group_size * (2 if self.cfg_parallel else 1)
 
     def check_world_size(self, world_size: int) -> None:
         """Every rank calls this before any collective, so a mismatch fails everywhere instead of hanging."""
         if world_size != self.world_size:
+            formula = f"stages + stride - 1 = {self.stages} + {self.stride} - 1 = {self.group_size}"
+            if self.cfg_parallel:
+                formula = f"(stages + stride - 1) x 2 = ({self.stages} + {self.stride} - 1) x 2 = {self.world_size}"
             raise UsageError(
-                f"AsyncDiff needs stages + stride - 1 = {self.stages} + {self.stride} - 1 = {self.world_size} "
-                f"processes, but {world_size} were started; use --devices {self.world_size} or change --stages"
+                f"AsyncDiff needs {formula} processes, but {world_size} were started; use --devices "
+                f"{self.world_size} or change --stages"
             )
 
     def describe(self) -> dict:

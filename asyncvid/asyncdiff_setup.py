@@ -15,7 +15,7 @@ from .asyncdiff_config import AsyncDiffConfig, Layout
 from .costs import UnitProfile, fake_profile, measure_times
 from .errors import UsageError
 from .plan import Plan, make_plan
-from .stage_runtime import AsyncDiffHook, apply_asyncdiff
+from .stage_runtime import AsyncDiffHook, CfgSplit, apply_asyncdiff
 from .stage_weights import load_owned, materialised_share, release_unowned
 
 log = logging.getLogger("asyncvid")
@@ -62,7 +62,8 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
 
     # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
     program = family.build_program(unet)
-    stage = Layout(config.stages, config.stride).stage_of(rank)
+    stage_group, cfg = _groups(config, rank, world, group)
+    stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
     keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
     if full is None:
         load_owned(unet, weights_folder, keep, device=device, dtype=dtype)
@@ -77,8 +78,22 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
              len(plan.units(stage)), names[plan.units(stage)[0]], names[plan.units(stage)[-1]], 100 * share)
 
     # 5. The hook replaces the UNet's forward; the pipeline's own loop and scheduler do the rest.
-    hook = apply_asyncdiff(unet, family.build_program(unet), plan, config, pipe.scheduler, group)
+    hook = apply_asyncdiff(unet, family.build_program(unet), plan, config, pipe.scheduler, stage_group, cfg)
     return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
+
+
+def _groups(config: AsyncDiffConfig, rank: int, world: int, group):
+    """The group that runs this rank's copy of the staged UNet, and with --cfg-parallel the guidance split.
+
+    Ranks [0, G) take the unconditional half of the guidance batch, ranks [G, 2G) the conditional half; rank r
+    and r + G exchange their halves. Every rank creates every group, in the same order, as torch requires.
+    """
+    if not config.cfg_parallel:
+        return group, None
+    size = config.group_size
+    halves = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(2)]
+    pairs = [dist.new_group([r, r + size]) for r in range(size)]
+    return halves[rank // size], CfgSplit(rank // size, pairs[rank % size])
 
 
 def _check_agreement(settings: dict, group) -> None:

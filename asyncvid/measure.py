@@ -5,6 +5,7 @@ Used by the benchmark and the tests; both compare a parallel run with a sequenti
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ class Sample:
     frames: np.ndarray
     loop_s: float  # the pipeline call up to the end of its last denoising step
     decode_s: float
-    bytes_sent: list[int] = field(default_factory=list)  # per rank, during the loop
+    bytes_sent: list[int] = field(default_factory=list)  # per rank, during one loop
     weight_share: list[float] = field(default_factory=list)  # of the UNet's parameters held, per rank
 
 
@@ -52,13 +53,20 @@ def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.nd
 
 
 def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1) -> Sample:
-    """Sequential sampling in this process (threads as set by the caller); the fastest of `repeats` loops."""
+    """Sequential sampling in this process (threads as set by the caller); with repeats > 1, a warm-up run and the
+    median loop time of `repeats` more."""
     from .pipelines import load_pipeline
 
     pipe, adapter, _ = load_pipeline(model, device=device or torch.device("cpu"), dtype=dtype)
-    runs = [sample(pipe, adapter, request) for _ in range(repeats)]
+    runs = _runs(lambda: sample(pipe, adapter, request), repeats)
     latents, frames, _, decode_s = runs[-1]
-    return Sample(latents, frames, min(r[2] for r in runs), decode_s)
+    return Sample(latents, frames, statistics.median(r[2] for r in runs), decode_s)
+
+
+def _runs(once, repeats: int) -> list:
+    if repeats > 1:
+        once()  # warm-up: first-call allocations and lazy initialisation
+    return [once() for _ in range(repeats)]
 
 
 def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1) -> Sample | None:
@@ -74,9 +82,9 @@ def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, rep
     shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
     staged = setup_asyncdiff(folder, adapter, units_for, config, shape=shape, device=rank.device, dtype=dtype,
                              settings={"model": model, "request": request.describe(), "config": config.describe()})
-    runs = [sample(staged.pipe, adapter, request, decoder=parallel_decode) for _ in range(repeats)]
+    runs = _runs(lambda: sample(staged.pipe, adapter, request, decoder=parallel_decode), repeats)
     latents, frames, _, decode_s = runs[-1]
-    loop_s = torch.tensor(min(r[2] for r in runs), dtype=torch.float64)
+    loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64)
     dist.all_reduce(loop_s, op=dist.ReduceOp.MAX)  # the loop ends when the slowest rank's does
     info = [None] * rank.world_size
     dist.all_gather_object(info, (staged.hook.state.bytes_sent, staged.weight_share))

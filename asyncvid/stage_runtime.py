@@ -15,6 +15,7 @@ import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
 
 from .asyncdiff_config import AsyncDiffConfig, Layout
+from .errors import UsageError
 from .plan import HIDDEN, Plan, Transfer, transfers
 from .units import Program, run_units
 
@@ -42,9 +43,11 @@ class AsyncDiffHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None):
+    def __init__(self, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
+                 cfg: CfgSplit | None = None):
         super().__init__()
         self.program, self.plan, self.config, self.scheduler, self.group = program, plan, config, scheduler, group
+        self.cfg = cfg
         self.layout = Layout(config.stages, config.stride)
         self.rank = dist.get_rank(group)
         self.stage = self.layout.stage_of(self.rank)
@@ -62,12 +65,14 @@ class AsyncDiffHook(ModelHook):
         return_dict = kwargs.pop("return_dict", True)
         step = self.state.step
         self.state.step += 1
-        if step in self.state.queued:
-            eps = self.state.queued.pop(step)
-        elif step < self.config.warmup:
-            eps = self._relay(args, kwargs)
-        else:
-            eps = self._round(args, kwargs, step)
+        if step not in self.state.queued:
+            if self.cfg is not None:
+                args, kwargs = self.cfg.take_half(args, kwargs)
+            found = [self._relay(args, kwargs)] if step < self.config.warmup else self._round(args, kwargs, step)
+            if self.cfg is not None:
+                found = [self.cfg.join_halves(eps) for eps in found]
+            self.state.queued.update({step + j: eps for j, eps in enumerate(found)})
+        eps = self.state.queued.pop(step)
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
     # 1. Warm-up: the stages one after another, each rank waiting for its inputs (exactly the sequential forward).
@@ -87,7 +92,7 @@ class AsyncDiffHook(ModelHook):
         return eps
 
     # 2. After warm-up: all stages at once on the previous round's tensors; receive the next round's meanwhile.
-    def _round(self, args, kwargs, step: int) -> torch.Tensor:
+    def _round(self, args, kwargs, step: int) -> list[torch.Tensor]:
         total = len(self.scheduler.timesteps)
         width = min(self.config.stride, total - step)  # steps in this round
         more = step + width < total  # whether a later round consumes what this one sends
@@ -108,9 +113,7 @@ class AsyncDiffHook(ModelHook):
         self.state.inputs = {key: buf for key, (buf, _) in pending.items()}
         for work in sends:
             work.wait()
-        for j in range(1, width):
-            self.state.queued[step + j] = eps[j]
-        return eps[0]
+        return eps  # the noise predictions of steps step .. step + width - 1
 
     def _timestep(self, index: int):
         shift = 1 if self.config.time_shift else 0
@@ -130,7 +133,7 @@ class AsyncDiffHook(ModelHook):
             if headers:
                 self.state.shapes[key] = _recv_header(src, key, self.group)
             out[key] = self._buffer(key)
-            dist.recv(out[key], src, group=self.group, tag=key + 1)
+            dist.recv(out[key], group=self.group, tag=key + 1, group_src=src)
         return out
 
     def _post_receives(self) -> dict[int, tuple[torch.Tensor, dist.Work]]:
@@ -138,7 +141,7 @@ class AsyncDiffHook(ModelHook):
         pending = {}
         for key, src, _ in self.receives:
             buf = self._buffer(key)
-            pending[key] = (buf, dist.irecv(buf, src, group=self.group, tag=key + 1))
+            pending[key] = (buf, dist.irecv(buf, group=self.group, tag=key + 1, group_src=src))
         return pending
 
     def _buffer(self, key: int) -> torch.Tensor:
@@ -151,7 +154,7 @@ class AsyncDiffHook(ModelHook):
             tensor = (h if key == HIDDEN else skips[key]).contiguous()
             if headers:
                 _send_header(tensor.shape, dst, key, self.group)
-            works.append(dist.isend(tensor, dst, group=self.group, tag=key + 1))
+            works.append(dist.isend(tensor, group=self.group, tag=key + 1, group_dst=dst))
             self.state.bytes_sent += tensor.numel() * tensor.element_size()
         return works
 
@@ -159,13 +162,40 @@ class AsyncDiffHook(ModelHook):
         """The last stage's noise prediction, to every rank (its shape is learned once per run)."""
         if self.state.out_shape is None:
             shape = torch.tensor(_pad_shape(out[0].shape if out is not None else ()), dtype=torch.int64)
-            dist.broadcast(shape, src, group=self.group)
+            dist.broadcast(shape, group=self.group, group_src=src)
             self.state.out_shape = _unpad_shape(shape)
         eps = out[0].contiguous() if out is not None else torch.empty(
             self.state.out_shape, dtype=self.state.dtype, device=self.state.device
         )
-        dist.broadcast(eps, src, group=self.group)
+        dist.broadcast(eps, group=self.group, group_src=src)
         return eps
+
+
+@dataclass(frozen=True)
+class CfgSplit:
+    """Classifier-free guidance in parallel: this group of ranks runs half `index` of the guidance batch (0: the
+    unconditional half, 1: the conditional one); `pair` links this rank with its counterpart in the other group."""
+
+    index: int
+    pair: object  # a process group of two ranks
+
+    def take_half(self, args, kwargs):
+        return tuple(self._half(a) for a in args), {k: self._half(v) for k, v in kwargs.items()}
+
+    def _half(self, value):
+        if not torch.is_tensor(value) or value.dim() == 0:
+            return value
+        if value.shape[0] % 2:
+            raise UsageError(
+                f"--cfg-parallel splits the guidance batch in two, but the UNet got a batch of {value.shape[0]}; "
+                f"use a guidance scale above 1 or drop --cfg-parallel"
+            )
+        return value.chunk(2)[self.index]
+
+    def join_halves(self, eps: torch.Tensor) -> torch.Tensor:
+        halves = [torch.empty_like(eps) for _ in range(2)]
+        dist.all_gather(halves, eps.contiguous(), group=self.pair)
+        return torch.cat(halves)
 
 
 def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> list[tuple[int, int, int]]:
@@ -190,18 +220,20 @@ def _unpad_shape(t: torch.Tensor) -> torch.Size:
 
 
 def _send_header(shape, dst, key, group):
-    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64), dst, group=group, tag=_HEADER_TAG + key + 1)
+    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64), group=group, tag=_HEADER_TAG + key + 1,
+              group_dst=dst)
 
 
 def _recv_header(src, key, group) -> torch.Size:
     buf = torch.empty(_MAX_DIMS + 1, dtype=torch.int64)
-    dist.recv(buf, src, group=group, tag=_HEADER_TAG + key + 1)
+    dist.recv(buf, group=group, tag=_HEADER_TAG + key + 1, group_src=src)
     return _unpad_shape(buf)
 
 
-def apply_asyncdiff(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None):
+def apply_asyncdiff(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
+                    cfg: CfgSplit | None = None):
     """Attach the hook to `unet`; returns it. `remove_asyncdiff(unet)` restores the original forward."""
-    hook = AsyncDiffHook(program, plan, config, scheduler, group)
+    hook = AsyncDiffHook(program, plan, config, scheduler, group, cfg)
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, HOOK_NAME)
     return hook
 

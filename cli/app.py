@@ -75,17 +75,20 @@ Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; 
 Warmup = Annotated[int, typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling).", rich_help_panel="Parallel sampling")]
 TimeShift = Annotated[bool, typer.Option(help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel="Parallel sampling")]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process [default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
+CfgParallel = Annotated[bool, typer.Option(help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel="Parallel sampling")]
 Oversubscribe = Annotated[bool, typer.Option(help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel="Parallel sampling")]
 Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
 
 
-def _sampler(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str]):
+def _sampler(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str],
+             cfg_parallel: bool):
     from asyncvid.asyncdiff_config import AsyncDiffConfig
 
     if sampler is Sampler.sequential:
         return None
     return AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
-                           split=tuple(s.strip() for s in split.split(",")) if split else None)
+                           split=tuple(s.strip() for s in split.split(",")) if split else None,
+                           cfg_parallel=cfg_parallel)
 
 
 @app.command()
@@ -112,6 +115,7 @@ def generate(
     stride: Stride = 1,
     warmup: Warmup = 3,
     time_shift: TimeShift = False,
+    cfg_parallel: CfgParallel = False,
     split: Split = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
@@ -132,7 +136,7 @@ def generate(
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
+         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
 
 
 @app.command()
@@ -161,6 +165,7 @@ def i2v(
     stride: Stride = 1,
     warmup: Warmup = 3,
     time_shift: TimeShift = False,
+    cfg_parallel: CfgParallel = False,
     split: Split = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
@@ -185,7 +190,7 @@ def i2v(
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split))
+         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
 
 
 class Cost(str, Enum):
