@@ -16,6 +16,7 @@ from .costs import UnitProfile, fake_profile, measure_times
 from .errors import UsageError
 from .plan import Plan, make_plan
 from .stage_runtime import AsyncDiffHook, CfgSplit, apply_asyncdiff
+from .schedulers import set_scheduler
 from .stage_weights import load_owned, materialised_share, release_unowned
 
 log = logging.getLogger("asyncvid")
@@ -34,7 +35,7 @@ class StagedPipeline:
 
 
 def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
-                    motion_adapter=None, settings: dict, group=None) -> StagedPipeline:
+                    motion_adapter=None, settings: dict, group=None, scheduler: str | None = None) -> StagedPipeline:
     """Steps 1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
@@ -73,6 +74,7 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
         pipe = full
     _move_except_unet(pipe, device)
     pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, scheduler)  # before the hook, which reads the timesteps of pipe.scheduler
     share = materialised_share(unet)
     log.info("rank %d builds stage %d with %d units (%s .. %s), %.0f%% of the UNet's weights", rank, stage,
              len(plan.units(stage)), names[plan.units(stage)[0]], names[plan.units(stage)[-1]], 100 * share)

@@ -13,6 +13,7 @@ from .devices import resolve_device, resolve_dtype
 from .generate import generate
 from .outputs import save_with_sidecar
 from .parallel_decode import parallel_decode
+from .schedulers import set_scheduler
 
 
 @dataclass
@@ -33,6 +34,7 @@ class Job:
     quiet: bool = True  # hide library warnings and loading bars on every rank
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
+    scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
 
 
 def run_job(job: Job) -> list[Path]:
@@ -50,6 +52,7 @@ def _sequential(job: Job, device) -> list[Path]:
     dtype = resolve_dtype(job.dtype, device)
     pipe, adapter, folder = load_pipeline(job.model, device=device, dtype=dtype, motion_adapter=job.motion_adapter)
     _check_task(adapter, job)
+    set_scheduler(pipe, job.scheduler)
     meta = _metadata(job, folder, device, dtype, {"name": "sequential"})
     return _make_all(pipe, adapter, job, meta, write=True)
 
@@ -69,9 +72,10 @@ def _rank_main(rank: launch.Rank, job: Job) -> list[Path]:
     config = job.sampler or AsyncDiffConfig(stages=1, warmup=first.num_inference_steps)
     motion = resolve_motion_adapter(job.motion_adapter) if job.motion_adapter else None
     settings = {"model": job.model, "motion_adapter": job.motion_adapter, "sampler": config.describe(),
+                "scheduler": job.scheduler,
                 "requests": [r.describe() for r in job.requests], "dtype": str(dtype)}
     staged = setup_asyncdiff(folder, adapter, units_for, config, shape=shape, device=rank.device, dtype=dtype,
-                             motion_adapter=motion, settings=settings)
+                             motion_adapter=motion, settings=settings, scheduler=job.scheduler)
     sampler = {**config.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
     meta = _metadata(job, folder, rank.device, dtype, sampler)
     return _make_all(staged.pipe, adapter, job, meta, write=rank.rank == 0, hook=staged.hook,
@@ -126,4 +130,4 @@ def _check_task(adapter, job: Job) -> None:
 
 def _metadata(job: Job, folder, device, dtype, sampler: dict) -> dict:
     return {"model": job.model, "model_folder": str(folder), "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "sampler": sampler}
+            "dtype": str(dtype).removeprefix("torch."), "sampler": sampler, "scheduler": job.scheduler or "pipeline"}

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .generate import to_uint8
+from .schedulers import set_scheduler
 
 
 @dataclass
@@ -52,12 +53,14 @@ def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.nd
     return latents, (None if frames is None else to_uint8(frames)), loop_end - start, end - loop_end
 
 
-def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1) -> Sample:
+def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1,
+                      scheduler: str | None = None) -> Sample:
     """Sequential sampling in this process (threads as set by the caller); with repeats > 1, a warm-up run and the
     median loop time of `repeats` more."""
     from .pipelines import load_pipeline
 
     pipe, adapter, _ = load_pipeline(model, device=device or torch.device("cpu"), dtype=dtype)
+    set_scheduler(pipe, scheduler)
     runs = _runs(lambda: sample(pipe, adapter, request), repeats)
     latents, frames, _, decode_s = runs[-1]
     return Sample(latents, frames, statistics.median(r[2] for r in runs), decode_s)
@@ -69,7 +72,8 @@ def _runs(once, repeats: int) -> list:
     return [once() for _ in range(repeats)]
 
 
-def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1) -> Sample | None:
+def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1,
+                     scheduler: str | None = None) -> Sample | None:
     """AsyncDiff sampling on this rank (call through `launch.run`); rank 0 returns the Sample, others None."""
     from .asyncdiff_setup import setup_asyncdiff
     from .jobs import quiet_libraries
@@ -81,7 +85,8 @@ def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, rep
     adapter = adapter_for(folder)
     shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
     staged = setup_asyncdiff(folder, adapter, units_for, config, shape=shape, device=rank.device, dtype=dtype,
-                             settings={"model": model, "request": request.describe(), "config": config.describe()})
+                             settings={"model": model, "request": request.describe(), "config": config.describe()},
+                             scheduler=scheduler)
     runs = _runs(lambda: sample(staged.pipe, adapter, request, decoder=parallel_decode), repeats)
     latents, frames, _, decode_s = runs[-1]
     loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64)

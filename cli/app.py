@@ -63,6 +63,15 @@ DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="[default: fl
 Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
 
 
+class SchedulerName(str, Enum):
+    euler = "euler"
+    ddim = "ddim"
+    dpm_solver = "dpm-solver"
+
+
+SchedulerOpt = Annotated[Optional[SchedulerName], typer.Option("--scheduler", help="Replace the pipeline's own scheduler (Euler for SVD, DDIM for AnimateDiff), keeping its noise schedule.")]
+
+
 class Sampler(str, Enum):
     sequential = "sequential"
     asyncdiff = "asyncdiff"
@@ -109,6 +118,7 @@ def generate(
     overwrite: Overwrite = False,
     device: Device = None,
     dtype: DTypeOpt = None,
+    scheduler: SchedulerOpt = None,
     sampler: SamplerOpt = Sampler.sequential,
     devices: Devices = 1,
     stages: Stages = 2,
@@ -136,7 +146,7 @@ def generate(
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
+         oversubscribe=oversubscribe, scheduler=scheduler, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
 
 
 @app.command()
@@ -159,6 +169,7 @@ def i2v(
     overwrite: Overwrite = False,
     device: Device = None,
     dtype: DTypeOpt = None,
+    scheduler: SchedulerOpt = None,
     sampler: SamplerOpt = Sampler.sequential,
     devices: Devices = 1,
     stages: Stages = 2,
@@ -190,7 +201,7 @@ def i2v(
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
+         oversubscribe=oversubscribe, scheduler=scheduler, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
 
 
 class Cost(str, Enum):
@@ -245,7 +256,7 @@ def models():
 
 
 def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-         oversubscribe, sampler):
+         oversubscribe, scheduler, sampler):
     """Validate everything before the model loads or a process starts, then hand the job to the library."""
     _quiet_libraries(debug)
     try:
@@ -266,7 +277,7 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
         targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=overwrite)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
-                  threads=threads, oversubscribe=oversubscribe)
+                  threads=threads, oversubscribe=oversubscribe, scheduler=scheduler.value if scheduler else None)
         run_job(job)
     except UsageError as err:
         if debug:

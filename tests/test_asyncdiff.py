@@ -21,16 +21,16 @@ def _request(family, steps, frames=8, red_circle=None):
                                            height=64, width=64)
 
 
-def _parallel(model, request, world, **config):
+def _parallel(model, request, world, scheduler=None, **config):
     # One thread per rank, as in the sequential reference below.
-    return launch.run(asyncdiff_sample, world, CPU, model, request, AsyncDiffConfig(**config), threads=1,
-                      oversubscribe=True)
+    return launch.run(asyncdiff_sample, world, CPU, model, request, AsyncDiffConfig(**config), torch.float32, 1,
+                      scheduler, threads=1, oversubscribe=True)
 
 
-def _sequential(model, request):
+def _sequential(model, request, scheduler=None):
     # Each rank of a 2-process run has one thread; the thread count changes float rounding on the CPU.
     with launch.cpu_threads(1, CPU):
-        return sequential_sample(model, request)
+        return sequential_sample(model, request, scheduler=scheduler)
 
 
 @pytest.fixture(scope="module", params=["svd", "animatediff"])
@@ -105,3 +105,22 @@ def test_cfg_parallel_composes_with_stages(red_circle):
     reference = _sequential(model, request)
     assert psnr(parallel.frames, reference.frames) >= 35.0
     assert len(parallel.weight_share) == 4 and max(parallel.weight_share) < 1
+
+
+def test_dpm_solver_multistep_is_exact_with_full_warmup_and_close_after(red_circle):
+    model, request = _request("animatediff", steps=8, frames=4)
+    reference = _sequential(model, request, scheduler="dpm-solver")
+    exact = _parallel(model, request, 2, scheduler="dpm-solver", stages=2, warmup=8, cost="flops")
+    assert torch.equal(exact.latents, reference.latents)
+    default = _parallel(model, request, 2, scheduler="dpm-solver", stages=2, warmup=3, cost="flops")
+    assert psnr(default.frames, reference.frames) >= 35.0
+    assert psnr(default.frames, _sequential(model, request).frames) < 60.0  # DDIM's output really differs
+
+
+def test_time_shift_changes_the_trajectory_but_stays_close(red_circle):
+    model, request = _request("animatediff", steps=10, frames=4)
+    plain = _parallel(model, request, 2, stages=2, warmup=2, cost="flops")
+    shifted = _parallel(model, request, 2, stages=2, warmup=2, cost="flops", time_shift=True)
+    reference = _sequential(model, request)
+    assert not torch.equal(plain.latents, shifted.latents)
+    assert psnr(shifted.frames, reference.frames) >= 30.0
