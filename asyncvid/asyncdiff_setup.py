@@ -120,9 +120,10 @@ def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
 
 def _measured_costs(unet, family, example, device, dtype, rank, group) -> list[float]:
     """Rank 0 measures (so every rank balances on the same numbers) and broadcasts."""
-    costs = torch.zeros(len(family.build_program(unet).units), dtype=torch.float64)
+    costs = torch.zeros(len(family.build_program(unet).units), dtype=torch.float64, device=device)
     if rank == 0:
-        costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64)
+        costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64,
+                             device=device)  # NCCL moves GPU tensors only
     dist.broadcast(costs, 0, group=group)
     return costs.tolist()
 

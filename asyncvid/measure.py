@@ -89,7 +89,7 @@ def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, rep
                              scheduler=scheduler)
     runs = _runs(lambda: sample(staged.pipe, adapter, request, decoder=parallel_decode), repeats)
     latents, frames, _, decode_s = runs[-1]
-    loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64)
+    loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64, device=rank.device)
     dist.all_reduce(loop_s, op=dist.ReduceOp.MAX)  # the loop ends when the slowest rank's does
     info = [None] * rank.world_size
     dist.all_gather_object(info, (staged.hook.state.bytes_sent, staged.weight_share))

@@ -131,7 +131,7 @@ class AsyncDiffHook(ModelHook):
         out = {}
         for key, src, _ in self.receives:
             if headers:
-                self.state.shapes[key] = _recv_header(src, key, self.group)
+                self.state.shapes[key] = _recv_header(src, key, self.group, self.state.device)
             out[key] = self._buffer(key)
             dist.recv(out[key], group=self.group, tag=key + 1, group_src=src)
         return out
@@ -153,7 +153,7 @@ class AsyncDiffHook(ModelHook):
         for key, _, dst in self.sends:
             tensor = (h if key == HIDDEN else skips[key]).contiguous()
             if headers:
-                _send_header(tensor.shape, dst, key, self.group)
+                _send_header(tensor.shape, dst, key, self.group, tensor.device)
             works.append(dist.isend(tensor, group=self.group, tag=key + 1, group_dst=dst))
             self.state.bytes_sent += tensor.numel() * tensor.element_size()
         return works
@@ -161,7 +161,9 @@ class AsyncDiffHook(ModelHook):
     def _broadcast_eps(self, out, *, src: int) -> torch.Tensor:
         """The last stage's noise prediction, to every rank (its shape is learned once per run)."""
         if self.state.out_shape is None:
-            shape = torch.tensor(_pad_shape(out[0].shape if out is not None else ()), dtype=torch.int64)
+            # On the compute device: NCCL moves GPU tensors only.
+            shape = torch.tensor(_pad_shape(out[0].shape if out is not None else ()), dtype=torch.int64,
+                                 device=self.state.device)
             dist.broadcast(shape, group=self.group, group_src=src)
             self.state.out_shape = _unpad_shape(shape)
         eps = out[0].contiguous() if out is not None else torch.empty(
@@ -219,13 +221,13 @@ def _unpad_shape(t: torch.Tensor) -> torch.Size:
     return torch.Size(int(v) for v in t[1 : n + 1])
 
 
-def _send_header(shape, dst, key, group):
-    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64), group=group, tag=_HEADER_TAG + key + 1,
-              group_dst=dst)
+def _send_header(shape, dst, key, group, device):
+    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64, device=device), group=group,
+              tag=_HEADER_TAG + key + 1, group_dst=dst)
 
 
-def _recv_header(src, key, group) -> torch.Size:
-    buf = torch.empty(_MAX_DIMS + 1, dtype=torch.int64)
+def _recv_header(src, key, group, device) -> torch.Size:
+    buf = torch.empty(_MAX_DIMS + 1, dtype=torch.int64, device=device)
     dist.recv(buf, group=group, tag=_HEADER_TAG + key + 1, group_src=src)
     return _unpad_shape(buf)
 
