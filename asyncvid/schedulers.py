@@ -20,4 +20,11 @@ def set_scheduler(pipe, name: str | None) -> None:
         return
     if name not in SCHEDULERS:
         raise UsageError(f"scheduler '{name}' is not supported; use one of {', '.join(SCHEDULERS)}")
+    continuous = pipe.scheduler.config.get("timestep_type") == "continuous"
+    if continuous and SCHEDULERS[name] is not EulerDiscreteScheduler:
+        # SVD's UNet is conditioned on continuous (EDM) noise levels, which only Euler here produces.
+        raise UsageError(
+            f"scheduler '{name}' gives discrete timesteps, but this model samples on continuous ones (as SVD does); "
+            f"drop --scheduler or use --scheduler euler"
+        )
     pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)

@@ -51,15 +51,15 @@ def main_options(
 
 Model = Annotated[str, typer.Option(help="Embedded name (see `asyncvid models`), a local diffusers folder, or a hub id in the local HF cache.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
-Frames = Annotated[Optional[int], typer.Option(help="Frames per video [default: the model's].")]
-Height = Annotated[Optional[int], typer.Option(help="Frame height, a multiple of 8 [default: the model's].")]
-Width = Annotated[Optional[int], typer.Option(help="Frame width, a multiple of 8 [default: the model's].")]
+Frames = Annotated[Optional[int], typer.Option(help="Frames per video \\[default: the model's].")]
+Height = Annotated[Optional[int], typer.Option(help="Frame height, a multiple of 8 \\[default: the model's].")]
+Width = Annotated[Optional[int], typer.Option(help="Frame width, a multiple of 8 \\[default: the model's].")]
 Seed = Annotated[int, typer.Option(help="Random seed; the same seed and settings give the same frames.")]
 Out = Annotated[Path, typer.Option(help="Output folder (created if missing).")]
 Fmt = Annotated[Format, typer.Option("--format", help="mp4 (H.264), gif, or png (a folder of lossless frames).")]
 Overwrite = Annotated[bool, typer.Option(help="Replace outputs that already exist.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N [default: cuda if available, else cpu].")]
-DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="[default: float16 on CUDA, float32 on CPU]")]
+Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N \\[default: cuda if available, else cpu].")]
+DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="\\[default: float16 on CUDA, float32 on CPU]")]
 Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
 
 
@@ -83,21 +83,23 @@ Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per devic
 Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel="Parallel sampling")]
 Warmup = Annotated[int, typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling).", rich_help_panel="Parallel sampling")]
 TimeShift = Annotated[bool, typer.Option(help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel="Parallel sampling")]
-Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process [default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
+CostOpt = Annotated[str, typer.Option("--cost", help="AsyncDiff: balance stages by unit times measured on rank 0 (measured) or by FLOPs (flops).", rich_help_panel="Parallel sampling")]
+WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's weights one stage may hold; 1 balances compute alone (fastest), lower saves memory.", rich_help_panel="Parallel sampling")]
 CfgParallel = Annotated[bool, typer.Option(help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel="Parallel sampling")]
 Oversubscribe = Annotated[bool, typer.Option(help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel="Parallel sampling")]
 Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
 
 
 def _sampler(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str],
-             cfg_parallel: bool):
+             cfg_parallel: bool, cost: str, weight_cap: float):
     from asyncvid.asyncdiff_config import AsyncDiffConfig
 
     if sampler is Sampler.sequential:
         return None
     return AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
                            split=tuple(s.strip() for s in split.split(",")) if split else None,
-                           cfg_parallel=cfg_parallel)
+                           cfg_parallel=cfg_parallel, cost=cost, weight_cap=weight_cap)
 
 
 @app.command()
@@ -127,6 +129,8 @@ def generate(
     time_shift: TimeShift = False,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
+    cost: CostOpt = "measured",
+    weight_cap: WeightCap = 1.0,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     debug: Debug = False,
@@ -146,7 +150,8 @@ def generate(
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
+         oversubscribe=oversubscribe, scheduler=scheduler,
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap))
 
 
 @app.command()
@@ -161,7 +166,7 @@ def i2v(
     noise_aug_strength: Annotated[float, typer.Option(help="Noise added to the conditioning image.")] = 0.02,
     min_guidance: Annotated[float, typer.Option(help="Guidance scale at the first frame.")] = 1.0,
     max_guidance: Annotated[float, typer.Option(help="Guidance scale at the last frame.")] = 3.0,
-    decode_chunk_size: Annotated[Optional[int], typer.Option(help="Frames decoded at once [default: all].")] = None,
+    decode_chunk_size: Annotated[Optional[int], typer.Option(help="Frames decoded at once \\[default: all].")] = None,
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second: SVD's conditioning and the written video's rate.")] = 7,
     out: Out = Path("outputs"),
@@ -178,6 +183,8 @@ def i2v(
     time_shift: TimeShift = False,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
+    cost: CostOpt = "measured",
+    weight_cap: WeightCap = 1.0,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     debug: Debug = False,
@@ -201,7 +208,8 @@ def i2v(
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler, sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel))
+         oversubscribe=oversubscribe, scheduler=scheduler,
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap))
 
 
 class Cost(str, Enum):
@@ -241,6 +249,7 @@ def plan(
 @app.command()
 def models():
     """List the embedded models and explain how to use real weights."""
+    _quiet_libraries(False)
     from asyncvid.pipelines import EMBEDDED
 
     typer.echo("Embedded models (no download needed):")
@@ -249,7 +258,7 @@ def models():
     typer.echo(
         "\nReal weights: pass --model a local diffusers folder or a hub id already in the Hugging Face cache, e.g.\n"
         "  asyncvid i2v photo.png --model stabilityai/stable-video-diffusion-img2vid-xt --height 576 --width 1024\n"
-        "  asyncvid generate prompts.txt --model runwayml/stable-diffusion-v1-5 \\\n"
+        "  asyncvid generate prompts.txt --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\\n"
         "      --motion-adapter guoyww/animatediff-motion-adapter-v1-5-2 --height 512 --width 512\n"
         "asyncvid never downloads: fill the cache with `hf download <id>` on a connected machine. Safetensors only."
     )
@@ -270,6 +279,11 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
             raise UsageError(f"devices must be at least 1, got {devices}")
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be at least 1, got {threads}")
+        if config is None and _external() and _external_world() > 1:
+            raise UsageError(
+                f"sequential sampling runs in one process, but the launcher started {_external_world()}; "
+                f"add --sampler asyncdiff (stages + stride - 1 = {_external_world()}) or launch one process"
+            )
         if config is not None:
             config.check_world_size(devices if not _external() else _external_world())
         dtype_name = dtype.value if dtype else None
