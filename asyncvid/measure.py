@@ -27,6 +27,7 @@ class Sample:
     decode_s: float
     bytes_sent: list[int] = field(default_factory=list)  # per rank, during one loop
     weight_share: list[float] = field(default_factory=list)  # of the UNet's parameters held, per rank
+    compute_share: list[float] = field(default_factory=list)  # of the time in the UNet hook spent computing, per rank
 
 
 def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.ndarray | None, float, float]:
@@ -91,11 +92,13 @@ def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, rep
     latents, frames, _, decode_s = runs[-1]
     loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64, device=rank.device)
     dist.all_reduce(loop_s, op=dist.ReduceOp.MAX)  # the loop ends when the slowest rank's does
+    state = staged.hook.state
     info = [None] * rank.world_size
-    dist.all_gather_object(info, (staged.hook.state.bytes_sent, staged.weight_share))
+    dist.all_gather_object(info, (state.bytes_sent, staged.weight_share, state.compute_s / max(state.hook_s, 1e-9)))
     if rank.rank != 0:
         return None
-    return Sample(latents, frames, float(loop_s), decode_s, [b for b, _ in info], [w for _, w in info])
+    return Sample(latents, frames, float(loop_s), decode_s, [i[0] for i in info], [i[1] for i in info],
+                  [i[2] for i in info])
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -8,6 +8,7 @@ same scheduler step. With stride S a round covers S steps: the S last-stage rank
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ class RunState:
     device: torch.device | None = None
     queued: dict[int, torch.Tensor] = field(default_factory=dict)  # noise predictions of later steps in a round
     bytes_sent: int = 0
+    hook_s: float = 0.0  # time inside the hook: this stage's compute plus waiting on the other ranks
+    compute_s: float = 0.0  # time running this stage's units
 
 
 class AsyncDiffHook(ModelHook):
@@ -65,6 +68,7 @@ class AsyncDiffHook(ModelHook):
         return_dict = kwargs.pop("return_dict", True)
         step = self.state.step
         self.state.step += 1
+        start = time.perf_counter()
         if step not in self.state.queued:
             if self.cfg is not None:
                 args, kwargs = self.cfg.take_half(args, kwargs)
@@ -73,6 +77,7 @@ class AsyncDiffHook(ModelHook):
                 found = [self.cfg.join_halves(eps) for eps in found]
             self.state.queued.update({step + j: eps for j, eps in enumerate(found)})
         eps = self.state.queued.pop(step)
+        self.state.hook_s += time.perf_counter() - start
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
     # 1. Warm-up: the stages one after another, each rank waiting for its inputs (exactly the sequential forward).
@@ -121,9 +126,11 @@ class AsyncDiffHook(ModelHook):
 
     def _run_stage(self, ctx, x: torch.Tensor, received: dict[int, torch.Tensor]):
         """Units of this stage; returns the hidden state and every skip it produced for other stages."""
+        start = time.perf_counter()
         h = x if self.stage == 0 else received.pop(HIDDEN)
         skips = dict(received)
         h = run_units(self.program, ctx, h, self.units.start, self.units.stop, skips)
+        self.state.compute_s += time.perf_counter() - start
         return h, skips
 
     def _receive(self, *, headers: bool) -> dict[int, torch.Tensor]:
