@@ -58,7 +58,7 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
     costs = [float(p.flops) for p in profiles]
     if config.cost == "measured" and config.stages > 1 and not config.split:
-        costs = _measured_costs(unet, family, example, device, dtype, rank, group)
+        costs = _measured_costs(unet, family, example, device, dtype, rank, group, len(names))
     plan = make_plan(names, costs, config.stages, config.split, weights, config.weight_cap)
 
     # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
@@ -80,7 +80,7 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
              len(plan.units(stage)), names[plan.units(stage)[0]], names[plan.units(stage)[-1]], 100 * share)
 
     # 5. The hook replaces the UNet's forward; the pipeline's own loop and scheduler do the rest.
-    hook = apply_asyncdiff(unet, family.build_program(unet), plan, config, pipe.scheduler, stage_group, cfg)
+    hook = apply_asyncdiff(unet, program, plan, config, pipe.scheduler, stage_group, cfg)
     return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
 
 
@@ -118,9 +118,9 @@ def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
     return measure_times(family.build_program(model), tuple(_to(a, device, dtype) for a in args), kwargs)
 
 
-def _measured_costs(unet, family, example, device, dtype, rank, group) -> list[float]:
+def _measured_costs(unet, family, example, device, dtype, rank, group, units: int) -> list[float]:
     """Rank 0 measures (so every rank balances on the same numbers) and broadcasts."""
-    costs = torch.zeros(len(family.build_program(unet).units), dtype=torch.float64, device=device)
+    costs = torch.zeros(units, dtype=torch.float64, device=device)
     if rank == 0:
         costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64,
                              device=device)  # NCCL moves GPU tensors only

@@ -47,6 +47,13 @@ class Program:
     def names(self) -> list[str]:
         return [u.name for u in self.units]
 
+    @property
+    def wiring(self) -> tuple[list[int | None], list[int | None]]:
+        """`skip_wiring` of the units, derived once (it runs on every stage call)."""
+        if "_wiring" not in self.__dict__:
+            object.__setattr__(self, "_wiring", skip_wiring(self.units))
+        return self.__dict__["_wiring"]
+
 
 def skip_wiring(units) -> tuple[list[int | None], list[int | None]]:
     """For each unit, the id of the skip it pops and of the skip it pushes (a skip's id is its producer's index)."""
@@ -65,7 +72,7 @@ def skip_wiring(units) -> tuple[list[int | None], list[int | None]]:
 
 def run_units(program: Program, ctx, h: torch.Tensor, start: int, end: int, skips: dict[int, torch.Tensor]):
     """Run units [start, end) on `h`; `skips` holds the skip tensors by id and receives the ones pushed here."""
-    pop_ids, push_ids = skip_wiring(program.units)
+    pop_ids, push_ids = program.wiring
     for i in range(start, end):
         unit = program.units[i]
         skip = skips.pop(pop_ids[i]) if unit.pops else None

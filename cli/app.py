@@ -279,6 +279,8 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
             raise UsageError(f"devices must be at least 1, got {devices}")
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be at least 1, got {threads}")
+        if config is None and devices > 1 and not _external():
+            raise UsageError(f"--devices {devices} needs a parallel sampler; add --sampler asyncdiff or drop --devices")
         if config is None and _external() and _external_world() > 1:
             raise UsageError(
                 f"sequential sampling runs in one process, but the launcher started {_external_world()}; "

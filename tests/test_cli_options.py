@@ -32,3 +32,11 @@ def test_sequential_sampling_under_a_multi_process_launcher_is_refused(tmp_path,
     assert result.exit_code == 2
     assert "add --sampler asyncdiff (stages + stride - 1 = 2)" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_devices_without_a_parallel_sampler_is_refused(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    result = invoke("generate", prompts, "--devices", "2", "--out", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == "error: --devices 2 needs a parallel sampler; add --sampler asyncdiff or drop --devices"
