@@ -30,6 +30,13 @@ def to_uint8(frames: np.ndarray) -> np.ndarray:
     return (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
 
 
+def reset_sampler_state(pipe) -> None:
+    """Per-call state of samplers hooked into the UNet starts fresh (the pipelines do not reset hooks)."""
+    registry = getattr(pipe.unet, "_diffusers_hook", None)
+    if registry is not None:
+        registry.reset_stateful_hooks()
+
+
 def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, metadata: dict | None = None,
              decoder: Callable | None = None) -> Video | None:
     """Sample one video with the pipeline's own loop; the sidecar metadata records settings and timings.
@@ -38,9 +45,7 @@ def generate(pipe, adapter, request, *, on_step: StepCallback | None = None, met
     (parallel decoding); ranks on which it returns None get None.
     """
     adapter.check(pipe, request)
-    registry = getattr(pipe.unet, "_diffusers_hook", None)
-    if registry is not None:  # per-call state of samplers hooked into the UNet starts fresh
-        registry.reset_stateful_hooks()
+    reset_sampler_state(pipe)
     # A CPU generator gives the same noise on every device, so CPU and GPU runs start from the same latents.
     generator = torch.Generator("cpu").manual_seed(request.seed)
     marks: list[float] = []

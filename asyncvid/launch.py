@@ -52,7 +52,7 @@ def rank_device(local_rank: int, requested: torch.device) -> torch.device:
 
 def threads_per_process(world_size: int) -> int:
     """CPU threads per rank: the cores this process may use, shared evenly by the ranks on this machine."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     return max(1, cores // local)
 
@@ -61,7 +61,7 @@ def check_device_count(world_size: int, device: torch.device, oversubscribe: boo
     """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing)."""
     if device.type == "cuda" and world_size > torch.cuda.device_count():
         raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {torch.cuda.device_count()} are visible")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _cores()
     if device.type == "cpu" and world_size > cores and not oversubscribe:
         raise UsageError(
             f"--devices {world_size} exceeds the {cores} CPU cores here; use --devices {cores} or fewer "
@@ -172,6 +172,11 @@ def _stop(workers) -> None:
         w.join(timeout=5)
         if w.is_alive():
             w.kill()
+
+
+def _cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .generate import to_uint8
+from .generate import reset_sampler_state, to_uint8
 from .schedulers import set_scheduler
 
 
@@ -32,9 +32,7 @@ class Sample:
 
 def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.ndarray | None, float, float]:
     """(latents, frames, loop seconds, decode seconds) of one request through the pipeline's own loop."""
-    registry = getattr(pipe.unet, "_diffusers_hook", None)
-    if registry is not None:
-        registry.reset_stateful_hooks()
+    reset_sampler_state(pipe)
     generator = torch.Generator("cpu").manual_seed(request.seed)
     marks = []
 
