@@ -1,24 +1,144 @@
-"""A batch of videos from one model: sequential in this process, or AsyncDiff across ranks; rank 0 writes."""
+"""Loading a sampler once per rank and sampling many requests with it; a CLI batch of videos on top of that.
+
+`load_sampler` is the one place that picks how a sampler loads. The CLI, the notebook API (asyncvid.api) and the
+worker pool (asyncvid.pool) all go through it and through `Loaded.generate`.
+"""
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import launch
 from .asyncdiff_config import AsyncDiffConfig
 from .devices import resolve_device, resolve_dtype
-from .generate import generate
+from .errors import UsageError
+from .generate import StepCallback, generate
 from .outputs import save_with_sidecar
 from .parallel_decode import parallel_decode
 from .schedulers import set_scheduler
+from .video import Video
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every rank loads: the model, the sampler and the precision (picklable: it travels to the workers)."""
+
+    model: str
+    sampler: AsyncDiffConfig | None = None  # None: sequential sampling
+    motion_adapter: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
+    # Sizes the stage split is balanced for (None: the model's); any size can be sampled afterwards.
+    plan_shape: tuple[int | None, int | None, int | None] = (None, None, None)  # frames, height, width
+    quiet: bool = True  # hide library warnings and loading bars
+
+    def describe(self) -> dict:
+        """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
+        sampler = self.sampler.describe() if self.sampler is not None else {"name": "sequential"}
+        return {"model": self.model, "motion_adapter": self.motion_adapter, "sampler": sampler,
+                "scheduler": self.scheduler, "dtype": self.dtype}
+
+
+@dataclass
+class Loaded:
+    """A pipeline loaded on one rank, ready to sample any number of requests."""
+
+    pipe: object
+    adapter: object
+    spec: ModelSpec
+    metadata: dict  # what every video from it records: model folder, device, dtype, sampler
+    decoder: Callable | None = None  # parallel decoding: None on ranks other than 0
+    hook: object | None = None  # the sampler's UNet hook, for its per-call statistics
+    # A sampler with its own loop: run(loaded, request, on_step) -> Video | None, instead of the pipeline's loop.
+    run: Callable | None = None
+
+    @property
+    def task(self) -> str:
+        return self.adapter.TASK
+
+    def generate(self, request, on_step: StepCallback | None = None) -> Video | None:
+        """One video (None on ranks that do not gather the frames)."""
+        if request.describe()["task"] != self.task:
+            raise UsageError(f"model '{self.spec.model}' does {self.task}, not {request.describe()['task']}; "
+                             f"use {'text_to_video' if self.task == 'text-to-video' else 'image_to_video'}")
+        meta = {**self.metadata, "settings": {"request": request.describe(), **self.spec.describe()}}
+        if self.run is not None:
+            return self.run(self, request, on_step)
+        video = generate(self.pipe, self.adapter, request, metadata=meta, decoder=self.decoder, on_step=on_step)
+        if video is not None and self.hook is not None:
+            video.metadata["sampler"] = {**video.metadata["sampler"], "bytes_sent_rank0": self.hook.state.bytes_sent}
+        return video
+
+
+def load_sampler(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
+    """Load `spec` on this rank (None: in this process, no process group), dispatching on the sampler's type."""
+    if spec.quiet:
+        quiet_libraries()
+    if spec.sampler is None:
+        return _load_sequential(rank, spec)
+    if isinstance(spec.sampler, AsyncDiffConfig):
+        return _load_asyncdiff(rank, spec)
+    raise TypeError(f"sampler must be None (sequential) or an AsyncDiffConfig, got {type(spec.sampler).__name__}")
+
+
+def _load_sequential(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
+    from .pipelines import load_pipeline
+
+    device = rank.device if rank is not None else resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter)
+    set_scheduler(pipe, spec.scheduler)
+    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, {"name": "sequential"}))
+
+
+def _load_asyncdiff(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
+    from .asyncdiff_setup import setup_asyncdiff
+    from .pipelines import adapter_for, resolve_model, resolve_motion_adapter, units_for
+
+    if rank is None:
+        raise UsageError("AsyncDiff runs in a process group; use asyncvid.load(..., devices=N) or the CLI")
+    dtype = resolve_dtype(spec.dtype, rank.device)
+    folder = resolve_model(spec.model)
+    adapter = adapter_for(folder)
+    frames, height, width = spec.plan_shape
+    motion = resolve_motion_adapter(spec.motion_adapter) if spec.motion_adapter else None
+    staged = setup_asyncdiff(folder, adapter, units_for, spec.sampler,
+                             shape={"frames": frames, "height": height, "width": width}, device=rank.device,
+                             dtype=dtype, motion_adapter=motion, settings={**spec.describe(), "shape": spec.plan_shape},
+                             scheduler=spec.scheduler)
+    sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
+    return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
+                  decoder=parallel_decode, hook=staged.hook)
+
+
+def _metadata(spec: ModelSpec, folder, device, dtype, sampler: dict) -> dict:
+    return {"model": spec.model, "model_folder": str(folder), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "sampler": sampler, "scheduler": spec.scheduler or "pipeline"}
+
+
+def quiet_libraries() -> None:
+    """Hide diffusers/transformers warnings and loading bars (workers start with default logging)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+# --- the CLI's batch: every video of one command, written as soon as it is done ---------------------------------
 
 
 @dataclass
 class Job:
-    """Everything a rank needs to make and write the videos (picklable: it travels to worker processes)."""
+    """Everything needed to make and write the videos of one command (picklable: it travels to torchrun ranks)."""
 
     task: str  # "text-to-video" or "image-to-video"
     model: str
@@ -35,99 +155,83 @@ class Job:
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
     scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
+    failures: list[str] = field(default_factory=list)  # one line per video that failed
+
+    def spec(self) -> ModelSpec:
+        first = self.requests[0]
+        return ModelSpec(self.model, self.sampler, self.motion_adapter, self.device, self.dtype, self.scheduler,
+                         (first.num_frames, first.height, first.width), self.quiet)
+
+
+class JobFailed(RuntimeError):
+    """Some videos of a batch failed; the others were written."""
 
 
 def run_job(job: Job) -> list[Path]:
-    """Make every video of the job; returns the written paths (on rank 0; other ranks return [])."""
+    """Make every video of the job; returns the written paths (on rank 0; other ranks return []).
+
+    Sequential sampling runs in this process; parallel sampling on a pool of worker processes (the same pool the
+    notebook API uses), or on the ranks of an outside launcher (torchrun). A video that fails is reported and the
+    others are still made; JobFailed is raised at the end.
+    """
     device = resolve_device(job.device)
-    if job.sampler is None and job.devices == 1 and not launch.launched_externally():
+    if launch.launched_externally():
+        return launch.run(_rank_main, job.devices, device, job, threads=job.threads)
+    if job.sampler is None and job.devices == 1:
         with launch.cpu_threads(job.threads, device):
-            return _sequential(job, device)
-    return launch.run(_rank_main, job.devices, device, job, threads=job.threads, oversubscribe=job.oversubscribe)
+            loaded = load_sampler(None, job.spec())
+            _check_task(loaded, job)
+            return _make_all(loaded.generate, job, write=True)
+    from .pool import WorkerPool
 
-
-def _sequential(job: Job, device) -> list[Path]:
-    from .pipelines import load_pipeline
-
-    dtype = resolve_dtype(job.dtype, device)
-    pipe, adapter, folder = load_pipeline(job.model, device=device, dtype=dtype, motion_adapter=job.motion_adapter)
-    _check_task(adapter, job)
-    set_scheduler(pipe, job.scheduler)
-    meta = _metadata(job, folder, device, dtype, {"name": "sequential"})
-    return _make_all(pipe, adapter, job, meta, write=True)
+    with WorkerPool(job.spec(), job.devices, device, threads=job.threads, oversubscribe=job.oversubscribe) as pool:
+        _check_task(pool, job)
+        return _make_all(pool.generate, job, write=True)
 
 
 def _rank_main(rank: launch.Rank, job: Job) -> list[Path]:
-    if job.quiet:
-        quiet_libraries()
-    from .asyncdiff_setup import setup_asyncdiff
-    from .pipelines import adapter_for, resolve_model, resolve_motion_adapter, units_for
-
-    dtype = resolve_dtype(job.dtype, rank.device)
-    folder = resolve_model(job.model)
-    adapter = adapter_for(folder)
-    _check_task(adapter, job)
-    first = job.requests[0]
-    shape = {"frames": first.num_frames, "height": first.height, "width": first.width}
-    config = job.sampler or AsyncDiffConfig(stages=1, warmup=first.num_inference_steps)
-    motion = resolve_motion_adapter(job.motion_adapter) if job.motion_adapter else None
-    settings = {"model": job.model, "motion_adapter": job.motion_adapter, "sampler": config.describe(),
-                "scheduler": job.scheduler,
-                "requests": [r.describe() for r in job.requests], "dtype": str(dtype)}
-    staged = setup_asyncdiff(folder, adapter, units_for, config, shape=shape, device=rank.device, dtype=dtype,
-                             motion_adapter=motion, settings=settings, scheduler=job.scheduler)
-    sampler = {**config.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
-    meta = _metadata(job, folder, rank.device, dtype, sampler)
-    return _make_all(staged.pipe, adapter, job, meta, write=rank.rank == 0, hook=staged.hook,
-                     decoder=parallel_decode)
+    """One rank under an outside launcher: every rank samples in lockstep, so a failure ends the job."""
+    loaded = load_sampler(rank, job.spec())
+    _check_task(loaded, job)
+    return _make_all(loaded.generate, job, write=rank.rank == 0, keep_going=False)
 
 
-def _make_all(pipe, adapter, job: Job, meta: dict, *, write: bool, hook=None, decoder=None) -> list[Path]:
+def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = True) -> list[Path]:
     """Sample each request and write it as soon as it is done (only where `write`)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .pool import RankFailed
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     written = []
     with Progress(*columns, transient=True, disable=not (write and sys.stderr.isatty())) as progress:
         for request, target in zip(job.requests, job.targets):
             bar = progress.add_task(target.name, total=request.num_inference_steps)
-            video = generate(pipe, adapter, request, metadata=meta, decoder=decoder,
-                             on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
-            progress.remove_task(bar)
-            if video is None:  # a rank other than 0 under parallel decoding
+            try:
+                video = sample(request, on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
+                if video is not None and write:
+                    written.append(save_with_sidecar(video, target, job.fmt, overwrite=job.overwrite))
+            except RankFailed:
+                raise  # the pool is gone: nothing more can be made
+            except Exception as err:
+                if not keep_going:
+                    raise
+                job.failures.append(f"{target.name}: {err}")
+                print(f"error: {target.name} failed: {err}", file=sys.stderr, flush=True)
                 continue
-            if hook is not None:
-                video.metadata["sampler"] = {**video.metadata["sampler"], "bytes_sent_rank0": hook.state.bytes_sent}
-            if write:
-                path = save_with_sidecar(video, target, job.fmt, overwrite=job.overwrite)
-                written.append(path)
+            finally:
+                progress.remove_task(bar)
+            if video is not None and write:
                 seconds = video.metadata["timings"]["total_s"]
                 # Plain text: a path is neither rich markup ("out[1]") nor wrapped at 80 columns when piped.
-                progress.console.print(f"wrote {path} ({video.num_frames} frames, {seconds:.1f} s)",
+                progress.console.print(f"wrote {written[-1]} ({video.num_frames} frames, {seconds:.1f} s)",
                                        markup=False, highlight=False, soft_wrap=True)
+    if job.failures:
+        raise JobFailed(f"{len(job.failures)} of {len(job.requests)} videos failed; the others were written")
     return written
 
 
-def quiet_libraries() -> None:
-    """Hide diffusers/transformers warnings and loading bars (workers start with default logging)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
-def _check_task(adapter, job: Job) -> None:
-    from .errors import UsageError
-
-    if adapter.TASK != job.task:
-        command = "generate" if adapter.TASK == "text-to-video" else "i2v"
-        raise UsageError(f"model '{job.model}' does {adapter.TASK}, not {job.task}; use `asyncvid {command}` with it")
-
-
-def _metadata(job: Job, folder, device, dtype, sampler: dict) -> dict:
-    return {"model": job.model, "model_folder": str(folder), "device": str(device),
-            "dtype": str(dtype).removeprefix("torch."), "sampler": sampler, "scheduler": job.scheduler or "pipeline"}
+def _check_task(loaded, job: Job) -> None:
+    if loaded.task != job.task:
+        command = "generate" if loaded.task == "text-to-video" else "i2v"
+        raise UsageError(f"model '{job.model}' does {loaded.task}, not {job.task}; use `asyncvid {command}` with it")

@@ -89,7 +89,7 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
         local = int(os.environ.get("LOCAL_RANK", 0))
         return _in_group(fn, rank, world, local, device, None, args, threads)
     check_device_count(world_size, device, oversubscribe)
-    port = _free_port()
+    port = free_port()
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     workers = [
@@ -111,6 +111,14 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
 
 
 def _in_group(fn, rank, world, local, device, port, args, threads):
+    with process_group(rank, world, local, device, port, threads) as here:
+        return fn(here, *args)
+
+
+@contextmanager
+def process_group(rank: int, world: int, local: int, device: torch.device, port: int | None, threads: int | None):
+    """Join the default process group (collectives time out after ASYNCVID_COLLECTIVE_TIMEOUT seconds, so a stuck
+    rank ends the job instead of hanging it) and yield this process's Rank; leave the group on exit."""
     if port is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = rank_device(local, device)
@@ -121,20 +129,25 @@ def _in_group(fn, rank, world, local, device, port, args, threads):
                             **({"device_id": device} if device.type == "cuda" else {}))
     try:
         with cpu_threads(threads or threads_per_process(world), device):
-            return fn(Rank(rank, world, local, device), *args)
+            yield Rank(rank, world, local, device)
     finally:
         dist.destroy_process_group()
 
 
 def _worker(fn, rank, world, device, port, errors, args, parent_pid, threads):
     # A worker must not outlive the process that started it (a killed CLI or notebook kernel).
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    watch_parent(parent_pid)
     try:
         _in_group(fn, rank, world, rank, device, port, args, threads)
     except BaseException as err:  # report anything, then exit non-zero
         errors.put((rank, f"{type(err).__name__}: {err}", traceback.format_exc()))
         sys.stderr.flush()
         os._exit(USAGE_EXIT if isinstance(err, UsageError) else 1)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` is no longer its parent (the parent died, even by SIGKILL)."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
 
 
 def _exit_with_parent(parent_pid: int) -> None:
@@ -179,7 +192,7 @@ def _cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

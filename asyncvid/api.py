@@ -1,0 +1,167 @@
+"""The library API for scripts and notebooks: load a model once, then make videos with diffusers' argument names.
+
+With `devices` > 1 the model loads on worker processes (asyncvid.pool) that stay alive until `close()`, the end
+of a `with` block, or interpreter exit; with one device and sequential sampling it loads in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import launch
+from .asyncdiff_config import AsyncDiffConfig
+from .devices import resolve_device, resolve_dtype
+from .errors import UsageError
+from .jobs import ModelSpec, load_sampler
+from .requests import ImageToVideo, TextToVideo
+from .video import Video
+
+SAMPLERS = (AsyncDiffConfig,)  # config types a `sampler` may be, besides None (sequential)
+
+
+def load(model: str, *, devices: int = 1, sampler: AsyncDiffConfig | None = None, device: str | None = None,
+         dtype: str | None = None, motion_adapter: str | None = None, scheduler: str | None = None,
+         threads: int | None = None, oversubscribe: bool = False, num_frames: int | None = None,
+         height: int | None = None, width: int | None = None, quiet: bool = True) -> VideoPipeline:
+    """Load `model` (an embedded name, a diffusers folder or a cached hub id) for sampling with `sampler` on
+    `devices` processes. `num_frames`, `height` and `width` are the sizes a stage-parallel sampler balances its
+    split for (default: the model's); any size can be asked for afterwards."""
+    return VideoPipeline(model, devices=devices, sampler=sampler, device=device, dtype=dtype,
+                         motion_adapter=motion_adapter, scheduler=scheduler, threads=threads,
+                         oversubscribe=oversubscribe, plan_shape=(num_frames, height, width), quiet=quiet)
+
+
+class VideoPipeline:
+    """A loaded model: `text_to_video` / `image_to_video` return a Video; `close()` ends its worker processes."""
+
+    def __init__(self, model: str, *, devices: int, sampler, device, dtype, motion_adapter, scheduler, threads,
+                 oversubscribe, plan_shape, quiet):
+        _check_layout(devices, sampler, threads)
+        torch_device = resolve_device(device)
+        resolve_dtype(dtype, torch_device)  # fail here, not on every worker
+        self.spec = ModelSpec(model, sampler, motion_adapter, device, dtype, scheduler, plan_shape, quiet)
+        self.devices, self.threads, self._device = devices, threads, torch_device
+        self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers
+        self._pool = self._loaded = None
+        if sampler is None and devices == 1:
+            with launch.cpu_threads(threads, torch_device):
+                self._loaded = load_sampler(None, self.spec)
+        else:
+            from .pool import WorkerPool
+
+            self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe)
+
+    @property
+    def task(self) -> str:
+        """"text-to-video" or "image-to-video"."""
+        return self._pool.task if self._pool is not None else self._loaded.task
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (empty when the model runs in this process)."""
+        return self._pool.pids if self._pool is not None else []
+
+    def text_to_video(self, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
+                      height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
+                      guidance_scale: float = 7.5, seed: int | None = None, generator: torch.Generator | None = None,
+                      fps: int = 8) -> Video:
+        """A video of `prompt` (AnimateDiff); `None` sizes and frames mean the model's defaults."""
+        request = TextToVideo(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
+                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              seed=_seed(seed, generator), fps=fps)
+        return self._generate(request)
+
+    def image_to_video(self, image, *, num_frames: int | None = None, height: int | None = None,
+                       width: int | None = None, num_inference_steps: int = 25, min_guidance_scale: float = 1.0,
+                       max_guidance_scale: float = 3.0, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+                       decode_chunk_size: int | None = None, seed: int | None = None,
+                       generator: torch.Generator | None = None, fps: int = 7) -> Video:
+        """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion)."""
+        request = ImageToVideo(self._image_path(image), num_frames=num_frames, height=height, width=width,
+                               num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
+                               max_guidance_scale=max_guidance_scale, motion_bucket_id=motion_bucket_id,
+                               noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                               seed=_seed(seed, generator), fps=fps)
+        return self._generate(request)
+
+    def close(self) -> None:
+        """End the worker processes (if any) and free the model; safe to call more than once."""
+        if self._pool is not None:
+            self._pool.close()
+        self._loaded = None
+        self._images.cleanup()
+
+    def __enter__(self) -> VideoPipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None and exc[0] is not None and not issubclass(exc[0], Exception):
+            self._pool.kill()  # an interrupt: do not wait for the workers
+        self.close()
+
+    def __repr__(self) -> str:
+        sampler = self.spec.sampler.describe()["name"] if self.spec.sampler is not None else "sequential"
+        state = "closed" if self._closed else ("workers " + ", ".join(map(str, self.worker_pids)) if self._pool
+                                               else "in this process")
+        return f"VideoPipeline(model={self.spec.model!r}, sampler={sampler}, devices={self.devices}, {state})"
+
+    @property
+    def _closed(self) -> bool:
+        return self._pool.closed if self._pool is not None else self._loaded is None
+
+    def _generate(self, request) -> Video:
+        if self._closed:
+            raise RuntimeError("this pipeline is closed (or was interrupted); call asyncvid.load again")
+        if request.describe()["task"] != self.task:
+            method = "text_to_video" if self.task == "text-to-video" else "image_to_video"
+            raise UsageError(f"model '{self.spec.model}' does {self.task}; call {method} instead")
+        if self._pool is not None:
+            return self._pool.generate(request)
+        with launch.cpu_threads(self.threads, self._device):
+            return self._loaded.generate(request)
+
+    def _image_path(self, image) -> Path:
+        from PIL import Image
+
+        from .pipelines.svd import load_image
+
+        if isinstance(image, Image.Image):  # the workers read files: hand them a lossless copy
+            path = Path(self._images.name) / f"image-{len(os.listdir(self._images.name))}.png"
+            image.convert("RGB").save(path, format="PNG")
+            return path
+        if not isinstance(image, (str, os.PathLike)):
+            raise TypeError(f"image must be a path or a PIL image, got {type(image).__name__}")
+        load_image(Path(image))  # a missing or unreadable file fails here, with the file's name
+        return Path(image).resolve()
+
+
+def _check_layout(devices, sampler, threads) -> None:
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise UsageError(f"devices must be a whole number >= 1, got {devices!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise UsageError(f"threads must be a whole number >= 1 or None, got {threads!r}")
+    if sampler is not None and not isinstance(sampler, SAMPLERS):
+        raise TypeError(f"sampler must be None (sequential) or one of {', '.join(s.__name__ for s in SAMPLERS)}, "
+                        f"got {type(sampler).__name__}")
+    if sampler is None and devices > 1:
+        raise UsageError(f"devices={devices} needs a parallel sampler; pass sampler=AsyncDiffConfig(stages={devices})")
+    if sampler is not None:
+        sampler.check_world_size(devices)
+
+
+def _seed(seed: int | None, generator: torch.Generator | None) -> int:
+    """The seed to sample with: `seed`, or the one an unused `generator` was seeded with (default 0)."""
+    if seed is not None and generator is not None:
+        raise UsageError("pass seed or generator, not both")
+    if generator is None:
+        return 0 if seed is None else seed
+    initial = generator.initial_seed()
+    fresh = torch.Generator(generator.device).manual_seed(initial)
+    if not torch.equal(fresh.get_state(), generator.get_state()):
+        raise UsageError(f"generator has been used since it was seeded with {initial}; pass seed={initial} or a "
+                         f"fresh torch.Generator().manual_seed(n) (the noise is drawn on the CPU from the seed)")
+    return initial
