@@ -300,6 +300,17 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+    except KeyboardInterrupt:  # the workers are already gone and no partial file is left
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+    except RuntimeError as err:  # a rank died (RankFailed) or some videos failed (JobFailed)
+        from asyncvid.jobs import JobFailed
+        from asyncvid.pool import RankFailed
+
+        if debug or not isinstance(err, (JobFailed, RankFailed)):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1)
 
 
 def _external() -> bool:
