@@ -8,6 +8,10 @@ from pathlib import Path
 from .errors import UsageError
 
 
+class UsageWarning(UserWarning):
+    """An input that works, but not as the user may expect: the message names the value and the fix."""
+
+
 def _check_size(name: str, value: int | None) -> None:
     if value is not None and (value < 8 or value % 8):
         suggestion = max(8, (value + 4) // 8 * 8)

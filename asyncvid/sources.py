@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Iterable
 
 from .errors import UsageError
+from .requests import UsageWarning
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Libraries a component may come from. diffusers imports any other name, or runs `<component>/<library>.py`.
+LIBRARIES = ("diffusers", "transformers")
 
 
 def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: str = "model_index.json") -> Path:
@@ -34,6 +38,27 @@ def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: s
     )
 
 
+def preflight(model: str, task: str, requests: list, *, motion_adapter: str | None = None,
+              allow_pickle: bool = False) -> Path:
+    """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
+    in one line from one process: its source, components and weights, its task, and each request's frames."""
+    from .pipelines import EMBEDDED, adapter_for, materialize  # the pipelines package imports this module
+
+    folder = resolve_folder(model, EMBEDDED, materialize)
+    check_components(folder, allow_pickle=allow_pickle)
+    adapter = adapter_for(folder)
+    if adapter.TASK != task:
+        command = "generate" if adapter.TASK == "text-to-video" else "i2v"
+        raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
+    motion = None
+    if motion_adapter is not None:
+        motion = resolve_folder(motion_adapter, (), materialize, marker="config.json")
+        check_weights(motion, allow_pickle=allow_pickle)
+    for request in requests:
+        adapter.check_folder(folder, request, motion_adapter=motion)
+    return folder
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))
@@ -52,24 +77,43 @@ def _from_hf_cache(repo_id: str) -> Path:
         ) from None
 
 
-def check_components(folder: Path) -> None:
-    """Fail early, in one line, on a pipeline folder with a missing component or pickle-only weights."""
+def check_components(folder: Path, *, allow_pickle: bool = False) -> None:
+    """Fail early, in one line, on a pipeline folder with a missing component, code to run, or pickle-only weights."""
     index = json.loads((folder / "model_index.json").read_text())
+    if not isinstance(index.get("_class_name"), str):
+        raise UsageError(
+            f"model folder '{folder}' names a custom pipeline ({index.get('_class_name')!r}) in model_index.json; "
+            f"asyncvid never runs code from a model folder: use a diffusers pipeline class"
+        )
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
             continue
         sub = folder / name
+        library = entry[0]
+        if library not in LIBRARIES or (sub / f"{library}.py").exists():
+            raise UsageError(
+                f"component '{name}' of '{folder}' comes from {library!r}, not {' or '.join(LIBRARIES)}; asyncvid "
+                f"never runs code from a model folder: re-save the pipeline with library classes"
+            )
         if not sub.is_dir():
             raise UsageError(f"model folder '{folder}' is missing component '{name}' ({sub}); re-save the pipeline")
-        check_weights(sub)
+        check_weights(sub, allow_pickle=allow_pickle)
 
 
-def check_weights(folder: Path) -> None:
-    """Refuse pickle-only weights: loading a pickle can run arbitrary code."""
+def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
+    """Refuse pickle-only weights: loading a pickle can run arbitrary code. `allow_pickle` lets them through with a
+    warning, for weights from a source the user trusts."""
     files = [p for p in folder.iterdir() if p.is_file()]
     pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
-    if pickles and not any(p.suffix == ".safetensors" for p in files):
+    if not pickles or any(p.suffix == ".safetensors" for p in files):
+        return
+    if not allow_pickle:
         raise UsageError(
-            f"'{folder}' has weights only as pickle files ({pickles[0]}); convert them to safetensors "
-            f"(e.g. load and save_pretrained(..., safe_serialization=True) in a trusted environment)"
+            f"'{folder}' has weights only as pickle files ({pickles[0]}), which can run code when loaded; convert "
+            f"them to safetensors (load and save_pretrained(..., safe_serialization=True) in a trusted environment), "
+            f"or pass --allow-pickle if you trust their source"
         )
+    warnings.warn(UsageWarning(
+        f"loading pickle weights '{folder / pickles[0]}' (--allow-pickle): a pickle can run code when loaded; "
+        f"convert them to safetensors once and drop --allow-pickle"
+    ), stacklevel=2)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -268,6 +269,7 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
          oversubscribe, scheduler, sampler):
     """Validate everything before the model loads or a process starts, then hand the job to the library."""
     _quiet_libraries(debug)
+    _show_usage_warnings()
     try:
         from asyncvid.devices import resolve_device, resolve_dtype
         from asyncvid.jobs import Job, run_job
@@ -290,6 +292,9 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
             config.check_world_size(devices if not _external() else _external_world())
         dtype_name = dtype.value if dtype else None
         resolve_dtype(dtype_name, resolve_device(device))
+        from asyncvid.sources import preflight
+
+        preflight(model, task, requests, motion_adapter=motion_adapter)  # in this process, before any worker starts
         targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=overwrite)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
@@ -319,6 +324,21 @@ def _external() -> bool:
 
 def _external_world() -> int:
     return int(os.environ["WORLD_SIZE"])
+
+
+def _show_usage_warnings() -> None:
+    """asyncvid's warnings to the user (a truncated prompt, pickle weights) print as one `warning: ...` line."""
+    from asyncvid.requests import UsageWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, UsageWarning):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _quiet_libraries(debug: bool) -> None:

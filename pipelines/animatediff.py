@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
 
 from asyncvid.errors import UsageError
-from asyncvid.requests import TextToVideo
+from asyncvid.requests import TextToVideo, UsageWarning
 from asyncvid.sources import check_weights
 from asyncvid.stage_weights import skeleton
 
@@ -20,29 +21,32 @@ DEFAULT_FRAMES = 16  # AnimateDiff's own default
 DECODE_CHUNK = 16  # AnimateDiffPipeline's default decode_chunk_size
 
 
-def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None) -> AnimateDiffPipeline:
+def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None,
+         allow_pickle: bool = False) -> AnimateDiffPipeline:
     """An AnimateDiff pipeline from its own folder, or from a Stable Diffusion base folder plus a motion adapter.
 
     With `unet` (a UNetMotionModel from `unet_skeleton`), that UNet is used and no motion adapter is loaded.
+    Safetensors only unless `allow_pickle`; never runs code from the folder.
     """
-    opts = dict(dtype=dtype, use_safetensors=True)
+    opts = dict(dtype=dtype, use_safetensors=None if allow_pickle else True)
     if unet is not None:
-        return AnimateDiffPipeline.from_pretrained(folder, unet=unet, motion_adapter=None, **opts)
+        return AnimateDiffPipeline.from_pretrained(folder, unet=unet, motion_adapter=None, trust_remote_code=False,
+                                                   **opts)
     base_class = _base_class(folder)
     adapter = None
     if motion_adapter is not None:
-        check_weights(motion_adapter)
+        check_weights(motion_adapter, allow_pickle=allow_pickle)
         adapter = MotionAdapter.from_pretrained(motion_adapter, **opts)
     elif base_class != "AnimateDiffPipeline":
         raise UsageError(
             f"'{folder}' is a {base_class} base model; add --motion-adapter with an AnimateDiff motion adapter folder"
         )
     if base_class == "AnimateDiffPipeline":
-        pipe = AnimateDiffPipeline.from_pretrained(folder, **opts)
+        pipe = AnimateDiffPipeline.from_pretrained(folder, trust_remote_code=False, **opts)
         if adapter is not None:
             pipe.unet.load_motion_modules(adapter)
         return pipe
-    pipe = AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, **opts)
+    pipe = AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, trust_remote_code=False, **opts)
     # A Stable Diffusion folder brings its image scheduler; AnimateDiff samples with DDIM, linear betas.
     pipe.scheduler = DDIMScheduler.from_config(
         pipe.scheduler.config, beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1
@@ -62,12 +66,40 @@ def _base_class(folder: Path) -> str:
     return json.loads((folder / "model_index.json").read_text())["_class_name"]
 
 
+def check_folder(folder: Path, request: TextToVideo, motion_adapter: Path | None = None) -> None:
+    """The limits `check` applies, read from the configs before any weights load or any process starts."""
+    config = (motion_adapter or folder / "unet") / "config.json"
+    if config.is_file():
+        _check_frames(request, json.loads(config.read_text()).get("motion_max_seq_length"))
+
+
 def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
-    """Limits that depend on the loaded model."""
-    limit = pipe.unet.config.get("motion_max_seq_length", None)
+    """Limits that depend on the loaded model; a prompt past the text encoder's length is a warning, not an error."""
+    _check_frames(request, pipe.unet.config.get("motion_max_seq_length", None))
+    for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        _warn_if_truncated(pipe.tokenizer, what, text)
+
+
+def _check_frames(request: TextToVideo, limit: int | None) -> None:
     frames = request.num_frames or DEFAULT_FRAMES
     if limit is not None and frames > limit:
         raise UsageError(f"frames {frames} exceed this motion adapter's limit of {limit}; use --frames {limit} or fewer")
+
+
+def _warn_if_truncated(tokenizer, what: str, text: str) -> None:
+    """The pipeline cuts prompts at the tokenizer's length and says so only in a log line that asyncvid hides."""
+    if not text or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
+        return  # only rank 0 speaks, as it alone writes
+    limit = tokenizer.model_max_length
+    ids = tokenizer(text, truncation=False, verbose=False).input_ids
+    if len(ids) <= limit:
+        return
+    kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).split()  # between BOS and EOS
+    head = text if len(text) <= 40 else text[:40] + "..."
+    warnings.warn(UsageWarning(
+        f"{what} '{head}' is {len(ids)} tokens but the text encoder reads {limit}: everything after "
+        f"'{' '.join(kept[-3:])}' is ignored; shorten it"
+    ), stacklevel=2)
 
 
 def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):
@@ -97,3 +129,4 @@ def decode(pipe: AnimateDiffPipeline, latents, request: TextToVideo, start: int,
     """Frames [start, stop) of latents (B, C, F, H, W), decoded and post-processed as the pipeline does."""
     video = pipe.decode_latents(latents[:, :, start:stop], DECODE_CHUNK)
     return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
+

@@ -17,12 +17,16 @@ TASK = "image-to-video"
 FRAME_DIM = 1  # latents are (batch, frames, channels, height, width)
 
 
-def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None):
-    """An SVD pipeline from its diffusers folder (with `unet`, that UNet instead of the folder's)."""
+def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None,
+         allow_pickle: bool = False):
+    """An SVD pipeline from its diffusers folder (with `unet`, that UNet instead of the folder's); safetensors only
+    unless `allow_pickle` (then safetensors where present, pickles elsewhere). Never runs code from the folder."""
     if motion_adapter is not None:
         raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
     extra = {"unet": unet} if unet is not None else {}
-    return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, **extra)
+    safetensors = None if allow_pickle else True  # None: safetensors where present, pickles elsewhere
+    return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors,
+                                                        trust_remote_code=False, **extra)
 
 
 def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
@@ -31,14 +35,29 @@ def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
 
 
 def load_image(path: Path) -> Image.Image:
-    """Open the conditioning image as RGB, with one-line errors for missing or non-image files."""
+    """Open the conditioning image as RGB, with one-line errors for missing, unreadable, corrupt or non-image files."""
+    if path.is_dir():
+        raise UsageError(f"image '{path}' is a folder; pass a PNG or JPEG file")
     if not path.is_file():
         raise UsageError(f"image '{path}' does not exist; pass a PNG or JPEG file")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise UsageError(f"image '{path}' is not a readable image ({type(err).__name__}); pass a PNG or JPEG file")
+            return im.convert("RGB")  # decodes every pixel, so a truncated file fails here and not mid-run
+    except PermissionError:
+        msg = f"image '{path}' is not readable (permission denied); chmod u+r it or pass another file"
+        raise UsageError(msg) from None
+    except UnidentifiedImageError:
+        raise UsageError(f"image '{path}' is not a readable image (unknown format); pass a PNG or JPEG file") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        # Pillow reports truncated or damaged data as OSError / SyntaxError with a reason worth showing.
+        raise UsageError(f"image '{path}' is corrupt or truncated ({err}); pass a complete PNG or JPEG file") from None
+
+
+def check_folder(folder: Path, request: ImageToVideo, motion_adapter: Path | None = None) -> None:
+    """What can be checked before any weights load: the image opens, and there is no motion adapter."""
+    if motion_adapter is not None:
+        raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
+    load_image(request.image)
 
 
 def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
@@ -81,3 +100,4 @@ def decode(pipe: StableVideoDiffusionPipeline, latents, request: ImageToVideo, s
     chunk = decode_chunk(pipe, request, latents.shape[1])
     frames = pipe.decode_latents(latents[:, start:stop], stop - start, chunk)
     return pipe.video_processor.postprocess_video(video=frames, output_type="np")[0]
+
