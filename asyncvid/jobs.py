@@ -14,11 +14,13 @@ from typing import Callable
 
 from . import launch
 from .asyncdiff_config import AsyncDiffConfig
+from .parataa_config import ParaTAAConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import UsageError
 from .generate import StepCallback, generate
 from .outputs import save_with_sidecar
 from .parallel_decode import parallel_decode
+from .resume import settings_of, to_make
 from .schedulers import set_scheduler
 from .video import Video
 
@@ -28,7 +30,7 @@ class ModelSpec:
     """What every rank loads: the model, the sampler and the precision (picklable: it travels to the workers)."""
 
     model: str
-    sampler: AsyncDiffConfig | None = None  # None: sequential sampling
+    sampler: AsyncDiffConfig | ParaTAAConfig | None = None  # None: sequential sampling
     motion_adapter: str | None = None
     device: str | None = None
     dtype: str | None = None
@@ -66,13 +68,18 @@ class Loaded:
         if request.describe()["task"] != self.task:
             raise UsageError(f"model '{self.spec.model}' does {self.task}, not {request.describe()['task']}; "
                              f"use {'text_to_video' if self.task == 'text-to-video' else 'image_to_video'}")
-        meta = {**self.metadata, "settings": {"request": request.describe(), **self.spec.describe()}}
+        meta = {**self.metadata, "settings": settings_of(request, self.spec)}
         if self.run is not None:
             return self.run(self, request, on_step)
         video = generate(self.pipe, self.adapter, request, metadata=meta, decoder=self.decoder, on_step=on_step)
         if video is not None and self.hook is not None:
             video.metadata["sampler"] = {**video.metadata["sampler"], "bytes_sent_rank0": self.hook.state.bytes_sent}
         return video
+
+
+def runs_in_process(sampler, devices: int) -> bool:
+    """One device and no process group needed: sample in the calling process (AsyncDiff always needs a group)."""
+    return devices == 1 and not isinstance(sampler, AsyncDiffConfig)
 
 
 def load_sampler(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
@@ -83,7 +90,12 @@ def load_sampler(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
         return _load_sequential(rank, spec)
     if isinstance(spec.sampler, AsyncDiffConfig):
         return _load_asyncdiff(rank, spec)
-    raise TypeError(f"sampler must be None (sequential) or an AsyncDiffConfig, got {type(spec.sampler).__name__}")
+    if isinstance(spec.sampler, ParaTAAConfig):
+        from .parataa_run import load_parataa
+
+        return load_parataa(rank, spec)
+    raise TypeError(f"sampler must be None (sequential), an AsyncDiffConfig or a ParaTAAConfig, "
+                    f"got {type(spec.sampler).__name__}")
 
 
 def _load_sequential(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
@@ -149,13 +161,15 @@ class Job:
     motion_adapter: str | None = None
     device: str | None = None
     dtype: str | None = None
-    sampler: AsyncDiffConfig | None = None  # None: sequential sampling
+    sampler: AsyncDiffConfig | ParaTAAConfig | None = None  # None: sequential sampling
     devices: int = 1
     quiet: bool = True  # hide library warnings and loading bars on every rank
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
     scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
     failures: list[str] = field(default_factory=list)  # one line per video that failed
+    # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.resume).
+    make: list[bool] | None = None
 
     def spec(self) -> ModelSpec:
         first = self.requests[0]
@@ -175,9 +189,14 @@ def run_job(job: Job) -> list[Path]:
     others are still made; JobFailed is raised at the end.
     """
     device = resolve_device(job.device)
+    if job.make is None and not launch.launched_externally():
+        job.make = to_make(job.requests, job.targets, job.spec(), overwrite=job.overwrite)
+    if job.make is not None and not any(job.make):
+        _print_skipped(job)
+        return []
     if launch.launched_externally():
         return launch.run(_rank_main, job.devices, device, job, threads=job.threads)
-    if job.sampler is None and job.devices == 1:
+    if runs_in_process(job.sampler, job.devices):
         with launch.cpu_threads(job.threads, device):
             loaded = load_sampler(None, job.spec())
             _check_task(loaded, job)
@@ -191,6 +210,16 @@ def run_job(job: Job) -> list[Path]:
 
 def _rank_main(rank: launch.Rank, job: Job) -> list[Path]:
     """One rank under an outside launcher: every rank samples in lockstep, so a failure ends the job."""
+    import torch.distributed as dist
+
+    # Rank 0 decides what is left to make (other machines may not see the outputs), so every rank skips alike.
+    decided = [to_make(job.requests, job.targets, job.spec(), overwrite=job.overwrite) if rank.rank == 0 else None]
+    dist.broadcast_object_list(decided, src=0)
+    job.make = decided[0]
+    if not any(job.make):
+        if rank.rank == 0:
+            _print_skipped(job)
+        return []
     loaded = load_sampler(rank, job.spec())
     _check_task(loaded, job)
     return _make_all(loaded.generate, job, write=rank.rank == 0, keep_going=False)
@@ -205,7 +234,12 @@ def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = Tru
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     written = []
     with Progress(*columns, transient=True, disable=not (write and sys.stderr.isatty())) as progress:
-        for request, target in zip(job.requests, job.targets):
+        for request, target, make in zip(job.requests, job.targets, job.make or [True] * len(job.requests)):
+            if not make:
+                if write:
+                    progress.console.print(f"skipped {target} (done with the same settings)", markup=False,
+                                           highlight=False, soft_wrap=True)
+                continue
             bar = progress.add_task(target.name, total=request.num_inference_steps)
             try:
                 video = sample(request, on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
@@ -229,6 +263,11 @@ def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = Tru
     if job.failures:
         raise JobFailed(f"{len(job.failures)} of {len(job.requests)} videos failed; the others were written")
     return written
+
+
+def _print_skipped(job: Job) -> None:
+    for target in job.targets:
+        print(f"skipped {target} (done with the same settings)", flush=True)
 
 
 def _check_task(loaded, job: Job) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
 import traceback
 import weakref
@@ -127,8 +128,10 @@ class WorkerPool:
                     elif proc.sentinel in ready:
                         self._fail(rank, self._exit_reason(rank))
                 if first_error and len(replies) < len(self._procs) and time.monotonic() - first_error > ERROR_GRACE_S:
-                    rank = min(errors)  # the others are waiting for it in a collective
-                    self._fail(rank, errors[rank][1])
+                    # The silent ranks wait in a collective (for the failed rank) or are stuck themselves.
+                    silent = min(r for r in range(len(self._procs)) if r not in replies)
+                    failed = min(errors)
+                    self._fail(silent, f"stopped answering; rank {failed} failed: {errors[failed][1]}")
         except BaseException:
             if not self.closed:
                 self.kill()  # an interrupt in the middle of a call: the ranks cannot be stopped half-way
@@ -171,7 +174,13 @@ def _serve(conn, spec, rank: int, world: int, device, port: int, parent_pid: int
             _loop(conn, loaded, rank)
     except BaseException as err:  # report anything, then leave
         _report(conn, err)
-        os._exit(launch.USAGE_EXIT if isinstance(err, UsageError) else 1)
+        code = launch.USAGE_EXIT if isinstance(err, UsageError) else 1
+    else:
+        code = 0
+    # Skip the interpreter's teardown (seconds of freeing modules): nothing is left to write.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _loop(conn, loaded, rank: int) -> None:
