@@ -295,7 +295,8 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
         from asyncvid.sources import preflight
 
         preflight(model, task, requests, motion_adapter=motion_adapter)  # in this process, before any worker starts
-        targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=overwrite)
+        # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
+        targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
                   threads=threads, oversubscribe=oversubscribe, scheduler=scheduler.value if scheduler else None)
