@@ -245,8 +245,8 @@ def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = Tru
                 video = sample(request, on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
                 if video is not None and write:
                     written.append(save_with_sidecar(video, target, job.fmt, overwrite=job.overwrite))
-            except RankFailed:
-                raise  # the pool is gone: nothing more can be made
+            except (RankFailed, UsageError):
+                raise  # the pool is gone, or a bad input or setting that the other videos share
             except Exception as err:
                 if not keep_going:
                     raise

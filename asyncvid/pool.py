@@ -45,21 +45,21 @@ class WorkerPool:
         ctx = mp.get_context("spawn")  # fork would copy the caller's threads and CUDA state
         port = launch.free_port()
         self._conns, self._procs = [], []
-        for rank in range(world_size):
-            ours, theirs = ctx.Pipe()
-            proc = ctx.Process(target=_serve, name=f"asyncvid-rank{rank}", daemon=True,
-                               args=(theirs, spec, rank, world_size, device, port, os.getpid(), threads))
-            proc.start()
-            theirs.close()
-            self._conns.append(ours)
-            self._procs.append(proc)
         # Ends the workers when the pool is closed, garbage-collected, or at interpreter exit (finalize runs atexit).
         self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._conns)
         self.calls = 0
         try:
+            for rank in range(world_size):
+                ours, theirs = ctx.Pipe()
+                proc = ctx.Process(target=_serve, name=f"asyncvid-rank{rank}", daemon=True,
+                                   args=(theirs, spec, rank, world_size, device, port, os.getpid(), threads))
+                self._conns.append(ours)
+                proc.start()
+                self._procs.append(proc)
+                theirs.close()
             self.workers = self._collect(None)  # per rank: pid, load time, task
         except BaseException:
-            self.kill()  # a rank that failed to load has left: the others cannot sample without it
+            self.kill()  # a rank that failed to start or load has left: the others cannot sample without it
             raise
         self.task = self.workers[0]["task"]
 
