@@ -70,7 +70,7 @@ def output_path(out_dir: str | os.PathLike, stem: str, fmt: str) -> Path:
     root = Path(out_dir).resolve()
     name = stem if fmt == "png" else f"{stem}.{fmt}"
     # Stems come from slugify, so this only fails on a bug or a symlink planted in the output folder.
-    if name in ("", ".", "..") or "/" in name or (os.altsep and os.altsep in name) or os.sep in name:
+    if name in ("", ".", "..") or "/" in name or "\x00" in name or (os.altsep and os.altsep in name) or os.sep in name:
         raise UsageError(f"output name {name!r} is not a plain file name; use a name without path separators")
     if (root / name).resolve().parent != root:
         raise UsageError(f"output '{root / name}' resolves outside '{root}'; remove the symlink or use another folder")

@@ -163,6 +163,14 @@ def test_bad_numbers_and_layouts_fail_before_any_process_starts(case, tmp_path):
     assert_empty(tmp_path / "out")
 
 
+def test_more_processes_than_gpus(monkeypatch):
+    from asyncvid.launch import check_device_count
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="--devices 2 needs 2 GPUs but 1 are visible"):
+        check_device_count(2, torch.device("cuda"))
+
+
 def test_debug_shows_the_exception_instead_of_one_line(tmp_path):
     result = invoke("generate", prompt_file(tmp_path), *FAST, "--height", "65", "--debug", "--out", tmp_path / "out")
     assert result.exit_code != 0
@@ -263,7 +271,7 @@ def test_disk_full_while_writing_png_frames(tmp_path, monkeypatch):
     assert_empty(out)
 
 
-# --- with --devices 2: the same one line, from rank 0 before the workers start or from every rank ----------------
+# --- with --devices 2: the same one line, from the checks that run before any worker starts ----------------------
 
 
 @pytest.mark.slow
@@ -274,7 +282,7 @@ def test_disk_full_while_writing_png_frames(tmp_path, monkeypatch):
         (["--model", "bogus-model"], ["'bogus-model'", "not an embedded model"]),
         (["--frames", "100", "--cost", "flops"], ["frames 100", "limit of 32"]),
     ],
-    ids=["checked before the workers start", "checked on every rank", "checked on every rank after loading"],
+    ids=["request value", "model name", "frames past the model's limit (read from its config)"],
 )
 def test_bad_input_with_two_processes_is_still_one_line(tmp_path, options, shown):
     args = ["generate", prompt_file(tmp_path), "--steps", "2", "--frames", "4", *PARALLEL, *options]

@@ -285,3 +285,46 @@ def test_unsupported_pipeline_class_is_refused_by_name(saved_svd, tmp_path):
 def test_unknown_model_name_lists_the_embedded_ones():
     with pytest.raises(UsageError, match=r"'no-such-model' is not an embedded model \(tiny-animatediff, tiny-svd\)"):
         resolve_model("no-such-model")
+
+
+# --- safe loading: safetensors only, never code from the folder --------------------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this calls `open(marker, 'w')`: what a hostile pickle can do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("family", sorted(BUILDERS))
+def test_pickles_beside_safetensors_are_never_read(family, request, tmp_path):
+    import pickle
+
+    folder = copy_of(request.getfixturevalue(f"saved_{family}").folder, tmp_path)
+    marker = tmp_path / "pickle-ran"
+    for component in ("unet", "vae"):
+        (folder / component / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(_RunsCode(marker)))
+    pipe, _, _ = load(folder)
+    assert pipe.unet is not None
+    assert not marker.exists()
+
+
+def test_allow_pickle_loads_pickle_only_weights_with_a_warning(saved_svd, tmp_path):
+    from asyncvid.requests import UsageWarning
+    from asyncvid.sources import check_components
+
+    folder = copy_of(saved_svd.folder, tmp_path)
+    saved_svd.pipe.unet.save_pretrained(folder / "unet", safe_serialization=False)
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(UsageError, match="only as pickle files .* --allow-pickle"):
+        check_components(folder)
+    with pytest.warns(UsageWarning, match=r"loading pickle weights .*unet.* can run code"):
+        check_components(folder, allow_pickle=True)
+    with pytest.raises(OSError):  # safetensors only by default, whatever the caller checked
+        svd.load(folder, dtype=torch.float32)
+    pipe = svd.load(folder, dtype=torch.float32, allow_pickle=True)
+    assert_same_weights(pipe.unet, saved_svd.pipe.unet, "unet")

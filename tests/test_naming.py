@@ -117,7 +117,7 @@ def test_output_stem_and_paths(tmp_path):
         output_stem(-1, "x")
 
 
-@pytest.mark.parametrize("stem", ["..", ".", "", "a/b", "../escape"])
+@pytest.mark.parametrize("stem", ["..", ".", "", "a/b", "../escape", "a\x00b"])
 def test_output_path_refuses_names_that_leave_the_folder(tmp_path, stem):
     with pytest.raises(UsageError, match="not a plain file name"):
         output_path(tmp_path, stem, "png")
@@ -163,3 +163,49 @@ def test_read_prompts_round_trips_any_single_line_prompts(tmp_path_factory, prom
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("\n".join(prompts) + "\n", encoding="utf-8")
     assert read_prompts(path) == [p.strip() for p in prompts]
+
+
+# --- properties: any bytes in, prompts or one refusal out; names that never escape or collide --------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=400) | st.text(max_size=200).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_read_prompts_on_any_bytes_returns_clean_prompts_or_one_usage_error(tmp_path_factory, data):
+    path = tmp_path_factory.mktemp("any") / "prompts.txt"
+    path.write_bytes(data)
+    try:
+        prompts = read_prompts(path)
+    except UsageError as err:  # never another exception: a bad file is the user's to fix
+        message = str(err)
+        assert "\n" not in message and str(path) in message
+        return
+    assert prompts
+    for prompt in prompts:
+        assert prompt == prompt.strip() and prompt and not prompt.startswith("#")
+        assert "\n" not in prompt and "\r" not in prompt and "\x00" not in prompt
+
+
+@settings(max_examples=200, deadline=None)
+@given(prompts=st.lists(st.text(max_size=300), min_size=1, max_size=30), fmt=st.sampled_from(FORMATS))
+def test_outputs_and_sidecars_of_a_batch_never_collide(tmp_path_factory, prompts, fmt):
+    # Same-text prompts, prompts that slug alike ("A cat!" / "a cat?") and empty slugs all get distinct names,
+    # also on case-insensitive file systems, and no sidecar is another video's name.
+    out = tmp_path_factory.getbasetemp()
+    targets = [output_path(out, output_stem(i, p), fmt) for i, p in enumerate(prompts)]
+    names = [t.name for t in targets] + [sidecar_path(t).name for t in targets]
+    assert len({n.lower() for n in names}) == 2 * len(prompts)
+    for target in targets:
+        assert target.parent == out.resolve() and sidecar_path(target).parent == out.resolve()
+        assert len(sidecar_path(target).name.encode()) <= 255  # the usual file-name limit
+
+
+@settings(max_examples=300, deadline=None)
+@given(stem=st.text(max_size=60), fmt=st.sampled_from(FORMATS))
+def test_output_path_of_any_stem_stays_directly_inside_the_folder_or_is_refused(tmp_path_factory, stem, fmt):
+    out = tmp_path_factory.getbasetemp()
+    try:
+        path = output_path(out, stem, fmt)
+    except UsageError:
+        return
+    assert path.parent == out.resolve()
+    assert path.resolve().parent == out.resolve()
