@@ -14,7 +14,6 @@ from typing import Callable
 
 from . import launch
 from .asyncdiff_config import AsyncDiffConfig
-from .parataa_config import ParaTAAConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import UsageError
 from .generate import StepCallback, generate
@@ -90,6 +89,8 @@ def load_sampler(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
         return _load_sequential(rank, spec)
     if isinstance(spec.sampler, AsyncDiffConfig):
         return _load_asyncdiff(rank, spec)
+    from .parataa_config import ParaTAAConfig  # here, so that AsyncDiff and sequential runs never import ParaTAA
+
     if isinstance(spec.sampler, ParaTAAConfig):
         from .parataa_run import load_parataa
 
