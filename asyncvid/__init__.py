@@ -13,6 +13,7 @@ _LAZY = {
     "VideoPipeline": "asyncvid.api",
     "Video": "asyncvid.video",
     "AsyncDiffConfig": "asyncvid.asyncdiff_config",
+    "ParaTAAConfig": "asyncvid.parataa_config",
     "RankFailed": "asyncvid.pool",
     "RequestFailed": "asyncvid.pool",
     "UsageError": "asyncvid.errors",

@@ -16,11 +16,12 @@ from . import launch
 from .asyncdiff_config import AsyncDiffConfig
 from .devices import resolve_device, resolve_dtype
 from .errors import UsageError
-from .jobs import ModelSpec, load_sampler
+from .jobs import ModelSpec, load_sampler, runs_in_process
+from .parataa_config import ParaTAAConfig
 from .requests import ImageToVideo, TextToVideo
 from .video import Video
 
-SAMPLERS = (AsyncDiffConfig,)  # config types a `sampler` may be, besides None (sequential)
+SAMPLERS = (AsyncDiffConfig, ParaTAAConfig)  # config types a `sampler` may be, besides None (sequential)
 
 
 def load(model: str, *, devices: int = 1, sampler: AsyncDiffConfig | None = None, device: str | None = None,
@@ -47,7 +48,7 @@ class VideoPipeline:
         self.devices, self.threads, self._device = devices, threads, torch_device
         self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers
         self._pool = self._loaded = None
-        if sampler is None and devices == 1:
+        if runs_in_process(sampler, devices):
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:

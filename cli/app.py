@@ -14,6 +14,7 @@ import typer
 
 from asyncvid import __version__
 from asyncvid.errors import UsageError
+from asyncvid.parataa_config import ParaTAAConfig
 
 app = typer.Typer(
     help="Generate videos with diffusion models (AnimateDiff, Stable Video Diffusion), sequentially or in parallel.",
@@ -76,9 +77,10 @@ SchedulerOpt = Annotated[Optional[SchedulerName], typer.Option("--scheduler", he
 class Sampler(str, Enum):
     sequential = "sequential"
     asyncdiff = "asyncdiff"
+    parataa = "parataa"
 
 
-SamplerOpt = Annotated[Sampler, typer.Option(help="sequential, or asyncdiff (stage-parallel UNet across --devices).", rich_help_panel="Parallel sampling")]
+SamplerOpt = Annotated[Sampler, typer.Option(help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel="Parallel sampling")]
 Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel="Parallel sampling")]
 Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel="Parallel sampling")]
 Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel="Parallel sampling")]
@@ -90,14 +92,23 @@ WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's we
 CfgParallel = Annotated[bool, typer.Option(help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel="Parallel sampling")]
 Oversubscribe = Annotated[bool, typer.Option(help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel="Parallel sampling")]
 Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
+_PARATAA = ParaTAAConfig()  # the defaults shown in --help
+Order = Annotated[Optional[int], typer.Option(help="ParaTAA: each step's equation unrolls this many sampler steps (1: Jacobi; >= window: Picard) \\[default: the window].", rich_help_panel="ParaTAA")]
+Window = Annotated[Optional[int], typer.Option(help="ParaTAA: steps evaluated per round, in one batch \\[default: all steps].", rich_help_panel="ParaTAA")]
+History = Annotated[int, typer.Option(help="ParaTAA: iterates kept per step for triangular Anderson acceleration (1: plain fixed-point iteration).", rich_help_panel="ParaTAA")]
+Tol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its residual is below this fraction of the sampler's noise scale at that step.", rich_help_panel="ParaTAA")]
+MaxRounds = Annotated[Optional[int], typer.Option(help="ParaTAA: stop after this many rounds, converged or not \\[default: --steps].", rich_help_panel="ParaTAA")]
+Eta = Annotated[float, typer.Option(help="ParaTAA with DDIM: 0 is deterministic; > 0 samples stochastically with all noise drawn up front.", rich_help_panel="ParaTAA")]
 
 
 def _sampler(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str],
-             cfg_parallel: bool, cost: str, weight_cap: float):
+             cfg_parallel: bool, cost: str, weight_cap: float, parataa: dict):
     from asyncvid.asyncdiff_config import AsyncDiffConfig
 
     if sampler is Sampler.sequential:
         return None
+    if sampler is Sampler.parataa:
+        return ParaTAAConfig(**parataa)
     return AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
                            split=tuple(s.strip() for s in split.split(",")) if split else None,
                            cfg_parallel=cfg_parallel, cost=cost, weight_cap=weight_cap)
@@ -132,6 +143,12 @@ def generate(
     split: Split = None,
     cost: CostOpt = "measured",
     weight_cap: WeightCap = 1.0,
+    order: Order = None,
+    window: Window = None,
+    history: History = _PARATAA.history,
+    tol: Tol = _PARATAA.tol,
+    max_rounds: MaxRounds = None,
+    eta: Eta = 0.0,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     debug: Debug = False,
@@ -152,7 +169,8 @@ def generate(
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler,
-         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap))
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
+                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta)))
 
 
 @app.command()
@@ -186,6 +204,11 @@ def i2v(
     split: Split = None,
     cost: CostOpt = "measured",
     weight_cap: WeightCap = 1.0,
+    order: Order = None,
+    window: Window = None,
+    history: History = _PARATAA.history,
+    tol: Tol = _PARATAA.tol,
+    max_rounds: MaxRounds = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     debug: Debug = False,
@@ -210,7 +233,8 @@ def i2v(
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler,
-         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap))
+         sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
+                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds)))
 
 
 class Cost(str, Enum):

@@ -130,3 +130,9 @@ def decode(pipe: AnimateDiffPipeline, latents, request: TextToVideo, start: int,
     video = pipe.decode_latents(latents[:, :, start:stop], DECODE_CHUNK)
     return pipe.video_processor.postprocess_video(video=video, output_type="np")[0]
 
+
+def parataa_problem(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, eta: float = 0.0):
+    """ParaTAA's view of the request (asyncvid.parataa_problem.Problem), prepared as the pipeline prepares it."""
+    from .animatediff_parataa import prepare
+
+    return prepare(pipe, request, generator=generator, eta=eta)

@@ -101,3 +101,9 @@ def decode(pipe: StableVideoDiffusionPipeline, latents, request: ImageToVideo, s
     frames = pipe.decode_latents(latents[:, start:stop], stop - start, chunk)
     return pipe.video_processor.postprocess_video(video=frames, output_type="np")[0]
 
+
+def parataa_problem(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, eta: float = 0.0):
+    """ParaTAA's view of the request (asyncvid.parataa_problem.Problem), prepared as the pipeline prepares it."""
+    from .svd_parataa import prepare
+
+    return prepare(pipe, request, generator=generator, eta=eta)
