@@ -12,7 +12,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 # Long enough per video (many steps) that a signal sent after the first video lands in the middle of the second.
-ARGS = ["--steps", "40", "--frames", "4", "--height", "64", "--width", "64", "--format", "png", "--threads", "1"]
+ARGS = ["--steps", "20", "--frames", "4", "--height", "64", "--width", "64", "--format", "png", "--threads", "1"]
 PARALLEL = ["--sampler", "asyncdiff", "--devices", "2", "--warmup", "2", "--cost", "flops", "--oversubscribe"]
 
 
