@@ -41,7 +41,8 @@ def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: s
 def preflight(model: str, task: str, requests: list, *, motion_adapter: str | None = None,
               allow_pickle: bool = False) -> Path:
     """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
-    in one line from one process: its source, components and weights, its task, and each request's frames."""
+    in one line from one process: its source, components and weights, its task, and each request (frames, and a
+    warning for a prompt longer than the text encoder reads)."""
     from .pipelines import EMBEDDED, adapter_for, materialize  # the pipelines package imports this module
 
     folder = resolve_folder(model, EMBEDDED, materialize)
@@ -54,8 +55,7 @@ def preflight(model: str, task: str, requests: list, *, motion_adapter: str | No
     if motion_adapter is not None:
         motion = resolve_folder(motion_adapter, (), materialize, marker="config.json")
         check_weights(motion, allow_pickle=allow_pickle)
-    for request in requests:
-        adapter.check_folder(folder, request, motion_adapter=motion)
+    adapter.check_folder(folder, requests, motion_adapter=motion)
     return folder
 
 

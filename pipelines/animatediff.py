@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
+from transformers import CLIPTokenizer
 
 from asyncvid.errors import UsageError
 from asyncvid.requests import TextToVideo, UsageWarning
@@ -66,18 +67,24 @@ def _base_class(folder: Path) -> str:
     return json.loads((folder / "model_index.json").read_text())["_class_name"]
 
 
-def check_folder(folder: Path, request: TextToVideo, motion_adapter: Path | None = None) -> None:
-    """The limits `check` applies, read from the configs before any weights load or any process starts."""
+def check_folder(folder: Path, requests: list[TextToVideo], motion_adapter: Path | None = None) -> None:
+    """What `check` checks, from the configs and the tokenizer, before any weights load or any process starts."""
     config = (motion_adapter or folder / "unet") / "config.json"
-    if config.is_file():
-        _check_frames(request, json.loads(config.read_text()).get("motion_max_seq_length"))
+    limit = json.loads(config.read_text()).get("motion_max_seq_length") if config.is_file() else None
+    for request in requests:
+        _check_frames(request, limit)
+    if (folder / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+        for request in requests:
+            _warn_if_truncated(tokenizer, request)
 
 
 def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
     """Limits that depend on the loaded model; a prompt past the text encoder's length is a warning, not an error."""
     _check_frames(request, pipe.unet.config.get("motion_max_seq_length", None))
-    for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
-        _warn_if_truncated(pipe.tokenizer, what, text)
+    # In a process group, the process that started it has checked the prompts (asyncvid.sources.preflight).
+    if not torch.distributed.is_initialized():
+        _warn_if_truncated(pipe.tokenizer, request)
 
 
 def _check_frames(request: TextToVideo, limit: int | None) -> None:
@@ -86,20 +93,20 @@ def _check_frames(request: TextToVideo, limit: int | None) -> None:
         raise UsageError(f"frames {frames} exceed this motion adapter's limit of {limit}; use --frames {limit} or fewer")
 
 
-def _warn_if_truncated(tokenizer, what: str, text: str) -> None:
+def _warn_if_truncated(tokenizer, request: TextToVideo) -> None:
     """The pipeline cuts prompts at the tokenizer's length and says so only in a log line that asyncvid hides."""
-    if not text or (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
-        return  # only rank 0 speaks, as it alone writes
     limit = tokenizer.model_max_length
-    ids = tokenizer(text, truncation=False, verbose=False).input_ids
-    if len(ids) <= limit:
-        return
-    kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).split()  # between BOS and EOS
-    head = text if len(text) <= 40 else text[:40] + "..."
-    warnings.warn(UsageWarning(
-        f"{what} '{head}' is {len(ids)} tokens but the text encoder reads {limit}: everything after "
-        f"'{' '.join(kept[-3:])}' is ignored; shorten it"
-    ), stacklevel=2)
+    for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+        ids = tokenizer(text, truncation=False, verbose=False).input_ids if text else []
+        if len(ids) <= limit:
+            continue
+        kept = tokenizer.decode(ids[1 : limit - 1], skip_special_tokens=True).split()  # between BOS and EOS
+        head = text if len(text) <= 40 else text[:40] + "..."
+        # One place and the same text: Python shows it once per process, however many checks find it.
+        warnings.warn(UsageWarning(
+            f"{what} '{head}' is {len(ids)} tokens but the text encoder reads {limit}: everything after "
+            f"'{' '.join(kept[-3:])}' is ignored; shorten it"
+        ), stacklevel=1)
 
 
 def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):

@@ -53,11 +53,12 @@ def load_image(path: Path) -> Image.Image:
         raise UsageError(f"image '{path}' is corrupt or truncated ({err}); pass a complete PNG or JPEG file") from None
 
 
-def check_folder(folder: Path, request: ImageToVideo, motion_adapter: Path | None = None) -> None:
-    """What can be checked before any weights load: the image opens, and there is no motion adapter."""
+def check_folder(folder: Path, requests: list[ImageToVideo], motion_adapter: Path | None = None) -> None:
+    """What can be checked before any weights load: there is no motion adapter, and every image opens."""
     if motion_adapter is not None:
         raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
-    load_image(request.image)
+    for request in requests:
+        load_image(request.image)
 
 
 def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:

@@ -121,9 +121,11 @@ def test_folder_as_prompt_file(tmp_path):
     assert_empty(tmp_path / "out")
 
 
-def test_too_long_prompt_is_a_warning_and_the_video_is_made(tmp_path):
+@pytest.mark.parametrize("parallel", [[], PARALLEL + ["--cost", "flops"]], ids=["sequential", "2 processes"])
+def test_too_long_prompt_is_one_warning_line_and_the_video_is_made(tmp_path, parallel):
     long_prompt = "a red circle moving left over a blue sky " * 12  # ~110 tokens; CLIP reads 77
-    result = invoke("generate", prompt_file(tmp_path, long_prompt.encode()), *FAST, "--out", tmp_path / "out")
+    result = invoke("generate", prompt_file(tmp_path, long_prompt.encode()), *FAST, *parallel,
+                    "--out", tmp_path / "out")
     assert result.exit_code == 0, result.output
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("warning: prompt 'a red circle"), result.stderr
@@ -287,5 +289,25 @@ def test_disk_full_while_writing_png_frames(tmp_path, monkeypatch):
 def test_bad_input_with_two_processes_is_still_one_line(tmp_path, options, shown):
     args = ["generate", prompt_file(tmp_path), "--steps", "2", "--frames", "4", *PARALLEL, *options]
     result = invoke(*args, "--out", tmp_path / "out")
+    assert_one_line_error(result, *shown)
+    assert_empty(tmp_path / "out")
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+@pytest.mark.parametrize(
+    "options, shown",
+    [(["--model", "bogus-model"], ["'bogus-model'"]), (["--frames", "100"], ["frames 100", "limit of 32"])],
+    ids=["model name", "frames past the model's limit"],
+)
+def test_under_a_launcher_every_rank_fails_alone_before_joining_the_group(rank, options, shown, tmp_path,
+                                                                          monkeypatch):
+    # No MASTER_ADDR: a rank that tried to join the process group would fail differently (or wait for the others).
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = invoke("generate", prompt_file(tmp_path), *FAST, "--sampler", "asyncdiff", *options,
+                    "--out", tmp_path / "out")
     assert_one_line_error(result, *shown)
     assert_empty(tmp_path / "out")

@@ -1,0 +1,85 @@
+"""Same seed and settings give the same PNG frames on the CPU: across separate processes for sequential sampling,
+and across runs for AsyncDiff on 2 processes. (AsyncDiff with --warmup = --steps matching sequential sampling
+bit for bit is tested in test_asyncdiff_cli.py.)"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from asyncvid.cli.app import app
+from asyncvid.video import read_png_frames
+
+pytestmark = pytest.mark.slow
+PROMPTS = "a red circle moving left\n"
+FAST = ["--steps", "2", "--frames", "4", "--format", "png"]
+
+
+def png_outputs(out: Path) -> dict[str, tuple[np.ndarray, list[bytes]]]:
+    """Each output folder's frames, decoded and as the PNG files' bytes."""
+    return {
+        folder.name: (read_png_frames(folder), [f.read_bytes() for f in sorted(folder.glob("frame_*.png"))])
+        for folder in sorted(out.iterdir())
+        if folder.is_dir()
+    }
+
+
+def assert_identical(first: dict, second: dict, count: int) -> None:
+    assert first.keys() == second.keys() and len(first) == count, (sorted(first), sorted(second))
+    for name, (frames, files) in first.items():
+        assert frames.std() > 0, f"{name} is blank"
+        assert np.array_equal(frames, second[name][0]), name
+        assert files == second[name][1], f"{name}: same pixels but different PNG bytes"
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text(PROMPTS)
+    return path
+
+
+def asyncvid_command() -> list[str]:
+    script = Path(sys.executable).with_name("asyncvid")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "asyncvid.cli.app"]
+
+
+def test_sequential_generate_is_identical_across_processes(prompts, tmp_path):
+    # Separate interpreters with different hash seeds: nothing may depend on set order, ids or process state.
+    runs = []
+    for i, hash_seed in enumerate(("1", "2")):
+        out = tmp_path / f"run{i}"
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        proc = subprocess.run([*asyncvid_command(), "generate", str(prompts), *FAST, "--seed", "5", "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        runs.append(png_outputs(out))
+    assert_identical(*runs, count=1)
+
+
+def test_sequential_i2v_is_identical_across_runs(red_circle, tmp_path):
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        result = CliRunner().invoke(app, ["i2v", str(red_circle), *FAST, "--seed", "5", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append(png_outputs(out))
+    assert_identical(*runs, count=1)
+
+
+def test_asyncdiff_on_two_processes_is_identical_across_runs(prompts, tmp_path):
+    # --warmup 1 < --steps 3: the stages really run asynchronously, on stale inputs, and still repeat exactly.
+    # --cost flops: the default split from measured unit times can differ between runs, and the split decides
+    # which inputs are stale (docs/ERRORS.md).
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"run{i}"
+        result = CliRunner().invoke(app, ["generate", str(prompts), *FAST, "--steps", "3", "--sampler", "asyncdiff",
+                                          "--devices", "2", "--warmup", "1", "--cost", "flops", "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        runs.append(png_outputs(out))
+    assert_identical(*runs, count=1)
