@@ -19,8 +19,8 @@ class ParaTAAConfig:
 
     order: int | None = None  # None: the window (every equation unrolls from the window's first step)
     window: int | None = None  # None: all steps
-    history: int = 3
-    tol: float = 0.02
+    history: int = 2
+    tol: float = 0.05
     max_rounds: int | None = None  # None: as many as steps (ParaTAA never needs more)
     eta: float = 0.0  # DDIM's eta; > 0 samples stochastically with noise drawn up front
     regularization: float = 1e-3  # ridge weight of Anderson's least squares, relative to its Gram matrix's scale
@@ -34,7 +34,7 @@ class ParaTAAConfig:
         if self.history < 1:
             raise UsageError(f"history must be at least 1, got {self.history}; use --history 1 (no Anderson) or more")
         if not self.tol > 0:
-            raise UsageError(f"tol must be positive, got {self.tol}; use e.g. --tol 0.02")
+            raise UsageError(f"tol must be positive, got {self.tol}; use e.g. --tol 0.05")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise UsageError(f"max rounds must be at least 1, got {self.max_rounds}; use --max-rounds 1 or more")
         if not 0 <= self.eta <= 1:

@@ -1,0 +1,121 @@
+"""ParaTAA on the embedded models: the prepared problem is the pipeline's, the solver converges to the pipeline's
+sample, two ranks give one rank's result, and the CLI runs it and records the rounds."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from asyncvid import launch
+from asyncvid.generate import to_uint8
+from asyncvid.measure import psnr
+from asyncvid.parataa_config import ParaTAAConfig
+from asyncvid.parataa_run import sample
+from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.trajectory import sample_sequential
+
+SAMPLES = Path(__file__).parent.parent / "samples"
+STEPS = 10
+
+
+def request_for(model, steps=STEPS):
+    if model == "tiny-animatediff":
+        return TextToVideo("a red circle moving left", num_frames=4, num_inference_steps=steps, seed=3)
+    return ImageToVideo(SAMPLES / "red_circle.png", num_frames=4, num_inference_steps=steps, seed=3)
+
+
+def load(model):
+    from asyncvid.pipelines import load_pipeline
+
+    pipe, adapter, _ = load_pipeline(model, device=torch.device("cpu"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, adapter
+
+
+def frames(pipe, adapter, latents, request):
+    with torch.inference_mode():
+        return to_uint8(adapter.decode(pipe, latents.float(), request, 0, latents.shape[adapter.FRAME_DIM]))
+
+
+def pipeline_latents(pipe, adapter, request):
+    with torch.inference_mode():
+        return adapter.call(pipe, request, generator=torch.Generator().manual_seed(request.seed), callback=None,
+                            output_type="latent")
+
+
+@pytest.fixture(scope="module", params=["tiny-animatediff", "tiny-svd"])
+def model(request):
+    return (request.param, *load(request.param))
+
+
+def test_problem_is_the_pipelines_own(model):
+    """The sequential sampler over the prepared problem reproduces the pipeline's loop (same noise, same steps).
+
+    Two steps: a random tiny SVD amplifies float rounding over many steps (1 vs 2 CPU threads differ by 3%).
+    """
+    name, pipe, adapter = model
+    request = request_for(name, steps=2)
+    want = pipeline_latents(pipe, adapter, request)
+    with torch.inference_mode():
+        problem = adapter.parataa_problem(pipe, request, generator=torch.Generator().manual_seed(request.seed))
+        got = sample_sequential(problem.x0, problem.trajectory, problem.direction())
+    assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
+
+
+def test_converged_output_matches_sequential(model):
+    """At the default tolerance; docs/PARATAA.md has 25 and 50 steps."""
+    name, pipe, adapter = model
+    steps = STEPS
+    request = request_for(name, steps)
+    want = frames(pipe, adapter, pipeline_latents(pipe, adapter, request), request)
+    latents, solution, branches = sample(pipe, adapter, request, ParaTAAConfig())
+    assert solution.converged and len(solution.rounds) < steps
+    assert psnr(frames(pipe, adapter, latents, request), want) >= 40
+
+
+def _two_rank_sample(rank, name, request, config):
+    from asyncvid.jobs import quiet_libraries
+
+    quiet_libraries()
+    pipe, adapter = load(name)
+    latents, solution, _ = sample(pipe, adapter, request, config, rank=rank)
+    return latents, [(r.lo, r.hi, r.final) for r in solution.rounds]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-animatediff", "tiny-svd"])
+def test_two_ranks_give_one_ranks_result(name):
+    request, config = request_for(name), ParaTAAConfig(window=5)
+    one = launch.run(_two_rank_sample, 1, torch.device("cpu"), name, request, config, threads=1)
+    two = launch.run(_two_rank_sample, 2, torch.device("cpu"), name, request, config, threads=1)
+    assert one[1] == two[1]  # the same rounds, windows and final steps
+    # Each rank's share is a smaller batch than one rank's, which CPU kernels may round differently.
+    assert torch.allclose(one[0], two[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_cli_parataa_records_rounds_in_the_sidecar(tmp_path):
+    from typer.testing import CliRunner
+
+    from asyncvid.cli.app import app
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    common = ["generate", str(prompts), "--steps", "8", "--frames", "4", "--format", "png", "--threads", "1"]
+    result = CliRunner().invoke(app, [*common, "--sampler", "parataa", "--devices", "2", "--window", "4",
+                                      "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    sidecar = json.loads(next((tmp_path / "p").glob("*.json")).read_text())
+    record = sidecar["parataa"]
+    assert record["rounds"] == len(record["per_round"]) and record["converged"]
+    assert record["model_evaluations"] >= record["sequential_evaluations"]
+    assert sidecar["sampler"]["name"] == "parataa" and sidecar["sampler"]["devices"] == 2
+    result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    from asyncvid.video import read_png_frames
+
+    got = read_png_frames(next(p for p in (tmp_path / "p").iterdir() if p.is_dir()))
+    want = read_png_frames(next(p for p in (tmp_path / "s").iterdir() if p.is_dir()))
+    assert psnr(np.asarray(got), np.asarray(want)) >= 40
