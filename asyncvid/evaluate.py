@@ -1,0 +1,75 @@
+"""Score videos for adherence: `python -m asyncvid.evaluate OUTPUT_FOLDER` reads each output and its sidecar
+(the prompt, or the conditioning image) and prints colour, shape and direction scores (asyncvid.adherence)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import numpy as np
+import typer
+
+from .adherence import score_image_video, score_video, summarize
+from .errors import UsageError
+
+
+def read_frames(path: Path) -> np.ndarray:
+    """uint8 (frames, H, W, 3) from an MP4 or GIF file, or a folder of PNG frames."""
+    if path.is_dir():
+        from .video import read_png_frames
+        return read_png_frames(path)
+    import av
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def score_output(sidecar: Path) -> dict:
+    """The score of the output a sidecar describes (text-to-video: against its prompt; image-to-video: its image)."""
+    meta = json.loads(sidecar.read_text())
+    frames = read_frames(sidecar.parent / meta["output"])
+    if meta.get("task") == "image-to-video":
+        from PIL import Image
+        with Image.open(meta["image"]) as im:
+            image = np.asarray(im.convert("RGB"))
+        return {"output": meta["output"], "image": meta["image"], **score_image_video(frames, image)}
+    return {"output": meta["output"], **score_video(frames, meta["prompt"])}
+
+
+def score_folder(folder: Path) -> tuple[list[dict], dict]:
+    """Scores of every output in a folder that has a sidecar, and their summary (percentages)."""
+    folder = Path(folder)
+    sidecars = sorted(p for p in folder.glob("*.json") if "output" in json.loads(p.read_text()))
+    if not sidecars:
+        raise UsageError(f"no outputs with sidecars in '{folder}'; point at a folder written by `asyncvid generate`")
+    scores = [score_output(p) for p in sidecars]
+    return scores, summarize(scores)
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def main(
+    folder: Annotated[Path, typer.Argument(help="Output folder of `asyncvid generate` or `asyncvid i2v`.")],
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write per-video scores and the summary here.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Print every video's reading.")] = False,
+):
+    """Print the share of videos showing the asked colour, shape and direction."""
+    try:
+        scores, summary = score_folder(folder)
+    except UsageError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+    if verbose:
+        for s in scores:
+            ok = "".join("x" if s[k] else "." for k in ("colour", "shape", "direction"))
+            typer.echo(f"{ok}  {s['output']}  seen {s['seen']}")
+    typer.echo(f"{summary['videos']} videos: colour {summary['colour']}%, shape {summary['shape']}%, "
+               f"direction {summary['direction']}%")
+    if json_out:
+        json_out.write_text(json.dumps({"summary": summary, "videos": scores}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,60 @@
+"""The adherence evaluator reads colour, shape and direction right on ground-truth clips and wrong on others."""
+
+from pathlib import Path
+
+import json
+
+import numpy as np
+import pytest
+
+from asyncvid.adherence import implied_direction, read_video, score_image_video, score_video, summarize
+from asyncvid.clips import Caption, all_captions, render
+from asyncvid.evaluate import score_folder
+from asyncvid.video import write_json_atomic, write_mp4
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+@pytest.mark.parametrize("num_frames", [8, 16])
+def test_ground_truth_clips_score_full_marks(num_frames):
+    scores = [score_video(render(c, seed, num_frames), c.text) for seed in range(2) for c in all_captions()]
+    assert summarize(scores) == {"videos": len(scores), "colour": 100.0, "shape": 100.0, "direction": 100.0}
+
+
+def test_a_clip_of_something_else_scores_zero_on_what_differs():
+    clip = render(Caption("blue", "triangle", "up"), 0)
+    s = score_video(clip, "a red circle moving down")
+    assert (s["colour"], s["shape"], s["direction"]) == (0.0, 0.0, 0.0)
+    assert s["seen"]["colour"] == "blue" and s["seen"]["direction"] == "up"
+
+
+def test_still_or_empty_videos_have_no_direction():
+    clip = render(Caption("red", "circle", "left"), 0)
+    assert read_video(np.repeat(clip[:1], 8, axis=0)).direction is None
+    empty = read_video(np.full((8, 64, 64, 3), 128, np.uint8))
+    assert (empty.colour, empty.direction, empty.present) == (None, None, 0.0)
+
+
+def test_image_to_video_scores_motion_implied_by_the_first_frame():
+    for c in all_captions()[::5]:
+        clip = render(c, 1, 8)
+        assert implied_direction(clip[0]) == c.direction
+        s = score_image_video(clip, clip[0])
+        assert (s["colour"], s["shape"], s["direction"]) == (1.0, 1.0, 1.0)
+        assert score_image_video(clip[::-1], clip[0])["direction"] == 0.0  # played backwards: wrong way
+
+
+def test_sample_image_implies_motion_to_the_right():
+    from PIL import Image
+    assert implied_direction(np.asarray(Image.open(SAMPLES / "red_circle.png").convert("RGB"))) == "right"
+
+
+def test_score_folder_reads_mp4_outputs_and_their_sidecars(tmp_path):
+    for i, c in enumerate(all_captions()[:3]):
+        write_mp4(render(c, i), 8, tmp_path / f"{i:03d}.mp4")
+        write_json_atomic({"output": f"{i:03d}.mp4", "task": "text-to-video", "prompt": c.text},
+                          tmp_path / f"{i:03d}.json")
+    (tmp_path / "notes.json").write_text(json.dumps({"other": 1}))  # not a sidecar: ignored
+    scores, summary = score_folder(tmp_path)
+    assert [s["output"] for s in scores] == ["000.mp4", "001.mp4", "002.mp4"]
+    assert summary == {"videos": 3, "colour": 100.0, "shape": 100.0, "direction": 100.0}

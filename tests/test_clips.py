@@ -1,0 +1,55 @@
+"""Procedural clips: deterministic by seed, held-out prompts disjoint from training, grammar round trip."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asyncvid.clips import (
+    COLOURS, DIRECTIONS, SHAPES, Caption, all_captions, heldout_captions, render, training_captions,
+)
+from asyncvid.naming import read_prompts
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def test_same_seed_same_clip_and_other_seed_other_clip():
+    c = Caption("red", "circle", "left")
+    a, b = render(c, 3, 8), render(c, 3, 8)
+    assert a.shape == (8, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, render(c, 4, 8))
+
+
+def test_heldout_prompts_are_never_trained_on_yet_every_word_pair_is():
+    held, train = heldout_captions(), training_captions()
+    assert len(held) == len(set(held)) == 50
+    assert not set(held) & set(train)
+    assert len(held) + len(train) == len(COLOURS) * len(SHAPES) * len(DIRECTIONS)
+    for a, b in (("colour", "shape"), ("colour", "direction"), ("shape", "direction")):
+        pairs = {(getattr(c, a), getattr(c, b)) for c in all_captions()}
+        assert {(getattr(c, a), getattr(c, b)) for c in train} == pairs
+
+
+def test_sample_prompt_files_use_the_caption_grammar():
+    held = read_prompts(SAMPLES / "heldout_prompts.txt")
+    assert [Caption.parse(p) for p in held] == heldout_captions()
+    for p in read_prompts(SAMPLES / "prompt.txt"):
+        Caption.parse(p)
+
+
+def test_caption_grammar_round_trip_and_errors():
+    assert Caption.parse("A Blue Square moving up").text == "a blue square moving up"
+    with pytest.raises(ValueError, match="'teal' is not one of"):
+        Caption.parse("a teal circle moving left")
+    with pytest.raises(ValueError, match="is not of the form"):
+        Caption.parse("a circle")
+
+
+@pytest.mark.parametrize("direction", list(DIRECTIONS))
+def test_the_shape_moves_the_captioned_way(direction):
+    clip = render(Caption("green", "square", direction), 0, 16).astype(float)
+    masks = np.abs(clip - clip[:, :1, :1]).sum(-1) > 60  # far from the corner colour
+    (y0, x0), (y1, x1) = (np.argwhere(masks[i]).mean(0) for i in (0, -1))
+    dx, dy = DIRECTIONS[direction]
+    assert np.sign(round(x1 - x0)) == dx and np.sign(round(y1 - y0)) == dy
