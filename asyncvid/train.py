@@ -1,0 +1,145 @@
+"""Train the embedded models: `python -m asyncvid.train all` (or one stage: vae, animatediff, svd, export).
+
+Each stage resumes from its checkpoint in the work folder; --fresh starts over. Stages after the VAEs need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+Workdir = Annotated[Optional[Path], typer.Option(help="Checkpoints and trained parts \\[default: $ASYNCVID_HOME/training].")]
+Minutes = Annotated[float, typer.Option(help="Wall-clock budget of this stage.")]
+MaxSteps = Annotated[int, typer.Option("--steps", help="Step budget of this stage (whichever of steps and minutes ends first).")]
+Batch = Annotated[int, typer.Option(help="Clips (or frames, for the AnimateDiff VAE) per step.")]
+Seed = Annotated[int, typer.Option(help="Seed of data, initial weights and batches.")]
+Threads = Annotated[int, typer.Option(help="CPU threads (torch.set_num_threads).")]
+Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and start over.")]
+Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
+
+
+def _workdir(workdir: Path | None) -> Path:
+    if workdir is not None:
+        return workdir
+    from asyncvid.pipelines.embedded import cache_root
+    return cache_root() / "training"
+
+
+def _config(workdir, stage, **kw):
+    from asyncvid.training.loop import TrainConfig
+    return TrainConfig(workdir=_workdir(workdir) / stage, resume=not kw.pop("fresh"), **kw)
+
+
+def _trained(workdir: Path | None, stage: str, cls):
+    folder = _workdir(workdir) / stage / "final"
+    if not (folder / "config.json").is_file():
+        raise typer.BadParameter(f"no trained {stage} in {folder}; run `python -m asyncvid.train {stage}` first")
+    return cls.from_pretrained(folder)
+
+
+@app.command()
+def vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 16, seed: Seed = 0,
+        threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
+    """AnimateDiff's AutoencoderKL on single frames."""
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.loop import train
+    from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
+    config = _config(workdir, "vae", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr, ema=0.99)
+    model = build_tiny_animatediff(seed).vae
+    log = train(model, vae_loss_fn(model, temporal=False, clips_per_caption=clips, seed=seed), config, name="vae")
+    log["scaling_factor"] = set_scaling_factor(model)
+    _finish(model, config, log)
+
+
+@app.command("svd-vae")
+def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 2, seed: Seed = 0,
+            threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
+    """SVD's AutoencoderKLTemporalDecoder on 8-frame clips (experimental: the shipped tiny-svd uses `vae`)."""
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.loop import train
+    from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
+    config = _config(workdir, "svd-vae", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr, ema=0.99)
+    model = build_tiny_svd(seed).vae
+    log = train(model, vae_loss_fn(model, temporal=True, clips_per_caption=clips, seed=seed), config, name="svd-vae")
+    log["scaling_factor"] = set_scaling_factor(model)
+    _finish(model, config, log)
+
+
+@app.command()
+def animatediff(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 4,
+                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 24, lr: float = 5e-4):
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the frozen tiny CLIP text encoder."""
+    from diffusers import AutoencoderKL
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+    from asyncvid.training.loop import train
+    pipe = build_tiny_animatediff(seed)
+    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr)
+    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed)
+    _finish(pipe.unet, config, train(pipe.unet, loss, config, name="animatediff"))
+
+
+@app.command()
+def svd(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 8,
+        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 24, lr: float = 5e-4):
+    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames.
+
+    It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
+    (`svd-vae`) did not reach usable colours in the CPU budget.
+    """
+    from diffusers import AutoencoderKL
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.loop import train
+    from asyncvid.training.svd import svd_loss_fn
+    pipe = build_tiny_svd(seed)
+    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr)
+    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed)
+    _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
+
+
+@app.command()
+def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option(help="\\[default: the package's pipelines/weights].")] = None,
+           scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None):
+    """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
+    from asyncvid.training.export import export_all
+    root = _workdir(workdir)
+    card_scores = json.loads(scores.read_text()) if scores else {}
+    for folder in export_all(root, dest, card_scores):
+        typer.echo(f"wrote {folder}")
+
+
+@app.command("all")
+def all_stages(workdir: Workdir = None, seed: Seed = 0, threads: Threads = 1,
+               minutes: Annotated[float, typer.Option(help="Budget of each UNet; each VAE gets a third.")] = 25.0):
+    """The shipped models' stages in order (vae, animatediff, svd), then export."""
+    vae(workdir=workdir, minutes=minutes / 3, seed=seed, threads=threads)
+    animatediff(workdir=workdir, minutes=minutes, seed=seed, threads=threads)
+    svd(workdir=workdir, minutes=minutes, seed=seed, threads=threads)
+    export(workdir=workdir, dest=None, scores=None)
+
+
+def _finish(model, config, log) -> None:
+    model.save_pretrained(config.workdir / "final")
+    (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
+    typer.echo(f"{log['name']}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

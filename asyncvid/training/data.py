@@ -1,0 +1,44 @@
+"""Procedural clips as tensors, and the same clips encoded once by a trained VAE (the UNets train on latents)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from asyncvid.clips import Caption, render, training_captions
+
+
+def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
+    """One clip as (frames, 3, 64, 64) floats in [-1, 1], the VAEs' input range."""
+    frames = torch.from_numpy(render(caption, seed, num_frames)).float()
+    return frames.permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def clip_set(clips_per_caption: int, num_frames: int, seed: int) -> tuple[list[Caption], torch.Tensor]:
+    """Training captions x seeds: the captions (one per clip) and (clips, frames, 3, 64, 64)."""
+    captions = [c for c in training_captions() for _ in range(clips_per_caption)]
+    seeds = [seed * 1_000_003 + i for i in range(len(captions))]
+    return captions, torch.stack([clip_tensor(c, s, num_frames) for c, s in zip(captions, seeds)])
+
+
+def object_weight(images: torch.Tensor, gain: float = 9.0) -> torch.Tensor:
+    """Per-pixel loss weight 1 + gain on the object: the shape covers ~5% of a frame but carries what is scored."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    far = (images - background).abs().amax(dim=-3, keepdim=True) > 0.15
+    return 1.0 + gain * far.float()
+
+
+@torch.no_grad()
+def encode_frames(vae, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """Latent means of (N, 3, 64, 64) frames, scaled by the VAE's scaling factor, in chunks."""
+    out = [vae.encode(frames[i:i + chunk]).latent_dist.mean for i in range(0, len(frames), chunk)]
+    return torch.cat(out) * vae.config.scaling_factor
+
+
+def pick(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+    """`batch` random indices in [0, n)."""
+    return torch.randint(0, n, (batch,), generator=generator)
+
+
+__all__ = ["clip_set", "clip_tensor", "encode_frames", "np", "object_weight", "pick"]

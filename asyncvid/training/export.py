@@ -1,0 +1,103 @@
+"""The trained parts as shipped pipeline folders: float16 safetensors (the package stays small) and a model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from asyncvid.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
+
+NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
+
+
+def default_dest() -> Path:
+    """pipelines/weights inside the installed package (asyncvid.pipelines)."""
+    import asyncvid.pipelines
+    return Path(asyncvid.pipelines.__file__).parent / "weights"
+
+
+def assemble_animatediff(root: Path):
+    """The tiny AnimateDiff pipeline with the trained VAE and UNet; text encoder and tokenizer as built (frozen)."""
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    base = build_tiny_animatediff()
+    # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
+    return AnimateDiffPipeline(
+        unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
+        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"), text_encoder=base.text_encoder,
+        tokenizer=base.tokenizer, scheduler=base.scheduler,
+    )
+
+
+def assemble_svd(root: Path):
+    """The tiny SVD pipeline with the trained VAE and UNet; the CLIP vision tower as built (frozen)."""
+    from diffusers import AutoencoderKL, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    base = build_tiny_svd()
+    return StableVideoDiffusionPipeline(
+        unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
+        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.train svd --help`
+        image_encoder=base.image_encoder, scheduler=base.scheduler, feature_extractor=base.feature_extractor,
+    )
+
+
+def export_all(root: Path, dest: Path | None = None, scores: dict | None = None) -> list[Path]:
+    """Write tiny-animatediff and tiny-svd under `dest`, each replaced whole (written aside, then renamed)."""
+    dest = Path(dest or default_dest())
+    dest.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stage, assemble, vae_stage in (("animatediff", assemble_animatediff, "vae"), ("svd", assemble_svd, "vae")):
+        name = NAMES[stage]
+        pipe = assemble(root).to(dtype=torch.float16)
+        logs = {s: json.loads((root / s / "train_log.json").read_text()) for s in (vae_stage, stage)}
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
+        target = dest / name
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+        written.append(target)
+    return written
+
+
+def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
+    """A short card: what the model is, what it saw, how it was trained and how well it follows prompts."""
+    unet = pipe.unet
+    params = sum(p.numel() for p in unet.parameters())
+    lines = [
+        f"# {name}", "",
+        "A tiny model trained on procedural clips, so that asyncvid's embedded default shows the prompt as motion and "
+        "parallel samplers can be scored for what they cost in quality. Not a general video model.", "",
+        "## Training data", "",
+        f"Clips from `asyncvid.clips` (64x64): one shape ({', '.join(SHAPES)}) in one of {len(COLOURS)} colours "
+        f"({', '.join(COLOURS)}) moving {', '.join(DIRECTIONS)} over a plain, striped or graded background. "
+        f"Trained on {len(training_captions())} of the {len(training_captions()) + len(heldout_captions())} "
+        "caption combinations; the other 50 are held out (`samples/heldout_prompts.txt`).", "",
+        "## Model", "",
+        f"- UNet: `{type(unet).__name__}`, block_out_channels {list(unet.config.block_out_channels)}, "
+        f"{unet.config.layers_per_block} layers per block, {params / 1e6:.2f}M parameters",
+        f"- VAE: `{type(pipe.vae).__name__}`, scaling factor {pipe.vae.config.scaling_factor}",
+        "- Weights stored in float16; asyncvid loads them in the run's dtype.", "",
+        "## Training", "",
+        "`python -m asyncvid.train all` (or the stages `vae`, `svd-vae`, `animatediff`, `svd`, `export`); "
+        "see docs/MODELS.md.", "",
+        "| stage | steps | minutes | final loss (mean of last 100) | batch | lr | seed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for stage, log in logs.items():
+        cfg = log["config"]
+        lines.append(f"| {stage} | {log['steps']} | {log['minutes']} | {log['final_loss']} | {cfg['batch']} | "
+                     f"{cfg['lr']} | {cfg['seed']} |")
+    lines += ["", "## Adherence", ""]
+    if scores:
+        lines.append(scores["text"] if "text" in scores else json.dumps(scores))
+    else:
+        lines.append("Not scored yet; run `python -m asyncvid.evaluate` on generated outputs.")
+    return "\n".join(lines) + "\n"

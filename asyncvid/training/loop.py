@@ -1,0 +1,115 @@
+"""One training loop for every model: seeded, resumable from its last checkpoint, bounded by steps or minutes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class TrainConfig:
+    """Budget and optimiser settings of one run; the run stops at `steps` or after `minutes`, whichever is first."""
+
+    workdir: Path
+    steps: int = 100_000
+    minutes: float = 25.0
+    batch: int = 8
+    lr: float = 5e-4
+    warmup: int = 50
+    seed: int = 0
+    threads: int = 1
+    ema: float = 0.995
+    checkpoint_every: int = 100
+    resume: bool = True
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        if self.steps < 1 or self.minutes <= 0:
+            raise ValueError(f"steps ({self.steps}) and minutes ({self.minutes}) must be positive; raise the budget")
+        if self.batch < 1:
+            raise ValueError(f"batch must be at least 1, got {self.batch}")
+        if not 0 <= self.ema < 1:
+            raise ValueError(f"ema decay must be in [0, 1), got {self.ema}; 0 turns averaging off")
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.workdir / "checkpoint.pt"
+
+
+LossFn = Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor]  # (model, batch size, generator) -> loss
+
+
+def train(model: torch.nn.Module, loss_fn: LossFn, config: TrainConfig, *, name: str) -> dict:
+    """Optimise `model` in place with AdamW on `loss_fn`; returns the log. The averaged (EMA) weights are copied
+    into `model` at the end. The checkpoint holds weights, averages, optimiser, step and generator state."""
+    torch.set_num_threads(config.threads)
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    average = copy.deepcopy(model).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    step, seconds, losses = 0, 0.0, []
+    if config.resume and config.checkpoint.is_file():
+        state = torch.load(config.checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        average.load_state_dict(state["average"])
+        opt.load_state_dict(state["opt"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, seconds, losses = state["step"], state["seconds"], state["losses"]
+    model.train()
+    start = time.perf_counter() - seconds
+    columns = (TextColumn(f"[bold]{name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]:.4f}"))
+    with Progress(*columns) as bar:
+        task = bar.add_task(name, total=config.steps, completed=step, loss=float("nan"))
+        while step < config.steps and time.perf_counter() - start < config.minutes * 60:
+            for group in opt.param_groups:
+                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+            loss = loss_fn(model, config.batch, generator)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            step += 1
+            decay = min(config.ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for a, p in zip(average.parameters(), model.parameters()):
+                    a.lerp_(p.detach(), 1 - decay)
+            losses.append(loss.item())
+            recent = losses[-50:]
+            bar.update(task, completed=step, loss=sum(recent) / len(recent))
+            if step % config.checkpoint_every == 0:
+                bar.console.log(f"{name} step {step} loss {sum(recent) / len(recent):.4f}")
+                _save(config, model, average, opt, generator, step, time.perf_counter() - start, losses)
+    seconds = time.perf_counter() - start
+    _save(config, model, average, opt, generator, step, seconds, losses)
+    model.load_state_dict(average.state_dict())
+    model.eval()
+    log = {"name": name, "steps": step, "minutes": round(seconds / 60, 2), "final_loss": _mean_tail(losses),
+           "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
+    (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
+    return log
+
+
+def _mean_tail(losses: list[float], n: int = 100) -> float | None:
+    tail = losses[-n:]
+    return round(sum(tail) / len(tail), 5) if tail else None
+
+
+def _save(config, model, average, opt, generator, step, seconds, losses) -> None:
+    """Write the checkpoint next to the old one and rename, so an interrupted save never loses the last one."""
+    state = {"model": model.state_dict(), "average": average.state_dict(), "opt": opt.state_dict(),
+             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
+             "seconds": seconds, "losses": losses}
+    tmp = config.checkpoint.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(config.checkpoint)
