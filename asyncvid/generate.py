@@ -11,7 +11,7 @@ import torch
 
 from .video import Video
 
-StepCallback = Callable[[int, int], None]  # (steps done, steps total)
+StepCallback = Callable[..., None]  # (steps done, steps total[, note: what the sampler is doing, e.g. its round])
 
 
 def package_versions() -> dict[str, str]:

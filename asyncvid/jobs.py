@@ -243,7 +243,8 @@ def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = Tru
                 continue
             bar = progress.add_task(target.name, total=request.num_inference_steps)
             try:
-                video = sample(request, on_step=lambda done, total, bar=bar: progress.update(bar, completed=done))
+                video = sample(request, on_step=lambda done, total, note="", bar=bar, name=target.name:
+                               progress.update(bar, completed=done, description=f"{name} {note}".rstrip()))
                 if video is not None and write:
                     written.append(save_with_sidecar(video, target, job.fmt, overwrite=job.overwrite))
             except (RankFailed, UsageError):

@@ -69,9 +69,12 @@ def _generate(rank, loaded, request, on_step=None) -> Video | None:
 
     config, steps = loaded.spec.sampler, request.num_inference_steps
 
+    rounds = []
+
     def on_round(r: Round) -> None:
+        rounds.append(r)
         if on_step is not None:
-            on_step(r.final, steps)
+            on_step(r.final, steps, f"round {len(rounds)}, residual {r.residual:.2g}")
 
     start = time.perf_counter()
     latents, solution, branches = sample(loaded.pipe, loaded.adapter, request, config, rank=rank, on_round=on_round)

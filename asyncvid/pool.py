@@ -184,8 +184,8 @@ def _serve(conn, spec, rank: int, world: int, device, port: int, parent_pid: int
 
 
 def _loop(conn, loaded, rank: int) -> None:
-    def step(done, total):
-        conn.send(("step", (done, total)))
+    def step(done, total, note=""):
+        conn.send(("step", (done, total, note)))
 
     while True:
         try:

@@ -119,3 +119,11 @@ def test_cli_parataa_records_rounds_in_the_sidecar(tmp_path):
     got = read_png_frames(next(p for p in (tmp_path / "p").iterdir() if p.is_dir()))
     want = read_png_frames(next(p for p in (tmp_path / "s").iterdir() if p.is_dir()))
     assert psnr(np.asarray(got), np.asarray(want)) >= 40
+
+
+def test_same_seed_same_result(model):
+    """Deterministic on CPU: the same seed and settings give identical latents, run after run."""
+    name, pipe, adapter = model
+    request = request_for(name, steps=6)
+    first = sample(pipe, adapter, request, ParaTAAConfig())[0]
+    assert torch.equal(first, sample(pipe, adapter, request, ParaTAAConfig())[0])
