@@ -332,7 +332,9 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
         raise typer.Exit(2)
     except KeyboardInterrupt:  # the workers are already gone and no partial file is left
         typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)  # now: freeing torch's modules at interpreter exit takes seconds
     except RuntimeError as err:  # a rank died (RankFailed) or some videos failed (JobFailed)
         from asyncvid.jobs import JobFailed
         from asyncvid.pool import RankFailed
