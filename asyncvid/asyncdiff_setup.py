@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .asyncdiff_config import AsyncDiffConfig, Layout
+from .cost_cache import cached, key
 from .costs import UnitProfile, fake_profile, measure_times
 from .errors import UsageError
 from .plan import Plan, make_plan
@@ -115,7 +116,11 @@ def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
     on the weights' values), on `device` in `dtype`."""
     model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
     args, kwargs = example(model)
-    return measure_times(family.build_program(model), tuple(_to(a, device, dtype) for a in args), kwargs)
+    args = tuple(_to(a, device, dtype) for a in args)
+    shapes = [list(a.shape) if torch.is_tensor(a) else a for a in (*args, *kwargs.values())]
+    # Measured once per machine and shape, then reused: the same split on every rerun gives the same frames.
+    return cached(key(dict(unet.config), shapes, device, dtype),
+                  lambda: measure_times(family.build_program(model), args, kwargs))
 
 
 def _measured_costs(unet, family, example, device, dtype, rank, group, units: int) -> list[float]:

@@ -1,0 +1,36 @@
+"""Measured unit times are kept per machine and shape, so reruns pick the same AsyncDiff split."""
+
+import torch
+
+from asyncvid.cost_cache import cache_dir, cached, key
+
+
+def test_measured_once_then_reused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYNCVID_HOME", str(tmp_path))
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return [0.5, 1.5]
+
+    name = key({"block_out_channels": [32, 64]}, [[1, 4, 8, 8]], torch.device("cpu"), torch.float32)
+    assert cached(name, measure) == [0.5, 1.5]
+    assert cached(name, lambda: [9.0, 9.0]) == [0.5, 1.5] and len(calls) == 1
+    assert (cache_dir() / f"{name}.json").is_file()
+
+
+def test_key_depends_on_shape_and_config():
+    cpu, f32 = torch.device("cpu"), torch.float32
+    base = key({"a": 1}, [[1, 4, 8, 8]], cpu, f32)
+    assert base == key({"a": 1, "_diffusers_version": "x"}, [[1, 4, 8, 8]], cpu, f32)
+    assert base != key({"a": 1}, [[1, 4, 16, 16]], cpu, f32)
+    assert base != key({"a": 2}, [[1, 4, 8, 8]], cpu, f32)
+    assert base != key({"a": 1}, [[1, 4, 8, 8]], cpu, torch.float16)
+
+
+def test_unreadable_cache_is_measured_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("ASYNCVID_HOME", str(tmp_path))
+    (cache_dir()).mkdir(parents=True)
+    (cache_dir() / "k.json").write_text("not json")
+    assert cached("k", lambda: [2.0]) == [2.0]
+    assert cached("k", lambda: [3.0]) == [2.0]
