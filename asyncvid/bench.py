@@ -1,9 +1,10 @@
-"""`python -m asyncvid.bench`: AsyncDiff's denoising loop against sequential sampling, side by side in one run.
+"""`asyncvid bench` (or `python -m asyncvid.bench`): parallel samplers against sequential sampling on one model and
+the same seed, side by side, with a cost model that projects them to more devices and to full-size UNets.
 
-Sequential runs with 1 thread and with every core; AsyncDiff runs N=2 stages with one process per core. Each row:
-median loop time of 3 runs after a warm-up run, speedup against both baselines, PSNR against the same-seed
-sequential output (1 thread, as each rank has), bytes sent per step, and the share of UNet weights per rank.
-Writes docs/BENCHMARKS.md and docs/benchmarks.json.
+Each configuration runs in a fresh process: a warm-up run, then the median of `repeats` runs. Rows hold loop and
+end-to-end times, speedups against sequential sampling on 1 thread (one device-equivalent) and on every core, peak
+memory and bytes sent per rank, PSNR and SSIM against the same-seed sequential output, ParaTAA's rounds, and the cost
+model's prediction. Writes docs/benchmarks.json, docs/BENCHMARKS.md and PNG plots.
 """
 
 from __future__ import annotations
@@ -13,113 +14,347 @@ import datetime
 import json
 import os
 import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
-from . import launch
+from . import bench_runs, costmodel, launch
 from .asyncdiff_config import AsyncDiffConfig
-from .jobs import quiet_libraries
-from .measure import asyncdiff_sample, psnr, sequential_sample
+from .bench_runs import Entry
+from .errors import UsageError
+from .fidelity import compare
+from .parataa_config import ParaTAAConfig
 from .requests import ImageToVideo, TextToVideo
 
 SAMPLE_IMAGE = Path(__file__).resolve().parent.parent / "samples" / "red_circle.png"
-CPU = torch.device("cpu")
+STAGE_COUNTS = (2, 3, 4)
+STRIDES = (1, 2)
 
 
-def requests(size: int, frames: int, steps: int, image: Path):
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `asyncvid bench` measures; validated on construction."""
+
+    models: tuple[str, ...] = ("tiny-svd", "tiny-animatediff")
+    size: int = 128  # frame height and width (16x16 latents)
+    frames: int = 8
+    steps: int = 25
+    warmups: tuple[int, ...] = (1, 3, 6)
+    repeats: int = 3
+    cfg_parallel: bool = True
+    parataa: bool = True
+    device: str = "cpu"
+    out: Path = Path("docs")
+    adherence: bool = False
+    adherence_only: bool = False  # refresh only the adherence section of an existing benchmarks.json
+    adherence_model: str = "tiny-animatediff"  # a trained text-to-video model: adherence of random weights is noise
+    adherence_prompts: int = 50
+    adherence_parataa_prompts: int = 10
+    link_gbps: float | None = None  # override the measured link for the projections (GB/s)
+    link_latency_us: float | None = None
+    full_size: bool = True  # project to the full-size SVD-xt and AnimateDiff UNets
+    plots: bool = True
+    command: str = "asyncvid bench"
+
+    def __post_init__(self):
+        if self.size < 64 or self.size % 64:
+            raise UsageError(f"size must be a multiple of 64 (parallel stages need latents divisible by 8), got "
+                             f"{self.size}")
+        if self.steps < 2 or self.frames < 1:
+            raise UsageError(f"steps must be >= 2 and frames >= 1, got steps={self.steps}, frames={self.frames}")
+        if self.repeats < 1:
+            raise UsageError(f"repeats must be >= 1 (3 gives a median of 3 after a warm-up run), got {self.repeats}")
+        bad = [w for w in self.warmups if not 1 <= w <= self.steps]
+        if bad:
+            raise UsageError(f"warm-ups must be between 1 and steps={self.steps}, got {bad}")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UsageError(f"device must be cpu or cuda, got {self.device!r}")
+
+
+def request_for(model: str, config: BenchConfig):
+    """The one request every configuration samples: image-to-video for SVD models, text-to-video otherwise."""
+    from .pipelines import adapter_for, resolve_model, svd
+
+    common = dict(num_frames=config.frames, height=config.size, width=config.size,
+                  num_inference_steps=config.steps)
+    if adapter_for(resolve_model(model)) is svd:
+        return ImageToVideo(SAMPLE_IMAGE, **common)
+    return TextToVideo("a red circle moving left", **common)
+
+
+def grid(config: BenchConfig, cores: int) -> list[Entry]:
+    """Sequential on 1 thread and on every core, AsyncDiff N=2 at each warm-up, CFG-parallel, ParaTAA on 2 ranks."""
+    each = max(1, cores // 2)
+    entries = [Entry("sequential, 1 thread", "sequential", 1, 1),
+               Entry(f"sequential, {cores} threads", "sequential", 1, cores)]
+    entries += [Entry(f"AsyncDiff N=2 S=1 warm-up {w}", "asyncdiff", 2, each, AsyncDiffConfig(stages=2, warmup=w))
+                for w in config.warmups]
+    if config.cfg_parallel:
+        entries.append(Entry("CFG-parallel (guidance halves on 2 ranks)", "cfg-parallel", 2, each,
+                             AsyncDiffConfig(stages=1, warmup=1, cfg_parallel=True)))
+    if config.parataa:
+        entries.append(Entry("ParaTAA on 2 ranks", "parataa", 2, each, ParaTAAConfig()))
+    return entries
+
+
+@dataclass
+class CostInputs:
+    """What the cost model knows about one model on this device: per-step seconds and bytes, and the link."""
+
+    prologue_s: float  # of a UNet call, outside its units (every stage runs it)
+    unit_s: list[float]  # batch of 2 (classifier-free guidance)
+    unit_s_batch1: list[float]
+    other_s: float  # of the sequential loop, outside the UNet: encoding and scheduler steps
+    stages: dict  # stage count -> costmodel.Stages (unit times only; the prologue is added per stage)
+    eps_bytes: int
+    link: costmodel.Link
+    steps: int
+    busy: float = 1.0  # unit times with every core computing / alone (batch of 2): a parallel run's slowdown
+    busy_batch1: float = 1.0
+
+    def stages_for(self, n: int) -> costmodel.Stages:
+        """The split of a parallel run, each stage computing as fast as a core does while the others compute."""
+        s = self.stages[n]
+        return costmodel.Stages(tuple(self.busy * (c + self.prologue_s) for c in s.compute_s), s.weight_bytes,
+                                s.crossing, s.eps_bytes)
+
+    def predict(self, entry: Entry, windows: list[int] | None = None, branches: int = 2) -> float | None:
+        """Predicted loop seconds of a grid entry on 1-thread ranks (None for multi-threaded sequential)."""
+        if entry.kind == "sequential":
+            return self.other_s + self.steps * (self.prologue_s + sum(self.unit_s)) if entry.threads == 1 else None
+        if entry.kind == "asyncdiff":
+            return costmodel.asyncdiff_loop(self.stages_for(entry.config.stages), self.link, steps=self.steps,
+                                            warmup=entry.config.warmup, stride=entry.config.stride,
+                                            other_s=self.other_s)
+        if entry.kind == "cfg-parallel":
+            half = self.busy_batch1 * (self.prologue_s + sum(self.unit_s_batch1))
+            return self.other_s + self.steps * costmodel.cfg_parallel_step(half, self.eps_bytes, self.link)
+        return self.parataa(windows, branches, entry.processes)
+
+    def parataa(self, windows: list[int], branches: int, devices: int) -> float:
+        return costmodel.parataa_loop(windows, branches, self.busy_batch1 * (self.prologue_s + sum(self.unit_s_batch1)),
+                                      self.eps_bytes // 2, self.link, devices, self.other_s)
+
+
+def row(model: str, entry: Entry, run, one, every, steps: int, predicted: float | None) -> dict:
+    """One table row: timings, speedups, fidelity against the 1-thread sequential output, memory, bytes, rounds."""
+    fidelity = compare(run.frames, one.frames) if run is not one else {"psnr_db": None, "ssim": None}
     return {
-        "tiny-svd": ImageToVideo(image, num_frames=frames, height=size, width=size, num_inference_steps=steps),
-        "tiny-animatediff": TextToVideo("a red circle moving left", num_frames=frames, height=size, width=size,
-                                        num_inference_steps=steps),
-    }
-
-
-def bench_model(model: str, request, warmups: list[int], repeats: int) -> list[dict]:
-    """Rows for one model: the two sequential baselines, then AsyncDiff N=2 at each warm-up."""
-    cores = launch.threads_per_process(1)
-    with launch.cpu_threads(1, CPU):
-        one = sequential_sample(model, request, repeats=repeats)
-    with launch.cpu_threads(cores, CPU):
-        every = sequential_sample(model, request, repeats=repeats)
-    rows = [_row(model, "sequential, 1 thread", one, one, every, 1),
-            _row(model, f"sequential, {cores} threads", every, one, every, 1)]
-    for warmup in warmups:
-        config = AsyncDiffConfig(stages=2, stride=1, warmup=warmup)
-        run = launch.run(asyncdiff_sample, 2, CPU, model, request, config, torch.float32, repeats)
-        rows.append(_row(model, f"AsyncDiff N=2 S=1 warm-up {warmup}", run, one, every, 2, request))
-    return rows
-
-
-def _row(model, label, run, one, every, processes, request=None) -> dict:
-    steps = request.num_inference_steps if request else None
-    return {
-        "model": model, "config": label, "processes": processes, "loop_s": round(run.loop_s, 3),
-        "speedup_vs_1_thread": round(one.loop_s / run.loop_s, 2),
-        "speedup_vs_all_threads": round(every.loop_s / run.loop_s, 2),
-        "psnr_db": None if run is one else round(psnr(run.frames, one.frames), 2),
-        "mb_sent_per_step": round(sum(run.bytes_sent) / steps / 2**20, 2) if steps else 0.0,
+        "model": model, "config": entry.label, "kind": entry.kind, "processes": entry.processes,
+        "threads_per_process": entry.threads, "warmup": entry.warmup,
+        "loop_s": round(run.loop_s, 3), "end_to_end_s": round(run.end_s, 3),
+        "speedup_vs_1_thread": round(one.loop_s / run.loop_s, 3),
+        "speedup_vs_all_threads": round(every.loop_s / run.loop_s, 3),
+        "end_to_end_speedup_vs_1_thread": round(one.end_s / run.end_s, 3),
+        "psnr_db": None if fidelity["psnr_db"] is None else round(fidelity["psnr_db"], 2),
+        "ssim": None if fidelity["ssim"] is None else round(fidelity["ssim"], 4),
+        "peak_mib_per_rank": [round(b / 2**20) for b in run.peak_bytes],
+        "mib_sent_per_step_per_rank": [round(b / steps / 2**20, 3) for b in run.bytes_sent] or [0.0],
         "weight_share_per_rank": [round(w, 2) for w in run.weight_share] or [1.0],
-        "compute_share_per_rank": [round(c, 2) for c in run.compute_share],
+        "busy_share_per_rank": [round(c, 2) for c in run.compute_share],
+        "parataa": run.parataa or None,
+        "predicted_loop_s": None if predicted is None else round(predicted, 3),
+        "prediction_error": None if predicted is None else round(costmodel.error(predicted, run.loop_s), 3),
     }
 
 
-def markdown(rows: list[dict], meta: dict) -> str:
-    lines = [
-        "# Benchmarks", "",
-        f"Generated by `{meta['command']}` on {meta['date']}: {meta['machine']}; torch {meta['torch']}, diffusers "
-        f"{meta['diffusers']}; load average {meta['load_average_before']} before the run. {meta['shape']}. Loop = the pipeline call up to its last denoising step (prompt or "
-        "image encoding included, decoding excluded), median of 3 after a warm-up run. PSNR against the same-seed "
-        "sequential output with 1 thread (what each rank has; the thread count changes float rounding). Busy = the "
-        "share of a rank's time inside the UNet hook spent computing its stage (the rest is waiting on other "
-        "ranks: imbalance and communication).", "",
-        "| model | configuration | processes | loop (s) | vs 1 thread | vs all threads | PSNR (dB) | MiB sent / step "
-        "| UNet weights per rank | busy in UNet per rank |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        psnr_text = "exact" if r["psnr_db"] == float("inf") else ("—" if r["psnr_db"] is None else f"{r['psnr_db']:.1f}")
-        lines.append(
-            f"| {r['model']} | {r['config']} | {r['processes']} | {r['loop_s']:.2f} | {r['speedup_vs_1_thread']:.2f}x "
-            f"| {r['speedup_vs_all_threads']:.2f}x | {psnr_text} | {r['mb_sent_per_step']:.2f} "
-            f"| {', '.join(f'{w:.2f}' for w in r['weight_share_per_rank'])} "
-            f"| {', '.join(f'{c:.0%}' for c in r['compute_share_per_rank']) or '—'} |"
-        )
-    return "\n".join(lines) + "\n"
+def bench_model(model: str, config: BenchConfig, device: torch.device, link: costmodel.Link, log) -> dict:
+    """Rows, cost inputs and projections for one model."""
+    request = request_for(model, config)
+    cores = launch.threads_per_process(1)
+    units = bench_runs.unit_costs(model, request, device, 1, STAGE_COUNTS)
+    busy = bench_runs.busy_unit_costs(model, request, device, 2) if device.type == "cpu" and cores >= 2 else units
+    entries = grid(config, cores)
+    samples = {}
+    for entry in entries[:2]:
+        samples[entry.label] = bench_runs.run_entry(entry, model, request, device, config.repeats)
+    one, every = (samples[e.label] for e in entries[:2])
+    per_step_unet = one.unet_s / config.steps
+    costs = CostInputs(prologue_s=max(per_step_unet - sum(units["unit_s"]), 0.0), unit_s=units["unit_s"],
+                       unit_s_batch1=units["unit_s_batch1"], other_s=one.loop_s - one.unet_s,
+                       stages=units["stages"], eps_bytes=units["eps_bytes"], link=link, steps=config.steps,
+                       busy=sum(busy["unit_s"]) / sum(units["unit_s"]),
+                       busy_batch1=sum(busy["unit_s_batch1"]) / sum(units["unit_s_batch1"]))
+    rows = []
+    for entry in entries:
+        run = samples.get(entry.label) or bench_runs.run_entry(entry, model, request, device, config.repeats)
+        windows = [r["window"][1] - r["window"][0] for r in run.parataa["per_round"]] if run.parataa else None
+        branches = run.parataa["branches"] if run.parataa else 2
+        rows.append(row(model, entry, run, one, every, config.steps, costs.predict(entry, windows, branches)))
+        if run.parataa:
+            rows[-1]["parataa_projection_s"] = {n: round(costs.parataa(windows, branches, n), 3)
+                                                for n in sorted({1, 2, 4, 8, max(windows) * branches})}
+        log(json.dumps(rows[-1]))
+    return {"request": request.describe(), "rows": rows, "cost_inputs": _describe_costs(costs, units),
+            "projection": project_tiny(costs, one.loop_s, config)}
+
+
+def _describe_costs(costs: CostInputs, units: dict) -> dict:
+    return {"unit_s_sum": round(sum(costs.unit_s), 5), "unit_s_batch1_sum": round(sum(costs.unit_s_batch1), 5),
+            "prologue_s": round(costs.prologue_s, 5), "other_s": round(costs.other_s, 4),
+            "busy_slowdown": round(costs.busy, 3), "busy_slowdown_batch1": round(costs.busy_batch1, 3),
+            "eps_bytes": costs.eps_bytes, "units": len(units["names"]), "flops_per_step": sum(units["flops"])}
+
+
+def project_tiny(costs: CostInputs, sequential_loop_s: float, config: BenchConfig) -> list[dict]:
+    """AsyncDiff at N = 2..4 stages and stride 1..2 on 1-thread devices like this machine's cores, warm-up 3."""
+    out = []
+    for n in STAGE_COUNTS:
+        stages = costs.stages_for(n)
+        for s in STRIDES:
+            loop = costmodel.asyncdiff_loop(stages, costs.link, steps=config.steps, warmup=3, stride=s,
+                                            other_s=costs.other_s)
+            out.append({"stages": n, "stride": s, "devices": n + s - 1,
+                        "step_ms": round(1000 * costmodel.asyncdiff_round(stages, costs.link, s) / s, 2),
+                        "loop_s": round(loop, 3), "speedup_vs_1_thread": round(sequential_loop_s / loop, 2)})
+    return out
+
+
+def project_full_size(device: torch.device, link: costmodel.Link, rates: dict, log) -> list[dict]:
+    """Step latency of SVD-xt and AnimateDiff at N = 2..4, S = 1..2: on CUDA from unit times measured in float16 at
+    a small size (scaled by FLOPs); on the CPU from FLOPs at the rate the tiny model of the same family reached."""
+    from .bench_archs import ARCHS, cuda_unit_times, project
+
+    out = []
+    for arch in ARCHS:
+        if device.type == "cuda":
+            unit_s, rate, source, element = cuda_unit_times(arch, device), None, "measured on CUDA, float16", 2
+        else:
+            unit_s, rate, element = None, rates[arch.family], 4
+            source = f"FLOPs at {rate / 1e9:.1f} GFLOP/s (the tiny {arch.family} model's rate on 1 CPU thread), float32"
+        profiles, unit_s, stages = project(arch, STAGE_COUNTS, unit_s=unit_s, rate=rate, element_bytes=element)
+        sequential = sum(unit_s)
+        for n, split in stages.items():
+            for s in STRIDES:
+                step = costmodel.asyncdiff_round(split, link, s) / s
+                out.append({"model": arch.name, "shape": arch.shape, "source": source, "stages": n, "stride": s,
+                            "devices": n + s - 1, "sequential_step_s": round(sequential, 4),
+                            "step_s": round(step, 4), "speedup_per_step": round(sequential / step, 2),
+                            "max_weights_gib": round(max(split.weight_bytes) / 2**30, 2),
+                            "mib_crossing_per_step": round(sum(split.crossing.values()) / 2**20, 1)})
+        log(f"projected {arch.name}: {sum(p.flops for p in profiles) / 1e12:.1f} TFLOP per step, {source}")
+    return out
+
+
+def measured_link(config: BenchConfig, device: torch.device, log) -> tuple[costmodel.Link, dict]:
+    """The link the projections use: measured between two local ranks, or the one given in the config."""
+    link_device = device if device.type == "cpu" or torch.cuda.device_count() >= 2 else torch.device("cpu")
+    sizes, seconds = bench_runs.link(link_device)
+    fitted = costmodel.fit_link(sizes, seconds)
+    info = {"measured_on": link_device.type, "sizes": sizes, "one_way_s": [round(s, 7) for s in seconds],
+            "latency_us": round(fitted.latency_s * 1e6, 1), "gb_per_s": round(fitted.bandwidth / 1e9, 3)}
+    used = costmodel.Link((config.link_latency_us * 1e-6) if config.link_latency_us is not None else fitted.latency_s,
+                          (config.link_gbps * 1e9) if config.link_gbps is not None else fitted.bandwidth)
+    info["used"] = {"latency_us": round(used.latency_s * 1e6, 1), "gb_per_s": round(used.bandwidth / 1e9, 3)}
+    log(f"link: {info['latency_us']} us + bytes / {info['gb_per_s']} GB/s")
+    return used, info
+
+
+def run_bench(config: BenchConfig, log=print) -> dict:
+    """Run the whole benchmark and write its JSON, markdown and plots under `config.out`; returns the JSON."""
+    from .bench_report import write_report
+    from .jobs import quiet_libraries
+
+    quiet_libraries()
+    if config.adherence_only:
+        return _refresh_adherence(config, log)
+    device = torch.device(config.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
+    load_before = os.getloadavg()[0]
+    if load_before > 1.0:
+        log(f"warning: load average {load_before:.1f} before starting; other work on this machine skews timings")
+    started = time.perf_counter()
+    link, link_info = measured_link(config, device, log)
+    models = {m: bench_model(m, config, device, link, log) for m in config.models}
+    rates = {}
+    for name, result in models.items():
+        family = "svd" if result["request"]["task"] == "image-to-video" else "animatediff"
+        costs = result["cost_inputs"]
+        rates[family] = costs["flops_per_step"] / costs["unit_s_sum"]
+    rates.setdefault("svd", next(iter(rates.values())))
+    rates.setdefault("animatediff", rates["svd"])
+    full_size = project_full_size(device, link, rates, log) if config.full_size else []
+    adherence = None
+    if config.adherence:
+        from .bench_adherence import adherence_section
+
+        adherence = adherence_section(config, log, config.adherence_model)
+    result = {"meta": meta(config, load_before, time.perf_counter() - started), "link": link_info,
+              "models": models, "full_size": full_size, "adherence": adherence}
+    write_report(result, config)
+    return result
+
+
+def _refresh_adherence(config: BenchConfig, log) -> dict:
+    """Replace the adherence section of `out/benchmarks.json` and rewrite the report around the other sections."""
+    from .bench_adherence import adherence_section
+    from .bench_report import write_report
+
+    path = Path(config.out) / "benchmarks.json"
+    if not path.is_file():
+        raise UsageError(f"no {path} to add adherence to; run `asyncvid bench` first (or pass --adherence to it)")
+    result = json.loads(path.read_text())
+    result["adherence"] = adherence_section(config, log, config.adherence_model)
+    result["meta"]["command"] += f" && {config.command}"
+    write_report(result, config)
+    return result
+
+
+def meta(config: BenchConfig, load_before: float, seconds: float) -> dict:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "command": config.command, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()}, {launch.threads_per_process(1)} cores, {_cpu_name()}, Python "
+                   f"{platform.python_version()}, {platform.system()} {platform.release()}",
+        "gpu": gpu, "device": config.device, "torch": torch.__version__, "diffusers": version("diffusers"),
+        "asyncvid": version("asyncvid"), "load_average_before": round(load_before, 2),
+        "load_average_after": round(os.getloadavg()[0], 2), "seconds": round(seconds, 1),
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def main(argv=None) -> None:
+    defaults = BenchConfig()
     parser = argparse.ArgumentParser(prog="python -m asyncvid.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["tiny-svd", "tiny-animatediff"])
-    parser.add_argument("--size", type=int, default=128, help="frame height and width (128: 16x16 latents)")
-    parser.add_argument("--frames", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--warmups", type=int, nargs="+", default=[1, 3])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=Path("docs"))
+    parser.add_argument("--models", nargs="+", default=list(defaults.models))
+    parser.add_argument("--size", type=int, default=defaults.size, help="frame height and width")
+    parser.add_argument("--frames", type=int, default=defaults.frames)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--warmups", type=int, nargs="+", default=list(defaults.warmups))
+    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--device", default=defaults.device)
+    parser.add_argument("--out", type=Path, default=defaults.out)
+    parser.add_argument("--adherence", action="store_true", help="also score prompt adherence on held-out prompts")
+    parser.add_argument("--adherence-only", action="store_true",
+                        help="refresh only the adherence section of an existing benchmarks.json")
+    parser.add_argument("--adherence-prompts", type=int, default=defaults.adherence_prompts)
+    parser.add_argument("--no-parataa", action="store_true", help="leave ParaTAA out of the grid")
+    parser.add_argument("--link-gbps", type=float, help="project with this link bandwidth instead of the measured")
+    parser.add_argument("--link-latency-us", type=float, help="project with this link latency instead of the measured")
     args = parser.parse_args(argv)
-    quiet_libraries()
-    load_before = os.getloadavg()[0]
-    if load_before > 0.5:
-        print(f"warning: load average {load_before:.1f} before starting; other work on this machine skews timings")
-    reqs = requests(args.size, args.frames, args.steps, SAMPLE_IMAGE)
-    rows = []
-    for model in args.models:
-        for row in bench_model(model, reqs[model], args.warmups, args.repeats):
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    meta = {
-        "command": "python -m asyncvid.bench " + " ".join(argv or []), "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
-        "torch": torch.__version__, "diffusers": version("diffusers"),
-        "shape": f"{args.frames} frames at {args.size}x{args.size}, {args.steps} steps, float32 on the CPU",
-        "load_average_before": round(load_before, 2),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmarks.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    (args.out / "BENCHMARKS.md").write_text(markdown(rows, meta))
-    print(markdown(rows, meta))
+    argv = sys.argv[1:] if argv is None else argv
+    config = BenchConfig(models=tuple(args.models), size=args.size, frames=args.frames, steps=args.steps,
+                         warmups=tuple(args.warmups), repeats=args.repeats, device=args.device, out=args.out,
+                         adherence=args.adherence, adherence_only=args.adherence_only,
+                         adherence_prompts=args.adherence_prompts, parataa=not args.no_parataa,
+                         link_gbps=args.link_gbps, link_latency_us=args.link_latency_us,
+                         command=" ".join(["python -m asyncvid.bench", *argv]))
+    run_bench(config)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Used by the benchmark and the tests; both compare a parallel run with a sequenti
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .fidelity import psnr  # noqa: F401  (re-exported: the tests compare frames through it)
 from .generate import reset_sampler_state, to_uint8
 from .schedulers import set_scheduler
 
@@ -28,6 +30,10 @@ class Sample:
     bytes_sent: list[int] = field(default_factory=list)  # per rank, during one loop
     weight_share: list[float] = field(default_factory=list)  # of the UNet's parameters held, per rank
     compute_share: list[float] = field(default_factory=list)  # of the time in the UNet hook spent computing, per rank
+    end_s: float = 0.0  # the whole call: encoding, loop and decoding (median, like loop_s)
+    peak_bytes: list[int] = field(default_factory=list)  # per rank: peak RSS on the CPU, peak allocated on CUDA
+    unet_s: float = 0.0  # of the loop, inside the UNet's forward (sequential runs only)
+    parataa: dict = field(default_factory=dict)  # rounds, windows and evaluations (ParaTAA runs only)
 
 
 def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.ndarray | None, float, float]:
@@ -44,12 +50,47 @@ def sample(pipe, adapter, request, *, decoder=None) -> tuple[torch.Tensor, np.nd
         start = time.perf_counter()
         latents = adapter.call(pipe, request, generator=generator, callback=callback, output_type="latent")
         loop_end = marks[-1] if marks else time.perf_counter()
-        if decoder is not None:
-            frames = decoder(pipe, adapter, latents, request)
-        else:
-            frames = adapter.decode(pipe, latents, request, 0, latents.shape[adapter.FRAME_DIM])
+        frames = _decode(pipe, adapter, latents, request, decoder)
         end = time.perf_counter()
     return latents, (None if frames is None else to_uint8(frames)), loop_end - start, end - loop_end
+
+
+def _decode(pipe, adapter, latents, request, decoder):
+    if decoder is not None:
+        return decoder(pipe, adapter, latents, request)
+    return adapter.decode(pipe, latents, request, 0, latents.shape[adapter.FRAME_DIM])
+
+
+def peak_bytes(device: torch.device) -> int:
+    """This process's peak memory: resident set on the CPU (Linux reports KiB), allocated memory on CUDA."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class UNetClock:
+    """Time spent inside the UNet's forward, summed over calls (forward hooks; removed by `close`)."""
+
+    def __init__(self, unet, device: torch.device):
+        self.total, self.device, self._start = 0.0, device, 0.0
+        self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, out):
+        _sync(self.device)
+        self.total += time.perf_counter() - self._start
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1,
@@ -58,17 +99,37 @@ def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, 
     median loop time of `repeats` more."""
     from .pipelines import load_pipeline
 
-    pipe, adapter, _ = load_pipeline(model, device=device or torch.device("cpu"), dtype=dtype)
+    device = device or torch.device("cpu")
+    pipe, adapter, _ = load_pipeline(model, device=device, dtype=dtype)
     set_scheduler(pipe, scheduler)
-    runs = _runs(lambda: sample(pipe, adapter, request), repeats)
+    clock = UNetClock(pipe.unet, device)
+    unet_s = []
+
+    def once():
+        clock.total = 0.0
+        out = sample(pipe, adapter, request)
+        unet_s.append(clock.total)
+        return out
+
+    runs = _runs(once, repeats)
+    clock.close()
     latents, frames, _, decode_s = runs[-1]
-    return Sample(latents, frames, statistics.median(r[2] for r in runs), decode_s)
+    return Sample(latents, frames, statistics.median(r[2] for r in runs), decode_s,
+                  end_s=statistics.median(r[2] + r[3] for r in runs), peak_bytes=[peak_bytes(device)],
+                  unet_s=statistics.median(unet_s[-len(runs):]))
 
 
 def _runs(once, repeats: int) -> list:
     if repeats > 1:
         once()  # warm-up: first-call allocations and lazy initialisation
     return [once() for _ in range(repeats)]
+
+
+def _slowest(value: float, device) -> float:
+    """The largest value over ranks: a loop ends when the slowest rank's does."""
+    t = torch.tensor(value, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1,
@@ -88,18 +149,56 @@ def asyncdiff_sample(rank, model: str, request, config, dtype=torch.float32, rep
                              scheduler=scheduler)
     runs = _runs(lambda: sample(staged.pipe, adapter, request, decoder=parallel_decode), repeats)
     latents, frames, _, decode_s = runs[-1]
-    loop_s = torch.tensor(statistics.median(r[2] for r in runs), dtype=torch.float64, device=rank.device)
-    dist.all_reduce(loop_s, op=dist.ReduceOp.MAX)  # the loop ends when the slowest rank's does
+    loop_s = _slowest(statistics.median(r[2] for r in runs), rank.device)
+    end_s = _slowest(statistics.median(r[2] + r[3] for r in runs), rank.device)
     state = staged.hook.state
+    sent = state.bytes_sent
+    if config.cfg_parallel:  # each rank also sends its half of every noise prediction to its counterpart
+        sent += request.num_inference_steps * latents.numel() * latents.element_size()
     info = [None] * rank.world_size
-    dist.all_gather_object(info, (state.bytes_sent, staged.weight_share, state.compute_s / max(state.hook_s, 1e-9)))
+    dist.all_gather_object(info, (sent, staged.weight_share, state.compute_s / max(state.hook_s, 1e-9),
+                                  peak_bytes(rank.device)))
     if rank.rank != 0:
         return None
-    return Sample(latents, frames, float(loop_s), decode_s, [i[0] for i in info], [i[1] for i in info],
-                  [i[2] for i in info])
+    return Sample(latents, frames, loop_s, decode_s, [i[0] for i in info], [i[1] for i in info],
+                  [i[2] for i in info], end_s=end_s, peak_bytes=[i[3] for i in info])
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of uint8 frames, in dB (inf when identical)."""
-    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+def parataa_sample(rank, model: str, request, config, dtype=torch.float32, repeats: int = 1,
+                   scheduler: str | None = None) -> Sample | None:
+    """ParaTAA sampling on this rank (call through `launch.run`); every rank holds the whole pipeline and computes
+    its share of each round's batch. Rank 0 returns the Sample (with the solver's record), others None."""
+    from .jobs import quiet_libraries
+    from .parallel_decode import parallel_decode
+    from .parataa_run import report, sample as parataa_run
+    from .pipelines import load_pipeline
+
+    quiet_libraries()
+    pipe, adapter, _ = load_pipeline(model, device=rank.device, dtype=dtype)
+    set_scheduler(pipe, scheduler)
+    solved = []
+
+    def once():
+        start = time.perf_counter()
+        latents, solution, branches = parataa_run(pipe, adapter, request, config, rank=rank)
+        loop_end = time.perf_counter()
+        with torch.inference_mode():
+            frames = _decode(pipe, adapter, latents, request, parallel_decode)
+        solved.append((solution, branches))
+        return latents, (None if frames is None else to_uint8(frames)), loop_end - start, time.perf_counter() - loop_end
+
+    runs = _runs(once, repeats)
+    latents, frames, _, decode_s = runs[-1]
+    loop_s = _slowest(statistics.median(r[2] for r in runs), rank.device)
+    end_s = _slowest(statistics.median(r[2] + r[3] for r in runs), rank.device)
+    solution, branches = solved[-1]
+    record = report(solution, request.num_inference_steps, branches)
+    # Each round all-gathers every rank's padded share of the window's rows (one noise prediction each).
+    rows = [-(-(r.hi - r.lo) * branches // rank.world_size) for r in solution.rounds]
+    sent = sum(rows) * latents.numel() * latents.element_size()
+    info = [None] * rank.world_size
+    dist.all_gather_object(info, peak_bytes(rank.device))
+    if rank.rank != 0:
+        return None
+    return Sample(latents, frames, loop_s, decode_s, [sent] * rank.world_size, [1.0] * rank.world_size, [],
+                  end_s=end_s, peak_bytes=list(info), parataa={**record, "branches": branches})

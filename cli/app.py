@@ -272,6 +272,42 @@ def plan(
 
 
 @app.command()
+def bench(
+    models: Annotated[str, typer.Option(help="Models to benchmark, comma-separated (names or folders).")] = "tiny-svd,tiny-animatediff",
+    size: Annotated[int, typer.Option(help="Frame height and width (a multiple of 64).")] = 128,
+    frames: Annotated[int, typer.Option(help="Frames per video.")] = 8,
+    steps: Steps = 25,
+    warmups: Annotated[str, typer.Option(help="AsyncDiff warm-up steps to try, comma-separated.")] = "1,3,6",
+    repeats: Annotated[int, typer.Option(help="Timed runs per configuration (after one warm-up run); the median is reported.")] = 3,
+    parataa: Annotated[bool, typer.Option(help="Include ParaTAA on 2 ranks.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, or cuda: unit times for the projections measured on CUDA.")] = "cpu",
+    out: Annotated[Path, typer.Option(help="Folder for BENCHMARKS.md, benchmarks.json and the plots.")] = Path("docs"),
+    adherence: Annotated[bool, typer.Option(help="Also score adherence on the held-out prompts (tiny-animatediff).")] = False,
+    adherence_only: Annotated[bool, typer.Option(help="Refresh only the adherence section of an existing benchmarks.json.")] = False,
+    adherence_prompts: Annotated[int, typer.Option(help="Held-out prompts to score per configuration.")] = 50,
+    link_gbps: Annotated[Optional[float], typer.Option(help="Project with this link bandwidth (GB/s) instead of the measured one.")] = None,
+    link_latency_us: Annotated[Optional[float], typer.Option(help="Project with this link latency (µs) instead of the measured one.")] = None,
+    debug: Debug = False,
+):
+    """Benchmark parallel samplers against sequential sampling here, and project them to more devices and full-size models."""
+    _quiet_libraries(debug)
+    try:
+        from asyncvid.bench import BenchConfig, run_bench
+
+        config = BenchConfig(
+            models=tuple(m.strip() for m in models.split(",") if m.strip()), size=size, frames=frames, steps=steps,
+            warmups=tuple(int(w) for w in warmups.split(",")), repeats=repeats, parataa=parataa, device=device,
+            out=out, adherence=adherence, adherence_only=adherence_only, adherence_prompts=adherence_prompts,
+            link_gbps=link_gbps, link_latency_us=link_latency_us, command="asyncvid bench " + " ".join(sys.argv[2:]))
+        run_bench(config, log=typer.echo)
+    except (UsageError, ValueError) as err:
+        if debug:
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2)
+
+
+@app.command()
 def models():
     """List the embedded models and explain how to use real weights."""
     _quiet_libraries(False)

@@ -1,0 +1,129 @@
+"""The benchmark's measurements, each in a fresh process (so peak memory and timings are its own): sequential and
+parallel samples, unit times for the cost model, and the link between two ranks."""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing as mp
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from . import launch
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One configuration of the grid: a sampler (None: sequential) on `processes` ranks of `threads` threads."""
+
+    label: str
+    kind: str  # "sequential", "asyncdiff", "cfg-parallel" or "parataa"
+    processes: int
+    threads: int
+    config: object = None
+
+    @property
+    def warmup(self) -> int | None:
+        return getattr(self.config, "warmup", None) if self.kind == "asyncdiff" else None
+
+
+def isolated(fn, *args):
+    """`fn(*args)` in a fresh spawned process (not a daemon, so it may start rank processes of its own)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def run_entry(entry: Entry, model: str, request, device: torch.device, repeats: int):
+    """The Sample of one configuration (median of `repeats` after a warm-up run), in a fresh process."""
+    return isolated(_run_entry, entry, model, request, device, repeats)
+
+
+def _run_entry(entry: Entry, model: str, request, device: torch.device, repeats: int):
+    from .jobs import quiet_libraries
+    from .measure import asyncdiff_sample, parataa_sample, sequential_sample
+
+    quiet_libraries()
+    if entry.kind == "sequential":
+        with launch.cpu_threads(entry.threads, device):
+            return sequential_sample(model, request, device=device, repeats=repeats)
+    fn = parataa_sample if entry.kind == "parataa" else asyncdiff_sample
+    return launch.run(fn, entry.processes, device, model, request, entry.config, torch.float32, repeats,
+                      threads=entry.threads)
+
+
+def unit_costs(model: str, request, device: torch.device, threads: int, stage_counts) -> dict:
+    """Per-unit seconds of the model's UNet (random weights, the request's shape, batches 2 and 1, `threads`
+    threads), FLOPs, and the stage split a run would make for each stage count; in a fresh process."""
+    return isolated(_unit_costs, model, request, device, threads, tuple(stage_counts))
+
+
+def _unit_costs(model, request, device, threads, stage_counts) -> dict:
+    from .asyncdiff_setup import measure_unit_costs
+    from .costmodel import split
+    from .costs import fake_profile
+    from .jobs import quiet_libraries
+    from .pipelines import adapter_for, resolve_model, units_for
+
+    quiet_libraries()
+    folder = resolve_model(model)
+    adapter = adapter_for(folder)
+    unet, _ = adapter.unet_skeleton(folder)
+    if unet is None:
+        unet = adapter.load(folder, dtype=torch.float32).unet
+    family = units_for(unet)
+    shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
+    example = functools.partial(family.example_inputs, **shape)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    with launch.cpu_threads(threads, device):
+        batch2 = measure_unit_costs(unet, family, example, device, torch.float32)
+        batch1 = measure_unit_costs(unet, family, functools.partial(example, batch=1), device, torch.float32)
+    program = family.build_program(type(unet).from_config(unet.config))
+    eps = profiles[-1].out_bytes
+    return {
+        "names": [p.name for p in profiles], "flops": [p.flops for p in profiles], "unit_s": batch2,
+        "unit_s_batch1": batch1, "eps_bytes": eps,
+        "stages": {n: split(profiles, batch2, program, n, eps) for n in stage_counts},
+    }
+
+
+def busy_unit_costs(model: str, request, device: torch.device, ranks: int) -> dict:
+    """Per-unit seconds (batches 2 and 1) timed on `ranks` 1-thread ranks at once, as the stages of a parallel run
+    compute: on a CPU the ranks share caches and memory bandwidth; rank 0's times, in fresh processes."""
+    return isolated(_busy, model, request, device, ranks)
+
+
+def _busy(model, request, device, ranks):
+    return launch.run(_busy_rank, ranks, device, model, request, threads=1)
+
+
+def _busy_rank(rank, model, request):
+    import torch.distributed as dist
+
+    from .asyncdiff_setup import measure_unit_costs
+    from .pipelines import adapter_for, resolve_model, units_for
+
+    folder = resolve_model(model)
+    unet, _ = adapter_for(folder).unet_skeleton(folder)
+    if unet is None:
+        unet = adapter_for(folder).load(folder, dtype=torch.float32).unet
+    family = units_for(unet)
+    example = functools.partial(family.example_inputs, frames=request.num_frames, height=request.height,
+                                width=request.width)
+    dist.barrier()  # start together, so every measurement overlaps the others
+    out = {"unit_s": measure_unit_costs(unet, family, example, rank.device, torch.float32),
+           "unit_s_batch1": measure_unit_costs(unet, family, functools.partial(example, batch=1), rank.device,
+                                               torch.float32)}
+    dist.barrier()
+    return out
+
+
+def link(device: torch.device):
+    """(message sizes, one-way seconds) between two local ranks over the backend a run uses (gloo on the CPU)."""
+    return isolated(_link, device)
+
+
+def _link(device):
+    from .costmodel import ping_pong
+
+    return launch.run(ping_pong, 2, device, threads=1)
