@@ -47,15 +47,18 @@ class BenchConfig:
     repeats: int = 3
     cfg_parallel: bool = True
     parataa: bool = True
+    parataa_models: tuple[str, ...] | None = ("tiny-animatediff",)  # None: every model (slow on a CPU)
     device: str = "cpu"
     out: Path = Path("docs")
     adherence: bool = False
     adherence_only: bool = False  # refresh only the adherence section of an existing benchmarks.json
     adherence_model: str = "tiny-animatediff"  # a trained text-to-video model: adherence of random weights is noise
     adherence_prompts: int = 50
+    adherence_warmups: tuple[int, ...] = (1, 3)
     adherence_parataa_prompts: int = 10
     link_gbps: float | None = None  # override the measured link for the projections (GB/s)
     link_latency_us: float | None = None
+    busy: bool = True  # on a CPU, also time the units with every core computing (what a parallel run's ranks see)
     full_size: bool = True  # project to the full-size SVD-xt and AnimateDiff UNets
     plots: bool = True
     command: str = "asyncvid bench"
@@ -86,7 +89,7 @@ def request_for(model: str, config: BenchConfig):
     return TextToVideo("a red circle moving left", **common)
 
 
-def grid(config: BenchConfig, cores: int) -> list[Entry]:
+def grid(config: BenchConfig, cores: int, model: str) -> list[Entry]:
     """Sequential on 1 thread and on every core, AsyncDiff N=2 at each warm-up, CFG-parallel, ParaTAA on 2 ranks."""
     each = max(1, cores // 2)
     entries = [Entry("sequential, 1 thread", "sequential", 1, 1),
@@ -96,8 +99,10 @@ def grid(config: BenchConfig, cores: int) -> list[Entry]:
     if config.cfg_parallel:
         entries.append(Entry("CFG-parallel (guidance halves on 2 ranks)", "cfg-parallel", 2, each,
                              AsyncDiffConfig(stages=1, warmup=1, cfg_parallel=True)))
-    if config.parataa:
+    if config.parataa and (config.parataa_models is None or model in config.parataa_models):
         entries.append(Entry("ParaTAA on 2 ranks", "parataa", 2, each, ParaTAAConfig()))
+    if config.device.startswith("cuda"):  # one GPU per rank: leave out what this machine cannot place
+        entries = [e for e in entries if e.processes <= torch.cuda.device_count()]
     return entries
 
 
@@ -167,8 +172,9 @@ def bench_model(model: str, config: BenchConfig, device: torch.device, link: cos
     request = request_for(model, config)
     cores = launch.threads_per_process(1)
     units = bench_runs.unit_costs(model, request, device, 1, STAGE_COUNTS)
-    busy = bench_runs.busy_unit_costs(model, request, device, 2) if device.type == "cpu" and cores >= 2 else units
-    entries = grid(config, cores)
+    measure_busy = config.busy and device.type == "cpu" and cores >= 2
+    busy = bench_runs.busy_unit_costs(model, request, device, 2) if measure_busy else units
+    entries = grid(config, cores, model)
     samples = {}
     for entry in entries[:2]:
         samples[entry.label] = bench_runs.run_entry(entry, model, request, device, config.repeats)
@@ -242,6 +248,12 @@ def project_full_size(device: torch.device, link: costmodel.Link, rates: dict, l
 
 def measured_link(config: BenchConfig, device: torch.device, log) -> tuple[costmodel.Link, dict]:
     """The link the projections use: measured between two local ranks, or the one given in the config."""
+    if config.link_gbps is not None and config.link_latency_us is not None:
+        given = costmodel.Link(config.link_latency_us * 1e-6, config.link_gbps * 1e9)
+        info = {"measured_on": "not measured (given)", "sizes": [], "one_way_s": [],
+                "latency_us": config.link_latency_us, "gb_per_s": config.link_gbps,
+                "used": {"latency_us": config.link_latency_us, "gb_per_s": config.link_gbps}}
+        return given, info
     link_device = device if device.type == "cpu" or torch.cuda.device_count() >= 2 else torch.device("cpu")
     sizes, seconds = bench_runs.link(link_device)
     fitted = costmodel.fit_link(sizes, seconds)

@@ -41,7 +41,7 @@ def adherence_section(config, log, model: str = MODEL) -> dict:
 
     prompts = read_prompts(HELDOUT)[: config.adherence_prompts]
     rows = []
-    for label, devices, sampler in configurations(config.warmups, config.parataa):
+    for label, devices, sampler in configurations(config.adherence_warmups, config.parataa):
         chosen = prompts[: config.adherence_parataa_prompts] if isinstance(sampler, ParaTAAConfig) else prompts
         result = score_configuration(model, devices, sampler, chosen, config.steps)
         rows.append({"config": label, "devices": devices, **result})

@@ -28,6 +28,10 @@ def _fmt(value, spec=".2f", none="—") -> str:
     return format(value, spec)
 
 
+def _db(value) -> str:
+    return "identical frames" if value == float("inf") else f"{value:.1f} dB PSNR"
+
+
 def _list(values, spec) -> str:
     return ", ".join(format(v, spec) for v in values) if values else "—"
 
@@ -50,10 +54,18 @@ def header(meta: dict, link: dict) -> list[str]:
         "output on 1 thread (the thread count changes float rounding). Peak memory is each rank's peak resident set "
         "(the whole process: Python, torch and the model). *Busy* is the share of a rank's time in the UNet spent "
         "computing its stage (the rest waits on the others). *Predicted* is the cost model's loop time (below).", "",
-        f"Link between two local ranks ({link['measured_on']}, gloo over loopback TCP): {link['latency_us']} µs + "
-        f"bytes / {link['gb_per_s']} GB/s, fitted to one-way times of "
-        f"{', '.join(_size(s) for s in link['sizes'])} messages.", "",
+        _link_line(link), "",
     ]
+
+
+def _link_line(link: dict) -> str:
+    if not link["sizes"]:
+        return f"Link for the cost model (given, not measured): {link['latency_us']} µs + bytes / {link['gb_per_s']} GB/s."
+    backend = "gloo over loopback TCP" if link["measured_on"] == "cpu" else "NCCL"
+    return (f"Link between two local ranks ({backend}): {link['latency_us']} µs + bytes / {link['gb_per_s']} GB/s, "
+            f"fitted to one-way times of {', '.join(_size(s) for s in link['sizes'])} messages"
+            + ("." if link["used"] == {"latency_us": link["latency_us"], "gb_per_s": link["gb_per_s"]} else
+               f"; the projections use {link['used']['latency_us']} µs + bytes / {link['used']['gb_per_s']} GB/s."))
 
 
 def _size(n: int) -> str:
@@ -172,8 +184,37 @@ def adherence_section(section: dict | None) -> list[str]:
     return lines + [""]
 
 
+def summary(models: dict) -> list[str]:
+    """One sentence per model: what each parallel sampler gained here, and at what fidelity."""
+    lines = ["## Summary", ""]
+    for name, model in models.items():
+        rows = model["rows"]
+        parts = []
+        asyncdiff = [r for r in rows if r["kind"] == "asyncdiff"]
+        if asyncdiff:
+            lo, hi = min(asyncdiff, key=lambda r: r["speedup_vs_1_thread"]), max(asyncdiff,
+                                                                                  key=lambda r: r["speedup_vs_1_thread"])
+            parts.append(f"AsyncDiff N=2: loop speedup {lo['speedup_vs_1_thread']:.2f}-{hi['speedup_vs_1_thread']:.2f}x "
+                         f"against 1 thread and {min(r['speedup_vs_all_threads'] for r in asyncdiff):.2f}-"
+                         f"{max(r['speedup_vs_all_threads'] for r in asyncdiff):.2f}x against all cores, at "
+                         f"{min(r['psnr_db'] for r in asyncdiff):.1f}-{max(r['psnr_db'] for r in asyncdiff):.1f} dB "
+                         f"PSNR (SSIM {min(r['ssim'] for r in asyncdiff):.3f}-{max(r['ssim'] for r in asyncdiff):.3f})")
+        for r in rows:
+            if r["kind"] == "cfg-parallel":
+                parts.append(f"CFG-parallel {r['speedup_vs_1_thread']:.2f}x ({r['speedup_vs_all_threads']:.2f}x against all cores) "
+                             f"at {_db(r['psnr_db'])}")
+            if r["kind"] == "parataa":
+                parts.append(f"ParaTAA {r['speedup_vs_1_thread']:.2f}x ({r['speedup_vs_all_threads']:.2f}x against all cores) at "
+                             f"{_db(r['psnr_db'])} in {r['parataa']['rounds']} rounds "
+                             f"({r['parataa']['model_evaluations']} UNet rows against "
+                             f"{r['parataa']['sequential_evaluations']})")
+        lines.append(f"- **{name}**: " + "; ".join(parts) + ".")
+    return lines + [""]
+
+
 def markdown(result: dict, plots: list[str]) -> str:
     lines = header(result["meta"], result["link"])
+    lines += summary(result["models"])
     for name, model in result["models"].items():
         lines += model_table(name, model)
     lines += cost_section(result["models"])

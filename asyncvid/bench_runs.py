@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import launch
+from .costs import measure_times
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,22 @@ def _unit_costs(model, request, device, threads, stage_counts) -> dict:
     example = functools.partial(family.example_inputs, **shape)
     profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
     with launch.cpu_threads(threads, device):
-        batch2 = measure_unit_costs(unet, family, example, device, torch.float32)
-        batch1 = measure_unit_costs(unet, family, functools.partial(example, batch=1), device, torch.float32)
+        # The split a run makes: balanced on the times asyncdiff_setup measures (or reuses from its cache).
+        balance = measure_unit_costs(unet, family, example, device, torch.float32)
+        batch2 = fresh_unit_times(unet, family, example, device)
+        batch1 = fresh_unit_times(unet, family, functools.partial(example, batch=1), device)
     program = family.build_program(type(unet).from_config(unet.config))
     eps = profiles[-1].out_bytes
-    return {
-        "names": [p.name for p in profiles], "flops": [p.flops for p in profiles], "unit_s": batch2,
-        "unit_s_batch1": batch1, "eps_bytes": eps,
-        "stages": {n: split(profiles, batch2, program, n, eps) for n in stage_counts},
-    }
+    stages = {n: split(profiles, batch2, program, n, eps, balance_on=balance) for n in stage_counts}
+    return {"names": [p.name for p in profiles], "flops": [p.flops for p in profiles], "unit_s": batch2,
+            "unit_s_batch1": batch1, "eps_bytes": eps, "stages": stages}
+
+
+def fresh_unit_times(unet, family, example, device) -> list[float]:
+    """Seconds per unit of a random-weight copy of `unet`, measured now (never from the cost cache)."""
+    model = type(unet).from_config(unet.config).to(device=device).eval()
+    args, kwargs = example(model)
+    return measure_times(family.build_program(model), tuple(a.to(device) for a in args), kwargs)
 
 
 def busy_unit_costs(model: str, request, device: torch.device, ranks: int) -> dict:
@@ -100,7 +108,6 @@ def _busy(model, request, device, ranks):
 def _busy_rank(rank, model, request):
     import torch.distributed as dist
 
-    from .asyncdiff_setup import measure_unit_costs
     from .pipelines import adapter_for, resolve_model, units_for
 
     folder = resolve_model(model)
@@ -111,9 +118,8 @@ def _busy_rank(rank, model, request):
     example = functools.partial(family.example_inputs, frames=request.num_frames, height=request.height,
                                 width=request.width)
     dist.barrier()  # start together, so every measurement overlaps the others
-    out = {"unit_s": measure_unit_costs(unet, family, example, rank.device, torch.float32),
-           "unit_s_batch1": measure_unit_costs(unet, family, functools.partial(example, batch=1), rank.device,
-                                               torch.float32)}
+    out = {"unit_s": fresh_unit_times(unet, family, example, rank.device),
+           "unit_s_batch1": fresh_unit_times(unet, family, functools.partial(example, batch=1), rank.device)}
     dist.barrier()
     return out
 

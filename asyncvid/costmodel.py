@@ -85,9 +85,10 @@ class Stages:
         return len(self.compute_s)
 
 
-def split(profiles, unit_s: list[float], program, stages: int, eps_bytes: int) -> Stages:
-    """The stage split a run would make (balanced on these unit times) and what it costs."""
-    plan = make_plan([p.name for p in profiles], list(unit_s), stages)
+def split(profiles, unit_s: list[float], program, stages: int, eps_bytes: int,
+          balance_on: list[float] | None = None) -> Stages:
+    """The stage split a run would make (balanced on `balance_on`, default these unit times) and what it costs."""
+    plan = make_plan([p.name for p in profiles], list(balance_on or unit_s), stages)
     crossing: dict = {}
     for move in transfers(plan, program):
         producer = plan.bounds[move.dst] - 1 if move.key == HIDDEN else move.key
