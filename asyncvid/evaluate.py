@@ -16,6 +16,7 @@ from .errors import UsageError
 
 def read_frames(path: Path) -> np.ndarray:
     """uint8 (frames, H, W, 3) from an MP4 or GIF file, or a folder of PNG frames."""
+    path = Path(path)
     if path.is_dir():
         from .video import read_png_frames
         return read_png_frames(path)

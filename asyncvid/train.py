@@ -75,7 +75,7 @@ def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3
 
 @app.command()
 def animatediff(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 4,
-                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 24, lr: float = 5e-4):
+                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the frozen tiny CLIP text encoder."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
@@ -85,13 +85,13 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxStep
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr)
-    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed)
+    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
     _finish(pipe.unet, config, train(pipe.unet, loss, config, name="animatediff"))
 
 
 @app.command()
 def svd(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 8,
-        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 24, lr: float = 5e-4):
+        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames.
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
@@ -105,7 +105,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr)
-    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed)
+    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
     _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
 
 

@@ -1,31 +1,32 @@
-"""Models that ship with asyncvid: built in code (or, later, shipped weights) and stored as diffusers folders."""
+"""Models that ship with asyncvid: trained tiny pipelines stored in the package (pipelines/weights), copied into
+the model cache on first use so every run loads them from one place."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-import torch
-from diffusers import DiffusionPipeline
+from asyncvid.errors import UsageError
 
-from .tiny_models import build_tiny_animatediff, build_tiny_svd
+WEIGHTS = Path(__file__).resolve().parent / "weights"
 
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A named model that needs no download; `revision` names the folder so a new build never reuses an old one."""
+    """A named model that needs no download; `revision` names the cache folder so new weights never reuse old ones."""
 
     name: str
     task: str  # "text-to-video" or "image-to-video"
     description: str
-    build: Callable[[], DiffusionPipeline]
     revision: str
+
+    @property
+    def source(self) -> Path:
+        """The shipped diffusers folder (float16 safetensors, configs, model card)."""
+        return WEIGHTS / self.name
 
 
 EMBEDDED = {
@@ -33,13 +34,13 @@ EMBEDDED = {
     for m in (
         EmbeddedModel(
             "tiny-animatediff", "text-to-video",
-            "SD1.5-shaped UNet + motion adapter (4 levels, 4.8M UNet params), random weights, DDIM",
-            build_tiny_animatediff, "r1",
+            "SD1.5-shaped UNet + motion modules (4 levels, 4.8M params) trained on moving-shape clips, DDIM",
+            "r2",
         ),
         EmbeddedModel(
             "tiny-svd", "image-to-video",
-            "SVD-xt-shaped spatio-temporal UNet (4 levels), random weights, Euler with Karras sigmas",
-            build_tiny_svd, "r1",
+            "SVD-xt-shaped spatio-temporal UNet (4 levels, 5.9M params) trained on moving-shape clips, Euler (Karras)",
+            "r2",
         ),
     )
 }
@@ -51,27 +52,22 @@ def cache_root() -> Path:
 
 
 def materialize(name: str, root: Path | None = None) -> Path:
-    """Return the diffusers folder of an embedded model, building and saving it on first use."""
+    """Return the cached diffusers folder of an embedded model, copying it from the package on first use."""
     model = EMBEDDED[name]
     root = root or cache_root()
     target = root / "models" / f"{name}-{model.revision}"
     if (target / "model_index.json").is_file():
         return target
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        # transformers' save_pretrained writes no weights on ranks other than 0 once a process group exists,
-        # so build in a clean interpreter (once per machine; every rank may need it on multi-node runs).
-        code = "import sys; from pathlib import Path; from asyncvid.pipelines.embedded import materialize; " \
-               "materialize(sys.argv[1], Path(sys.argv[2]))"
-        subprocess.run([sys.executable, "-c", code, name, str(root)], check=True)
-        return target
+    if not (model.source / "model_index.json").is_file():
+        raise UsageError(
+            f"the package has no weights for {name} in {model.source}; reinstall asyncvid or run "
+            "`python -m asyncvid.train all`"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build into a private folder and rename, so concurrent ranks never load a half-written model.
+    # Copy into a private folder and rename, so concurrent ranks never load a half-written model.
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        model.build().save_pretrained(tmp, safe_serialization=True)
-        empty = [d.name for d in tmp.iterdir() if d.is_dir() and not any(d.iterdir())]
-        if empty:
-            raise RuntimeError(f"building {name} left no files in {empty}; the model was not saved")
+        shutil.copytree(model.source, tmp, dirs_exist_ok=True)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -51,11 +51,10 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff() if family == "animatediff" else build_tiny_svd()
     make = animatediff_loss_fn if family == "animatediff" else svd_loss_fn
-    frames = 16 if family == "animatediff" else 8
     with torch.random.fork_rng():
         loss = make(pipe, clips_per_caption=1, num_frames=4)(pipe.unet.train(), 2, torch.Generator().manual_seed(0))
         loss.backward()
         vae_loss = vae_loss_fn(pipe.vae, temporal=family == "svd", clips_per_caption=1, num_frames=4)
         vae_loss(pipe.vae.train(), 2, torch.Generator().manual_seed(0)).backward()
-    assert loss.ndim == 0 and torch.isfinite(loss) and frames
+    assert loss.ndim == 0 and torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())

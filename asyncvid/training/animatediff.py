@@ -6,17 +6,24 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .data import clip_set, encode_frames, pick
+from .data import cache_name, cached, clip_set, encode_frames, pick
 
 CAPTION_DROPOUT = 0.1
 
 
-def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0):
-    """The loss for `pipe.unet` over clips encoded once with `pipe.vae` (which must be trained already)."""
-    captions, clips = clip_set(clips_per_caption, num_frames, seed)
-    n = len(clips)
-    # (clips, frames, C, h, w) -> (clips, C, frames, h, w), AnimateDiff's latent layout
-    latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (n, num_frames)).transpose(1, 2)
+def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None):
+    """The loss for `pipe.unet` over clips encoded once with `pipe.vae` (which must be trained already); with
+    `cache_dir`, the encoded clips are kept there for the next run."""
+
+    def encode():
+        captions, clips = clip_set(clips_per_caption, num_frames, seed)
+        # (clips, frames, C, h, w) -> (clips, C, frames, h, w), AnimateDiff's latent layout
+        latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (len(clips), num_frames))
+        return captions, latents.transpose(1, 2)
+
+    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed)
+    captions, latents = cached(cache_dir and cache_dir / name, encode)
+    n = len(latents)
     texts = sorted({c.text for c in captions})
     index = torch.tensor([texts.index(c.text) for c in captions])
     with torch.no_grad():

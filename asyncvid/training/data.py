@@ -36,6 +36,24 @@ def encode_frames(vae, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return torch.cat(out) * vae.config.scaling_factor
 
 
+def cached(path, make):
+    """`make()`, stored at `path` on first use and loaded from there afterwards (encoding clips takes minutes)."""
+    from pathlib import Path
+    if path is not None and Path(path).is_file():
+        return torch.load(path, weights_only=False)
+    value = make()
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(value, path)
+    return value
+
+
+def cache_name(vae, **settings) -> str:
+    """A file name naming the encoding settings and the VAE's weights, so a retrained VAE never reuses latents."""
+    fingerprint = sum(float(p.double().sum()) for p in vae.parameters())
+    return "latents-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + f"-{fingerprint:.6e}.pt"
+
+
 def pick(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     """`batch` random indices in [0, n)."""
     return torch.randint(0, n, (batch,), generator=generator)

@@ -8,7 +8,7 @@ import math
 import torch
 from PIL import Image
 
-from .data import clip_set, encode_frames, pick
+from .data import cache_name, cached, clip_set, encode_frames, pick
 
 CONDITION_DROPOUT = 0.1
 P_MEAN, P_STD = 0.7, 1.6  # SVD's log-normal training sigmas
@@ -17,18 +17,24 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
 
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
-                motion_bucket_id: int = 127, noise_aug_strength: float = 0.02):
+                motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
-    pipeline feeds them (fps - 1)."""
-    _, clips = clip_set(clips_per_caption, num_frames, seed)
-    n = len(clips)
-    latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (n, num_frames))  # (clips, F, C, h, w)
-    first = clips[:, 0]
-    with torch.no_grad():
-        images = [Image.fromarray(((f.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-                  for f in first]
-        image_embeds = torch.cat([pipe._encode_image(images[i:i + 64], "cpu", 1, False)
-                                  for i in range(0, n, 64)])  # (clips, 1, D)
+    pipeline feeds them (fps - 1). With `cache_dir`, the encoded clips are kept there for the next run."""
+
+    def encode():
+        _, clips = clip_set(clips_per_caption, num_frames, seed)
+        latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (len(clips), num_frames))  # (N, F, C, h, w)
+        first = clips[:, 0]
+        with torch.no_grad():
+            images = [Image.fromarray(((f.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+                      for f in first]
+            embeds = torch.cat([pipe._encode_image(images[i:i + 64], "cpu", 1, False)
+                                for i in range(0, len(images), 64)])  # (clips, 1, D)
+        return latents, first, embeds
+
+    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed)
+    latents, first, image_embeds = cached(cache_dir and cache_dir / name, encode)
+    n = len(latents)
     time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=torch.float32)
 
     def loss(model, batch, generator):
