@@ -12,6 +12,7 @@ import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -74,7 +75,8 @@ class WorkerPool:
     def generate(self, request, on_step=None):
         """The video of `request` from rank 0; raises RankFailed (and closes the pool) if a rank dies or hangs."""
         if self.closed:
-            raise RuntimeError("this pool of workers is closed; load the model again")
+            raise RankFailed("this pool of workers is closed (a rank failed, or a call was interrupted); load the model "
+                             "again")
         for rank, conn in enumerate(self._conns):
             try:
                 conn.send(("generate", request))
@@ -164,6 +166,11 @@ def _serve(conn, spec, rank: int, world: int, device, port: int, parent_pid: int
     # Ctrl-C reaches the whole process group; the coordinator decides what an interrupt ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     launch.watch_parent(parent_pid)
+    # tqdm's default lock is a multiprocessing semaphore that a worker ending with os._exit (or killed) would leave
+    # to the resource tracker, which then warns at exit; a worker's bars are off and its own, so a thread lock does.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     from .jobs import load_sampler
 
     try:

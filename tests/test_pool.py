@@ -91,7 +91,7 @@ def test_a_worker_killed_mid_generation_raises_naming_its_rank_and_leaves_no_pro
     pids = pool.pids
     killed = []
 
-    def kill_rank_1(done, total):
+    def kill_rank_1(done, total, note=""):
         if not killed:
             os.kill(pids[1], signal.SIGKILL)
             killed.append(time.monotonic())
@@ -111,7 +111,7 @@ def test_a_stuck_rank_ends_the_call_after_the_collective_timeout(monkeypatch):
     pids = pool.pids
     stopped = []
 
-    def stop_rank_1(done, total):
+    def stop_rank_1(done, total, note=""):
         if not stopped:
             os.kill(pids[1], signal.SIGSTOP)
             stopped.append(time.monotonic())
