@@ -37,6 +37,7 @@ class ModelSpec:
     # Sizes the stage split is balanced for (None: the model's); any size can be sampled afterwards.
     plan_shape: tuple[int | None, int | None, int | None] = (None, None, None)  # frames, height, width
     quiet: bool = True  # hide library warnings and loading bars
+    allow_pickle: bool = False  # load pickle weights too (they can run code); whole-pipeline samplers only
 
     def describe(self) -> dict:
         """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
@@ -104,7 +105,8 @@ def _load_sequential(rank: launch.Rank | None, spec: ModelSpec) -> Loaded:
 
     device = rank.device if rank is not None else resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter)
+    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
+                                          allow_pickle=spec.allow_pickle)
     set_scheduler(pipe, spec.scheduler)
     return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, {"name": "sequential"}))
 
@@ -165,6 +167,7 @@ class Job:
     sampler: AsyncDiffConfig | ParaTAAConfig | None = None  # None: sequential sampling
     devices: int = 1
     quiet: bool = True  # hide library warnings and loading bars on every rank
+    allow_pickle: bool = False  # load pickle weights too (they can run code)
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
     scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
@@ -175,7 +178,7 @@ class Job:
     def spec(self) -> ModelSpec:
         first = self.requests[0]
         return ModelSpec(self.model, self.sampler, self.motion_adapter, self.device, self.dtype, self.scheduler,
-                         (first.num_frames, first.height, first.width), self.quiet)
+                         (first.num_frames, first.height, first.width), self.quiet, self.allow_pickle)
 
 
 class JobFailed(RuntimeError):

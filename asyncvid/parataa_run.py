@@ -55,7 +55,8 @@ def load_parataa(rank, spec):
 
     device = rank.device if rank is not None else resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
-    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter)
+    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
+                                          allow_pickle=spec.allow_pickle)
     set_scheduler(pipe, spec.scheduler)
     world = rank.world_size if rank is not None else 1
     sampler = {**spec.sampler.describe(), "devices": world}

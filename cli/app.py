@@ -63,6 +63,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace outputs that already exis
 Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N \\[default: cuda if available, else cpu].")]
 DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="\\[default: float16 on CUDA, float32 on CPU]")]
 Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
+AllowPickle = Annotated[bool, typer.Option(help="Also load weights stored as pickle files (.bin/.ckpt). A pickle can run code when loaded: only for weights you trust; sequential sampling and ParaTAA only.")]
 
 
 class SchedulerName(str, Enum):
@@ -151,6 +152,7 @@ def generate(
     eta: Eta = 0.0,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ):
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
@@ -168,7 +170,7 @@ def generate(
 
     _run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler,
+         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta)))
 
@@ -211,6 +213,7 @@ def i2v(
     max_rounds: MaxRounds = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ):
     """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
@@ -232,7 +235,7 @@ def i2v(
 
     _run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler,
+         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: _sampler(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds)))
 
@@ -326,7 +329,7 @@ def models():
 
 
 def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-         oversubscribe, scheduler, sampler):
+         oversubscribe, scheduler, sampler, allow_pickle=False):
     """Validate everything before the model loads or a process starts, then hand the job to the library."""
     _quiet_libraries(debug)
     _show_usage_warnings()
@@ -352,14 +355,20 @@ def _run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dty
             config.check_world_size(devices if not _external() else _external_world())
         dtype_name = dtype.value if dtype else None
         resolve_dtype(dtype_name, resolve_device(device))
+        from asyncvid.asyncdiff_config import AsyncDiffConfig
         from asyncvid.sources import preflight
 
-        preflight(model, task, requests, motion_adapter=motion_adapter)  # in this process, before any worker starts
+        if allow_pickle and isinstance(config, AsyncDiffConfig):
+            raise UsageError("--allow-pickle works with --sampler sequential or parataa only (AsyncDiff reads each "
+                             "stage's weights from safetensors); convert the weights to safetensors")
+        # In this process, before any worker starts.
+        preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle)
         # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
         targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
-                  threads=threads, oversubscribe=oversubscribe, scheduler=scheduler.value if scheduler else None)
+                  threads=threads, oversubscribe=oversubscribe, scheduler=scheduler.value if scheduler else None,
+                  allow_pickle=allow_pickle)
         run_job(job)
     except UsageError as err:
         if debug:

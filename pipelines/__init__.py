@@ -48,10 +48,10 @@ def adapter_for(folder: Path) -> ModuleType:
     return ADAPTERS[class_name]
 
 
-def resolve_model(spec: str) -> Path:
+def resolve_model(spec: str, *, allow_pickle: bool = False) -> Path:
     """An embedded name, a local folder or a cached hub id, as a local diffusers pipeline folder."""
     folder = resolve_folder(spec, EMBEDDED, materialize)
-    check_components(folder)
+    check_components(folder, allow_pickle=allow_pickle)
     return folder
 
 
@@ -60,12 +60,14 @@ def resolve_motion_adapter(spec: str) -> Path:
     return resolve_folder(spec, (), materialize, marker="config.json")
 
 
-def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motion_adapter: str | None = None):
-    """Load a pipeline onto `device` in `dtype`; returns (pipeline, adapter, folder)."""
-    folder = resolve_model(model)
+def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motion_adapter: str | None = None,
+                  allow_pickle: bool = False):
+    """Load a pipeline onto `device` in `dtype`; returns (pipeline, adapter, folder). Safetensors only unless
+    `allow_pickle` (a pickle can run code when loaded)."""
+    folder = resolve_model(model, allow_pickle=allow_pickle)
     adapter = adapter_for(folder)
     adapter_folder = resolve_motion_adapter(motion_adapter) if motion_adapter else None
-    pipe = adapter.load(folder, dtype=dtype, motion_adapter=adapter_folder)
+    pipe = adapter.load(folder, dtype=dtype, motion_adapter=adapter_folder, allow_pickle=allow_pickle)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, adapter, folder

@@ -311,3 +311,20 @@ def test_under_a_launcher_every_rank_fails_alone_before_joining_the_group(rank, 
                     "--out", tmp_path / "out")
     assert_one_line_error(result, *shown)
     assert_empty(tmp_path / "out")
+
+
+def test_allow_pickle_flag_makes_the_video_with_a_warning(tmp_path, model_copy):
+    pickle_only(model_copy / "vae")
+    result = invoke("generate", prompt_file(tmp_path), *FAST, "--model", model_copy, "--allow-pickle",
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "pickle can run code" in result.output
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 1
+
+
+def test_allow_pickle_is_refused_with_asyncdiff(tmp_path, model_copy):
+    pickle_only(model_copy / "vae")
+    result = invoke("generate", prompt_file(tmp_path), *FAST, "--model", model_copy, "--allow-pickle",
+                    "--sampler", "asyncdiff", "--devices", "2", "--out", tmp_path / "out")
+    assert_one_line_error(result, "--allow-pickle", "safetensors")
+    assert_empty(tmp_path / "out")
