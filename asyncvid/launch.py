@@ -60,7 +60,9 @@ def threads_per_process(world_size: int) -> int:
 def check_device_count(world_size: int, device: torch.device, oversubscribe: bool = False) -> None:
     """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing)."""
     if device.type == "cuda" and world_size > torch.cuda.device_count():
-        raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {torch.cuda.device_count()} are visible")
+        visible = torch.cuda.device_count()
+        raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {visible} are visible; use --devices "
+                         f"{visible} or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
     cores = _cores()
     if device.type == "cpu" and world_size > cores and not oversubscribe:
         raise UsageError(
