@@ -50,7 +50,7 @@ def cached(path, make):
 
 def cache_name(vae, **settings) -> str:
     """A file name naming the encoding settings and the VAE's weights, so a retrained VAE never reuses latents."""
-    fingerprint = sum(float(p.double().sum()) for p in vae.parameters())
+    fingerprint = sum(float(p.detach().double().sum()) for p in vae.parameters())
     return "latents-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + f"-{fingerprint:.6e}.pt"
 
 
