@@ -52,6 +52,7 @@ class BenchConfig:
     out: Path = Path("docs")
     adherence: bool = False
     adherence_only: bool = False  # refresh only the adherence section of an existing benchmarks.json
+    repredict: bool = False  # re-measure the cost model's inputs and redo the predictions of an existing one
     adherence_model: str = "tiny-animatediff"  # a trained text-to-video model: adherence of random weights is noise
     adherence_prompts: int = 50
     adherence_warmups: tuple[int, ...] = (1, 3)
@@ -127,14 +128,21 @@ class CostInputs:
         return costmodel.Stages(tuple(self.busy * (c + self.prologue_s) for c in s.compute_s), s.weight_bytes,
                                 s.crossing, s.eps_bytes)
 
+    def relay_s(self, n: int, stride: int = 1) -> float:
+        """A warm-up step: one stage computes at a time (alone, no contention), and every rank's prologue overlaps
+        the earlier stages, so it is the sequential UNet plus the relay's transfers."""
+        return self.prologue_s + costmodel.asyncdiff_relay(self.stages[n], self.link, stride)
+
+    def loop(self, n: int, stride: int, warmup: int) -> float:
+        return costmodel.asyncdiff_loop(self.stages_for(n), self.link, steps=self.steps, warmup=warmup,
+                                        stride=stride, other_s=self.other_s, relay_s=self.relay_s(n, stride))
+
     def predict(self, entry: Entry, windows: list[int] | None = None, branches: int = 2) -> float | None:
         """Predicted loop seconds of a grid entry on 1-thread ranks (None for multi-threaded sequential)."""
         if entry.kind == "sequential":
             return self.other_s + self.steps * (self.prologue_s + sum(self.unit_s)) if entry.threads == 1 else None
         if entry.kind == "asyncdiff":
-            return costmodel.asyncdiff_loop(self.stages_for(entry.config.stages), self.link, steps=self.steps,
-                                            warmup=entry.config.warmup, stride=entry.config.stride,
-                                            other_s=self.other_s)
+            return self.loop(entry.config.stages, entry.config.stride, entry.config.warmup)
         if entry.kind == "cfg-parallel":
             half = self.busy_batch1 * (self.prologue_s + sum(self.unit_s_batch1))
             return self.other_s + self.steps * costmodel.cfg_parallel_step(half, self.eps_bytes, self.link)
@@ -171,32 +179,82 @@ def bench_model(model: str, config: BenchConfig, device: torch.device, link: cos
     """Rows, cost inputs and projections for one model."""
     request = request_for(model, config)
     cores = launch.threads_per_process(1)
-    units = bench_runs.unit_costs(model, request, device, 1, STAGE_COUNTS)
-    measure_busy = config.busy and device.type == "cpu" and cores >= 2
-    busy = bench_runs.busy_unit_costs(model, request, device, 2) if measure_busy else units
+    units, busy = _unit_times(model, request, config, device, cores)
     entries = grid(config, cores, model)
     samples = {}
     for entry in entries[:2]:
         samples[entry.label] = bench_runs.run_entry(entry, model, request, device, config.repeats)
     one, every = (samples[e.label] for e in entries[:2])
-    per_step_unet = one.unet_s / config.steps
-    costs = CostInputs(prologue_s=max(per_step_unet - sum(units["unit_s"]), 0.0), unit_s=units["unit_s"],
-                       unit_s_batch1=units["unit_s_batch1"], other_s=one.loop_s - one.unet_s,
-                       stages=units["stages"], eps_bytes=units["eps_bytes"], link=link, steps=config.steps,
-                       busy=sum(busy["unit_s"]) / sum(units["unit_s"]),
-                       busy_batch1=sum(busy["unit_s_batch1"]) / sum(units["unit_s_batch1"]))
+    costs = _cost_inputs(units, busy, link, config, one.loop_s, one.unet_s)
     rows = []
     for entry in entries:
         run = samples.get(entry.label) or bench_runs.run_entry(entry, model, request, device, config.repeats)
-        windows = [r["window"][1] - r["window"][0] for r in run.parataa["per_round"]] if run.parataa else None
-        branches = run.parataa["branches"] if run.parataa else 2
-        rows.append(row(model, entry, run, one, every, config.steps, costs.predict(entry, windows, branches)))
-        if run.parataa:
-            rows[-1]["parataa_projection_s"] = {n: round(costs.parataa(windows, branches, n), 3)
-                                                for n in sorted({1, 2, 4, 8, max(windows) * branches})}
+        rows.append(row(model, entry, run, one, every, config.steps, None))
+        _predict_row(rows[-1], entry, costs)
         log(json.dumps(rows[-1]))
     return {"request": request.describe(), "rows": rows, "cost_inputs": _describe_costs(costs, units),
             "projection": project_tiny(costs, one.loop_s, config)}
+
+
+def _unit_times(model, request, config, device, cores):
+    units = bench_runs.unit_costs(model, request, device, 1, STAGE_COUNTS)
+    measure_busy = config.busy and device.type == "cpu" and cores >= 2
+    return units, (bench_runs.busy_unit_costs(model, request, device, 2) if measure_busy else units)
+
+
+def _cost_inputs(units, busy, link, config, loop_s: float, unet_s: float) -> CostInputs:
+    """The cost model's inputs from unit times and the sequential 1-thread run's loop and UNet seconds."""
+    return CostInputs(prologue_s=max(unet_s / config.steps - sum(units["unit_s"]), 0.0), unit_s=units["unit_s"],
+                      unit_s_batch1=units["unit_s_batch1"], other_s=loop_s - unet_s, stages=units["stages"],
+                      eps_bytes=units["eps_bytes"], link=link, steps=config.steps,
+                      busy=sum(busy["unit_s"]) / sum(units["unit_s"]),
+                      busy_batch1=sum(busy["unit_s_batch1"]) / sum(units["unit_s_batch1"]))
+
+
+def _predict_row(r: dict, entry: Entry, costs: CostInputs) -> None:
+    """Fill a row's predicted loop, its error, and ParaTAA's projection to more devices."""
+    windows = [w["window"][1] - w["window"][0] for w in r["parataa"]["per_round"]] if r["parataa"] else None
+    branches = r["parataa"]["branches"] if r["parataa"] else 2
+    predicted = costs.predict(entry, windows, branches)
+    r["predicted_loop_s"] = None if predicted is None else round(predicted, 3)
+    r["prediction_error"] = None if predicted is None else round(costmodel.error(predicted, r["loop_s"]), 3)
+    if windows:
+        r["parataa_projection_s"] = {n: round(costs.parataa(windows, branches, n), 3)
+                                     for n in sorted({1, 2, 4, 8, max(windows) * branches})}
+
+
+def repredict(config: BenchConfig, log) -> dict:
+    """Re-measure the cost model's inputs (link, unit times) and redo every prediction and projection of an existing
+    benchmarks.json, keeping its measured rows."""
+    from .bench_report import write_report
+
+    path = Path(config.out) / "benchmarks.json"
+    if not path.is_file():
+        raise UsageError(f"no {path} to re-predict; run `asyncvid bench` first")
+    result = json.loads(path.read_text())
+    device = torch.device(config.device)
+    cores = launch.threads_per_process(1)
+    link, result["link"] = measured_link(config, device, log)
+    rates = {}
+    for model, stored in result["models"].items():
+        request = request_for(model, config)
+        units, busy = _unit_times(model, request, config, device, cores)
+        one = stored["rows"][0]
+        costs = _cost_inputs(units, busy, link, config, one["loop_s"], one["loop_s"] - stored["cost_inputs"]["other_s"])
+        entries = {e.label: e for e in grid(config, cores, model)}
+        for r in stored["rows"]:
+            _predict_row(r, entries[r["config"]], costs)
+        stored["cost_inputs"] = _describe_costs(costs, units)
+        stored["projection"] = project_tiny(costs, one["loop_s"], config)
+        rates["svd" if stored["request"]["task"] == "image-to-video" else "animatediff"] = \
+            stored["cost_inputs"]["flops_per_step"] / stored["cost_inputs"]["unit_s_sum"]
+    if result["full_size"]:
+        rates.setdefault("svd", next(iter(rates.values())))
+        rates.setdefault("animatediff", rates["svd"])
+        result["full_size"] = project_full_size(device, link, rates, log)
+    result["meta"]["command"] += f" && {config.command}"
+    write_report(result, config)
+    return result
 
 
 def _describe_costs(costs: CostInputs, units: dict) -> dict:
@@ -212,8 +270,7 @@ def project_tiny(costs: CostInputs, sequential_loop_s: float, config: BenchConfi
     for n in STAGE_COUNTS:
         stages = costs.stages_for(n)
         for s in STRIDES:
-            loop = costmodel.asyncdiff_loop(stages, costs.link, steps=config.steps, warmup=3, stride=s,
-                                            other_s=costs.other_s)
+            loop = costs.loop(n, s, 3)
             out.append({"stages": n, "stride": s, "devices": n + s - 1,
                         "step_ms": round(1000 * costmodel.asyncdiff_round(stages, costs.link, s) / s, 2),
                         "loop_s": round(loop, 3), "speedup_vs_1_thread": round(sequential_loop_s / loop, 2)})
@@ -274,6 +331,8 @@ def run_bench(config: BenchConfig, log=print) -> dict:
     quiet_libraries()
     if config.adherence_only:
         return _refresh_adherence(config, log)
+    if config.repredict:
+        return repredict(config, log)
     device = torch.device(config.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is visible; use --device cpu")
@@ -355,6 +414,8 @@ def main(argv=None) -> None:
     parser.add_argument("--adherence-only", action="store_true",
                         help="refresh only the adherence section of an existing benchmarks.json")
     parser.add_argument("--adherence-prompts", type=int, default=defaults.adherence_prompts)
+    parser.add_argument("--repredict", action="store_true",
+                        help="re-measure the cost model's inputs and redo the predictions of an existing benchmarks.json")
     parser.add_argument("--no-parataa", action="store_true", help="leave ParaTAA out of the grid")
     parser.add_argument("--link-gbps", type=float, help="project with this link bandwidth instead of the measured")
     parser.add_argument("--link-latency-us", type=float, help="project with this link latency instead of the measured")
@@ -364,6 +425,7 @@ def main(argv=None) -> None:
                          warmups=tuple(args.warmups), repeats=args.repeats, device=args.device, out=args.out,
                          adherence=args.adherence, adherence_only=args.adherence_only,
                          adherence_prompts=args.adherence_prompts, parataa=not args.no_parataa,
+                         repredict=args.repredict,
                          link_gbps=args.link_gbps, link_latency_us=args.link_latency_us,
                          command=" ".join(["python -m asyncvid.bench", *argv]))
     run_bench(config)

@@ -116,12 +116,15 @@ def asyncdiff_relay(stages: Stages, link: Link, stride: int = 1) -> float:
     return sum(stages.compute_s) + sum(link.time(b) for b in into) + link.broadcast(stages.eps_bytes, world)
 
 
-def asyncdiff_loop(stages: Stages, link: Link, *, steps: int, warmup: int, stride: int, other_s: float) -> float:
+def asyncdiff_loop(stages: Stages, link: Link, *, steps: int, warmup: int, stride: int, other_s: float,
+                   relay_s: float | None = None) -> float:
     """Seconds of the denoising loop: `other_s` (encoding, scheduler steps: outside the UNet, the same on every
-    rank as in sequential sampling), warm-up relays, then rounds of S steps."""
+    rank as in sequential sampling), warm-up relays (`relay_s` each, default asyncdiff_relay), then rounds of S
+    steps."""
     warmup = min(warmup, steps)
     rounds = math.ceil((steps - warmup) / stride)
-    return other_s + warmup * asyncdiff_relay(stages, link, stride) + rounds * asyncdiff_round(stages, link, stride)
+    relay = asyncdiff_relay(stages, link, stride) if relay_s is None else relay_s
+    return other_s + warmup * relay + rounds * asyncdiff_round(stages, link, stride)
 
 
 def cfg_parallel_step(half_s: float, eps_bytes: int, link: Link) -> float:
