@@ -48,14 +48,9 @@ def vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000,
         threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
     """AnimateDiff's AutoencoderKL on single frames."""
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training.loop import train
-    from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
-    config = _config(workdir, "vae", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, ema=0.99)
-    model = build_tiny_animatediff(seed).vae
-    log = train(model, vae_loss_fn(model, temporal=False, clips_per_caption=clips, seed=seed), config, name="vae")
-    log["scaling_factor"] = set_scaling_factor(model)
-    _finish(model, config, log)
+
+    _train_vae("vae", build_tiny_animatediff(seed).vae, False, workdir, minutes, steps, batch, seed, threads, fresh,
+               clips, lr)
 
 
 @app.command("svd-vae")
@@ -63,12 +58,19 @@ def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3
             threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
     """SVD's AutoencoderKLTemporalDecoder on 8-frame clips (experimental: the shipped tiny-svd uses `vae`)."""
     from asyncvid.pipelines.tiny_models import build_tiny_svd
+
+    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes, steps, batch, seed, threads, fresh,
+               clips, lr)
+
+
+def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, threads, fresh, clips, lr) -> None:
+    """One VAE stage: reconstruction training on clips, then the latent scaling factor."""
     from asyncvid.training.loop import train
     from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
-    config = _config(workdir, "svd-vae", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+
+    config = _config(workdir, stage, minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, ema=0.99)
-    model = build_tiny_svd(seed).vae
-    log = train(model, vae_loss_fn(model, temporal=True, clips_per_caption=clips, seed=seed), config, name="svd-vae")
+    log = train(model, vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed), config, name=stage)
     log["scaling_factor"] = set_scaling_factor(model)
     _finish(model, config, log)
 
