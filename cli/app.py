@@ -288,6 +288,7 @@ def bench(
     adherence: Annotated[bool, typer.Option(help="Also score adherence on the held-out prompts (tiny-animatediff).")] = False,
     adherence_only: Annotated[bool, typer.Option(help="Refresh only the adherence section of an existing benchmarks.json.")] = False,
     adherence_prompts: Annotated[int, typer.Option(help="Held-out prompts to score per configuration.")] = 50,
+    repredict: Annotated[bool, typer.Option(help="Re-measure the cost model's inputs and redo the predictions of an existing benchmarks.json.")] = False,
     link_gbps: Annotated[Optional[float], typer.Option(help="Project with this link bandwidth (GB/s) instead of the measured one.")] = None,
     link_latency_us: Annotated[Optional[float], typer.Option(help="Project with this link latency (µs) instead of the measured one.")] = None,
     debug: Debug = False,
@@ -301,6 +302,7 @@ def bench(
             models=tuple(m.strip() for m in models.split(",") if m.strip()), size=size, frames=frames, steps=steps,
             warmups=tuple(int(w) for w in warmups.split(",")), repeats=repeats, parataa=parataa, device=device,
             out=out, adherence=adherence, adherence_only=adherence_only, adherence_prompts=adherence_prompts,
+            repredict=repredict,
             link_gbps=link_gbps, link_latency_us=link_latency_us, command="asyncvid bench " + " ".join(sys.argv[2:]))
         run_bench(config, log=typer.echo)
     except (UsageError, ValueError) as err:
