@@ -137,3 +137,28 @@ def render(caption: Caption, seed: int, num_frames: int = 16) -> np.ndarray:
         alpha = _coverage(caption.shape, xx - cx, yy - cy, radius)[..., None]
         frames[i] = np.clip(background * (1 - alpha) + colour * alpha, 0, 255).round().astype(np.uint8)
     return frames
+
+
+def write_first_frames(folder, captions: list[Caption] | None = None, seed: int = 0) -> list:
+    """The first frame of each caption's clip (default: the held-out ones) as `<caption>.png` under `folder`: the
+    image-to-video evaluation's inputs (`python -m asyncvid.clips FOLDER`)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, caption in enumerate(captions or heldout_captions()):
+        path = folder / f"{i:02d}-{caption.text.replace(' ', '-')}.png"
+        Image.fromarray(render(caption, seed * 1000 + i, 1)[0]).save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m asyncvid.clips FOLDER  (writes the held-out captions' first frames there)")
+    print(f"wrote {len(write_first_frames(sys.argv[1]))} first frames to {sys.argv[1]}")

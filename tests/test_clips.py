@@ -53,3 +53,18 @@ def test_the_shape_moves_the_captioned_way(direction):
     (y0, x0), (y1, x1) = (np.argwhere(masks[i]).mean(0) for i in (0, -1))
     dx, dy = DIRECTIONS[direction]
     assert np.sign(round(x1 - x0)) == dx and np.sign(round(y1 - y0)) == dy
+
+
+def test_first_frames_imply_their_captions_direction(tmp_path):
+    """The image-to-video evaluation's inputs: each held-out first frame points the way its caption moves."""
+    import numpy as np
+    from PIL import Image
+
+    from asyncvid.adherence import implied_direction
+    from asyncvid.clips import heldout_captions, write_first_frames
+
+    paths = write_first_frames(tmp_path)
+    assert len(paths) == 50
+    for path, caption in zip(paths, heldout_captions()):
+        with Image.open(path) as im:
+            assert implied_direction(np.asarray(im.convert("RGB"))) == caption.direction, path.name
