@@ -17,6 +17,13 @@ def ddim(prediction_type="epsilon"):
                          set_alpha_to_one=True, prediction_type=prediction_type)
 
 
+def ddim_zero_snr(prediction_type="v_prediction"):
+    """The embedded tiny-animatediff's schedule: zero terminal SNR (alpha_bar = 0 at the first step), trailing."""
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False,
+                         timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=True,
+                         rescale_betas_zero_snr=True, prediction_type=prediction_type)
+
+
 def euler(prediction_type="v_prediction"):
     if prediction_type == "epsilon":  # Stable Diffusion's Euler: discrete timesteps, sigmas from the betas
         return EulerDiscreteScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
@@ -50,8 +57,8 @@ def rel_error(a, b):
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize("make, kind", [(ddim, "epsilon"), (ddim, "v_prediction"), (euler, "v_prediction"),
-                                        (euler, "epsilon")])
+@pytest.mark.parametrize("make, kind", [(ddim, "epsilon"), (ddim, "v_prediction"), (ddim_zero_snr, "v_prediction"),
+                                        (euler, "v_prediction"), (euler, "epsilon")])
 def test_coefficients_reproduce_scheduler_steps(make, kind):
     """The linear form x_{i+1} = a x_i + b D_i is what `scheduler.step` computes (its alphas are float32)."""
     n = 12
