@@ -76,19 +76,37 @@ def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, thr
 
 
 @app.command()
-def animatediff(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 4,
-                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
+def animatediff(workdir: Workdir = None, minutes: Minutes = 55.0, steps: MaxSteps = 100_000, batch: Batch = 4,
+                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
+                sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
+                snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
+                object_gain: Annotated[float, typer.Option(help="Extra loss weight on the moving shape's latent pixels; 0 turns it off.")] = 0.0,
+                text_layers: Annotated[Optional[int], typer.Option(help="Depth of the frozen text encoder \\[default: asyncvid.training.animatediff.TEXT_LAYERS].")] = None,
+                text_positions: Annotated[Optional[bool], typer.Option("--text-positions/--no-text-positions", help="Keep the text encoder's position embeddings \\[default: TEXT_POSITIONS].")] = None,
+                high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
+                high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the frozen tiny CLIP text encoder."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training.animatediff import animatediff_loss_fn
+    from asyncvid.training.animatediff import (HIGH_NOISE_FROM, HIGH_NOISE_SHARE, SCHEDULE, SD_SCHEDULE, TEXT_LAYERS,
+                                               TEXT_POSITIONS, animatediff_loss_fn)
     from asyncvid.training.loop import train
-    pipe = build_tiny_animatediff(seed)
+    text_layers = TEXT_LAYERS if text_layers is None else text_layers
+    text_positions = TEXT_POSITIONS if text_positions is None else text_positions
+    high_noise = (HIGH_NOISE_SHARE if high_noise_share is None else high_noise_share,
+                  HIGH_NOISE_FROM if high_noise_from is None else high_noise_from)
+    pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr)
-    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
-    _finish(pipe.unet, config, train(pipe.unet, loss, config, name="animatediff"))
+    schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
+    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir,
+                               schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, high_noise=high_noise)
+    log = train(pipe.unet, loss, config, name="animatediff")
+    # The recipe, for the model card; export rebuilds the text encoder and the scheduler from it.
+    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, text_layers=text_layers,
+               text_positions=text_positions, high_noise={"share": high_noise[0], "from": high_noise[1]})
+    _finish(pipe.unet, config, log)
 
 
 @app.command()
@@ -123,13 +141,41 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 
 
 @app.command("all")
-def all_stages(workdir: Workdir = None, seed: Seed = 0, threads: Threads = 1,
-               minutes: Annotated[float, typer.Option(help="Budget of each UNet; each VAE gets a third.")] = 25.0):
-    """The shipped models' stages in order (vae, animatediff, svd), then export."""
-    vae(workdir=workdir, minutes=minutes / 3, seed=seed, threads=threads)
-    animatediff(workdir=workdir, minutes=minutes, seed=seed, threads=threads)
-    svd(workdir=workdir, minutes=minutes, seed=seed, threads=threads)
-    export(workdir=workdir, dest=None, scores=None)
+def all_stages(workdir: Workdir = None, seed: Seed = 0,
+               minutes: Annotated[float, typer.Option(help="Budget of the AnimateDiff UNet.")] = 55.0,
+               svd_minutes: Annotated[float, typer.Option(help="Budget of the SVD UNet (it trains beside AnimateDiff).")] = 25.0,
+               vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800):
+    """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
+    import subprocess
+    import sys
+    import time
+
+    root = _workdir(workdir)
+    vae(workdir=root, minutes=30.0, steps=vae_steps, seed=seed, threads=os.cpu_count() or 1)
+    # Two one-thread processes use two cores better than one process with two threads (small tensors), and
+    # each UNet stage gets its whole wall-clock budget.
+    procs = {}
+    for stage, budget in (("animatediff", minutes), ("svd", svd_minutes)):
+        log = (root / f"{stage}.log").open("w")
+        cmd = [sys.executable, "-m", "asyncvid.train", stage, "--workdir", str(root), "--minutes", str(budget),
+               "--seed", str(seed), "--threads", "1"]
+        procs[stage] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        typer.echo(f"{stage}: training for up to {budget:g} min, log in {root / f'{stage}.log'}")
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            time.sleep(5)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()  # Ctrl-C: the stages stop; their last checkpoints resume them
+    failed = [stage for stage, p in procs.items() if p.returncode != 0]
+    if failed:
+        typer.echo(f"{', '.join(failed)} failed; see {root}/<stage>.log, then rerun to resume", err=True)
+        raise typer.Exit(1)
+    for stage in procs:
+        log = json.loads((root / stage / "train_log.json").read_text())
+        typer.echo(f"{stage}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+    export(workdir=root, dest=None, scores=None)
 
 
 def _finish(model, config, log) -> None:

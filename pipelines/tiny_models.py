@@ -67,8 +67,11 @@ def build_tiny_svd(seed: int = 0) -> StableVideoDiffusionPipeline:
     )
 
 
-def build_tiny_animatediff(seed: int = 0) -> AnimateDiffPipeline:
-    """SD1.5 + motion adapter v1-5-2 components with AnimateDiff's DDIM settings, scaled down."""
+def build_tiny_animatediff(seed: int = 0, *, text_layers: int = 2, text_positions: bool = True) -> AnimateDiffPipeline:
+    """SD1.5 + motion adapter v1-5-2 components with AnimateDiff's DDIM settings, scaled down.
+
+    `text_layers` is the text encoder's depth and `text_positions=False` zeroes its position embeddings (training
+    variants: asyncvid/training/animatediff.py)."""
     vocab, merges = build_vocab()
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     with torch.random.fork_rng(devices=[]):
@@ -87,10 +90,12 @@ def build_tiny_animatediff(seed: int = 0) -> AnimateDiffPipeline:
             sample_size=64,
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=text_layers,
             max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
         ))
+        if not text_positions:
+            text_encoder.get_submodule("embeddings.position_embedding").weight.data.zero_()
     scheduler = DDIMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="linear", clip_sample=False, steps_offset=1,
         timestep_spacing="linspace",

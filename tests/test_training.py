@@ -58,3 +58,32 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
         vae_loss(pipe.vae.train(), 2, torch.Generator().manual_seed(0)).backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())
+
+
+@pytest.mark.parametrize("schedule", ["v-zero-snr", None])
+def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
+    """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded)."""
+    import json
+
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
+    from asyncvid.training.animatediff import SCHEDULE
+    from asyncvid.training.export import export_all
+
+    ad, svd = build_tiny_animatediff(), build_tiny_svd()
+    parts = {"vae": ad.vae, "animatediff": ad.unet, "svd": svd.unet}
+    for stage, model in parts.items():
+        model.save_pretrained(tmp_path / "train" / stage / "final")
+        log = {"name": stage, "steps": 3, "minutes": 0.1, "final_loss": 0.5,
+               "config": {"batch": 2, "lr": 1e-3, "seed": 0}}
+        if stage == "animatediff" and schedule:
+            log["schedule"] = SCHEDULE
+        (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
+    export_all(tmp_path / "train", tmp_path / "weights", {"tiny-animatediff": {"text": "colour 90%"}})
+    shipped = DDIMScheduler.from_pretrained(tmp_path / "weights" / "tiny-animatediff", subfolder="scheduler").config
+    expected = SCHEDULE if schedule else {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    assert {k: shipped[k] for k in expected} == expected
+    assert "colour 90%" in (tmp_path / "weights" / "tiny-animatediff" / "README.md").read_text()
+    pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "weights" / "tiny-animatediff")
+    assert torch.equal(pipe.unet.conv_in.weight, ad.unet.conv_in.weight.half().float().to(pipe.unet.dtype))

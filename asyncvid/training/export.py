@@ -22,15 +22,21 @@ def default_dest() -> Path:
 
 def assemble_animatediff(root: Path):
     """The tiny AnimateDiff pipeline with the trained VAE and UNet; text encoder and tokenizer as built (frozen)."""
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, UNetMotionModel
+    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, UNetMotionModel
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    base = build_tiny_animatediff()
+    from asyncvid.training.animatediff import SD_SCHEDULE
+    # The frozen text encoder and the sampler's schedule must be the ones the UNet was trained with (logs from
+    # before they were recorded mean SD's schedule and two text layers).
+    log = json.loads((root / "animatediff" / "train_log.json").read_text())
+    base = build_tiny_animatediff(int(log["config"]["seed"]), text_layers=log.get("text_layers", 2),
+                                  text_positions=log.get("text_positions", True))
+    scheduler = DDIMScheduler.from_config(base.scheduler.config, **log.get("schedule", SD_SCHEDULE))
     # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
     return AnimateDiffPipeline(
         unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
         vae=AutoencoderKL.from_pretrained(root / "vae" / "final"), text_encoder=base.text_encoder,
-        tokenizer=base.tokenizer, scheduler=base.scheduler,
+        tokenizer=base.tokenizer, scheduler=scheduler,
     )
 
 
@@ -39,7 +45,8 @@ def assemble_svd(root: Path):
     from diffusers import AutoencoderKL, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
 
     from asyncvid.pipelines.tiny_models import build_tiny_svd
-    base = build_tiny_svd()
+    log = json.loads((root / "svd" / "train_log.json").read_text())
+    base = build_tiny_svd(int(log["config"]["seed"]))  # the frozen CLIP vision tower it was trained with
     return StableVideoDiffusionPipeline(
         unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
         vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.train svd --help`
