@@ -35,12 +35,12 @@ EMBEDDED = {
         EmbeddedModel(
             "tiny-animatediff", "text-to-video",
             "SD1.5-shaped UNet + motion modules (4 levels, 4.8M params) trained on moving-shape clips, DDIM",
-            "r2",
+            "r3",
         ),
         EmbeddedModel(
             "tiny-svd", "image-to-video",
             "SVD-xt-shaped spatio-temporal UNet (4 levels, 5.9M params) trained on moving-shape clips, Euler (Karras)",
-            "r2",
+            "r3",
         ),
     )
 }

@@ -102,6 +102,11 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         cfg = log["config"]
         lines.append(f"| {stage} | {log['steps']} | {log['minutes']} | {log['final_loss']} | {cfg['batch']} | "
                      f"{cfg['lr']} | {cfg['seed']} |")
+    for stage, log in logs.items():
+        recipe = {k: log[k] for k in ("schedule", "snr_cap", "text_layers", "text_positions", "high_noise",
+                                      "object_gain") if k in log}
+        if recipe:
+            lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]
     if scores:
         lines.append(scores["text"] if "text" in scores else json.dumps(scores))
