@@ -156,10 +156,10 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
     # each UNet stage gets its whole wall-clock budget.
     procs = {}
     for stage, budget in (("animatediff", minutes), ("svd", svd_minutes)):
-        log = (root / f"{stage}.log").open("w")
         cmd = [sys.executable, "-m", "asyncvid.train", stage, "--workdir", str(root), "--minutes", str(budget),
                "--seed", str(seed), "--threads", "1"]
-        procs[stage] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        with (root / f"{stage}.log").open("w") as out:  # the child keeps its own copy of the descriptor
+            procs[stage] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         typer.echo(f"{stage}: training for up to {budget:g} min, log in {root / f'{stage}.log'}")
     try:
         while any(p.poll() is None for p in procs.values()):

@@ -90,8 +90,8 @@ def build_tiny_animatediff(seed: int = 0, *, text_layers: int = 2, text_position
             sample_size=64,
         )
         text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=text_layers,
-            max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+            num_hidden_layers=text_layers, max_position_embeddings=77, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
         ))
         if not text_positions:
