@@ -53,7 +53,10 @@ class VideoPipeline:
                 self._loaded = load_sampler(None, self.spec)
         else:
             from .pool import WorkerPool
+            from .sources import preflight
 
+            # A bad model fails here in one line, before any worker starts (the CLI does the same).
+            preflight(model, None, [], motion_adapter=motion_adapter)
             self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe)
 
     @property

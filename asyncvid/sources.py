@@ -38,17 +38,17 @@ def resolve_folder(spec: str, embedded: Iterable[str], materialize, *, marker: s
     )
 
 
-def preflight(model: str, task: str, requests: list, *, motion_adapter: str | None = None,
+def preflight(model: str, task: str | None, requests: list, *, motion_adapter: str | None = None,
               allow_pickle: bool = False) -> Path:
     """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
-    in one line from one process: its source, components and weights, its task, and each request (frames, and a
-    warning for a prompt longer than the text encoder reads)."""
+    in one line from one process: its source, components and weights, its task (unless None: any), and each request
+    (frames, and a warning for a prompt longer than the text encoder reads)."""
     from .pipelines import EMBEDDED, adapter_for, materialize  # the pipelines package imports this module
 
     folder = resolve_folder(model, EMBEDDED, materialize)
     check_components(folder, allow_pickle=allow_pickle)
     adapter = adapter_for(folder)
-    if adapter.TASK != task:
+    if task is not None and adapter.TASK != task:
         command = "generate" if adapter.TASK == "text-to-video" else "i2v"
         raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
     motion = None

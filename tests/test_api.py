@@ -32,6 +32,21 @@ def test_bad_load_arguments_fail_before_anything_loads(kwargs, error, match):
         asyncvid.load("tiny-animatediff", **kwargs)
 
 
+def test_a_bad_model_on_several_devices_fails_before_any_worker_starts(tmp_path, monkeypatch):
+    import asyncvid.pool
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a worker pool was started for a model that cannot load")
+
+    monkeypatch.setattr(asyncvid.pool, "WorkerPool", no_workers)
+    with pytest.raises(UsageError, match=f"model '{tmp_path / 'missing'}' is not an embedded model"):
+        asyncvid.load(str(tmp_path / "missing"), devices=2, sampler=AsyncDiffConfig(stages=2))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "model_index.json").write_text('{"_class_name": "AnimateDiffPipeline", "unet": ["x", "Y"]}')
+    with pytest.raises(UsageError, match="component 'unet' .* comes from 'x'"):
+        asyncvid.load(str(tmp_path / "bad"), devices=2, sampler=AsyncDiffConfig(stages=2))
+
+
 def test_seed_comes_from_seed_or_an_unused_generator():
     assert _seed(None, None) == 0
     assert _seed(7, None) == 7
