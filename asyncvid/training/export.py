@@ -65,6 +65,7 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None)
         logs = {s: json.loads((root / s / "train_log.json").read_text()) for s in (vae_stage, stage)}
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
+        _forget_training_paths(tmp)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():
@@ -72,6 +73,15 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None)
         tmp.rename(target)
         written.append(target)
     return written
+
+
+def _forget_training_paths(folder: Path) -> None:
+    """Drop `_name_or_path` (the training folder each part was loaded from) from the configs: it names a folder on
+    the machine that trained the model, and means nothing on a user's."""
+    for config in folder.glob("*/config.json"):
+        data = json.loads(config.read_text())
+        if data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
