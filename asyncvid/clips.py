@@ -28,6 +28,9 @@ DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  
 BACKGROUNDS = ((235, 235, 220), (200, 200, 200), (150, 150, 150), (90, 90, 90), (35, 35, 45), (225, 232, 240))
 SIZE = 64
 TRAVEL = 30.0  # pixels covered from the first to the last frame, whatever the frame count
+START = (14.0, 20.0)  # pixels off centre, on the side opposite the motion
+RADIUS = (8.0, 11.0)  # of the circle; squares and triangles have about its area
+VERSION = 1  # bump when clips change, so cached training latents are not reused
 CAPTION = re.compile(r"^\s*an? (\w+) (\w+) moving (\w+)\s*$")
 
 
@@ -121,10 +124,10 @@ def render(caption: Caption, seed: int, num_frames: int = 16) -> np.ndarray:
     """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3)."""
     rng = np.random.default_rng([seed, len(caption.text), *caption.text.encode()])
     background = _background(rng)
-    radius = rng.uniform(8.0, 11.0)
+    radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[caption.direction]
-    # Start 14-20 px off centre on the side opposite the motion, at most 8 px off centre across it.
-    along = -rng.uniform(14.0, 20.0)
+    # Start START px off centre on the side opposite the motion, at most 8 px off centre across it.
+    along = -rng.uniform(*START)
     across = rng.uniform(-8.0, 8.0)
     x0 = SIZE / 2 + (along * dx if dx else across)
     y0 = SIZE / 2 + (along * dy if dy else across)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from asyncvid.clips import Caption, render, training_captions
+from asyncvid.clips import VERSION, Caption, render, training_captions
 
 
 def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
@@ -49,8 +49,10 @@ def cached(path, make):
 
 
 def cache_name(vae, **settings) -> str:
-    """A file name naming the encoding settings and the VAE's weights, so a retrained VAE never reuses latents."""
+    """A file name naming the encoding settings, the clips' version and the VAE's weights, so a retrained VAE or a
+    changed clip generator never reuses latents."""
     fingerprint = sum(float(p.detach().double().sum()) for p in vae.parameters())
+    settings = {"data": VERSION, **settings}  # the clip generator's version
     return "latents-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + f"-{fingerprint:.6e}.pt"
 
 
