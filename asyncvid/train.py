@@ -81,16 +81,22 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 55.0, steps: MaxStep
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
                 object_gain: Annotated[float, typer.Option(help="Extra loss weight on the moving shape's latent pixels; 0 turns it off.")] = 0.0,
-                text_layers: Annotated[Optional[int], typer.Option(help="Depth of the frozen text encoder \\[default: asyncvid.training.animatediff.TEXT_LAYERS].")] = None,
+                train_text: Annotated[Optional[bool], typer.Option("--train-text/--frozen-text", help="Train the text encoder with the UNet \\[default: asyncvid.training.animatediff.TRAIN_TEXT].")] = None,
+                text_layers: Annotated[Optional[int], typer.Option(help="Depth of the text encoder \\[default: asyncvid.training.animatediff.TEXT_LAYERS].")] = None,
                 text_positions: Annotated[Optional[bool], typer.Option("--text-positions/--no-text-positions", help="Keep the text encoder's position embeddings \\[default: TEXT_POSITIONS].")] = None,
                 high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
-                high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None):
-    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the frozen tiny CLIP text encoder."""
+                high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
+                mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None):
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (frozen, or trained
+    with the UNet: --train-text)."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import (HIGH_NOISE_FROM, HIGH_NOISE_SHARE, SCHEDULE, SD_SCHEDULE, TEXT_LAYERS,
-                                               TEXT_POSITIONS, animatediff_loss_fn)
+                                               MEAN_SHARE, TEXT_POSITIONS, TRAIN_TEXT, UNetWithText,
+                                               animatediff_loss_fn)
     from asyncvid.training.loop import train
+    train_text = TRAIN_TEXT if train_text is None else train_text
+    mean_share = (0.0 if sd_schedule else MEAN_SHARE) if mean_share is None else mean_share
     text_layers = TEXT_LAYERS if text_layers is None else text_layers
     text_positions = TEXT_POSITIONS if text_positions is None else text_positions
     high_noise = (HIGH_NOISE_SHARE if high_noise_share is None else high_noise_share,
@@ -101,11 +107,16 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 55.0, steps: MaxStep
                      fresh=fresh, lr=lr)
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
     loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir,
-                               schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, high_noise=high_noise)
-    log = train(pipe.unet, loss, config, name="animatediff")
-    # The recipe, for the model card; export rebuilds the text encoder and the scheduler from it.
-    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, text_layers=text_layers,
-               text_positions=text_positions, high_noise={"share": high_noise[0], "from": high_noise[1]})
+                               schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, high_noise=high_noise,
+                               mean_share=mean_share)
+    model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
+    log = train(model, loss, config, name="animatediff")
+    # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
+    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
+               train_text=train_text, text_layers=text_layers, text_positions=text_positions,
+               high_noise={"share": high_noise[0], "from": high_noise[1]})
+    if train_text:
+        pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)
 
 

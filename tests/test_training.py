@@ -51,18 +51,37 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff() if family == "animatediff" else build_tiny_svd()
     make = animatediff_loss_fn if family == "animatediff" else svd_loss_fn
+    model = pipe.unet.train()
+    if family == "animatediff":
+        from asyncvid.training.animatediff import UNetWithText
+        model = UNetWithText(pipe.unet, pipe.text_encoder).train()
     with torch.random.fork_rng():
-        loss = make(pipe, clips_per_caption=1, num_frames=4)(pipe.unet.train(), 2, torch.Generator().manual_seed(0))
+        loss = make(pipe, clips_per_caption=1, num_frames=4)(model, 2, torch.Generator().manual_seed(0))
         loss.backward()
         vae_loss = vae_loss_fn(pipe.vae, temporal=family == "svd", clips_per_caption=1, num_frames=4)
         vae_loss(pipe.vae.train(), 2, torch.Generator().manual_seed(0)).backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())
+    if family == "animatediff":  # the text encoder trains with the UNet
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.text_encoder.parameters())
+
+
+def test_training_encodes_captions_as_the_pipeline_does():
+    """A training text encoder sees the same token ids as in `AnimateDiffPipeline.encode_prompt`."""
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import UNetWithText, caption_ids
+
+    pipe = build_tiny_animatediff()
+    texts = ["a red circle moving left", "a yellow triangle moving down", ""]
+    trained = UNetWithText(pipe.unet, pipe.text_encoder).encode(caption_ids(pipe.tokenizer, texts))
+    assert trained.requires_grad
+    assert torch.equal(trained.detach(), pipe.encode_prompt(texts, "cpu", 1, False)[0])
 
 
 @pytest.mark.parametrize("schedule", ["v-zero-snr", None])
 def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
-    """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded)."""
+    """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded),
+    and the text encoder that trained with the UNet (the built one when it was frozen)."""
     import json
 
     from diffusers import AnimateDiffPipeline, DDIMScheduler
@@ -77,8 +96,11 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
         model.save_pretrained(tmp_path / "train" / stage / "final")
         log = {"name": stage, "steps": 3, "minutes": 0.1, "final_loss": 0.5,
                "config": {"batch": 2, "lr": 1e-3, "seed": 0}}
-        if stage == "animatediff" and schedule:
-            log["schedule"] = SCHEDULE
+        if stage == "animatediff" and schedule:  # a current log: its schedule, and a text encoder that trained
+            log.update(schedule=SCHEDULE, train_text=True)
+            trained_text = build_tiny_animatediff().text_encoder
+            trained_text.get_submodule("embeddings.token_embedding").weight.data.mul_(2)
+            trained_text.save_pretrained(tmp_path / "train" / stage / "text_encoder")
         (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
     export_all(tmp_path / "train", tmp_path / "weights", {"tiny-animatediff": {"text": "colour 90%"}})
     shipped = DDIMScheduler.from_pretrained(tmp_path / "weights" / "tiny-animatediff", subfolder="scheduler").config
@@ -90,3 +112,39 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
             assert str(tmp_path) not in config.read_text(), config
     pipe = AnimateDiffPipeline.from_pretrained(tmp_path / "weights" / "tiny-animatediff")
     assert torch.equal(pipe.unet.conv_in.weight, ad.unet.conv_in.weight.half().float().to(pipe.unet.dtype))
+    tokens = "embeddings.token_embedding"
+    shipped_text = pipe.text_encoder.get_submodule(tokens).weight
+    expected_text = (trained_text if schedule else ad.text_encoder).get_submodule(tokens).weight
+    assert torch.equal(shipped_text, expected_text.half().to(shipped_text.dtype))
+
+
+def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
+    """With mean_share 1 every sample sits at the pure-noise step, where a model predicting v = -(its caption's mean
+    latent clip) has zero loss; the same model is wrong on single clips (mean_share 0)."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    losses = {share: animatediff_loss_fn(pipe, clips_per_caption=2, num_frames=2, cache_dir=tmp_path,
+                                         mean_share=share) for share in (1.0, 0.0)}
+    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
+    texts = sorted({c.text for c in captions})
+    means = [latents[[c.text == text for c in captions]].mean(0) for text in texts] + [latents.mean(0)]
+    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]  # the frozen encoder's, as the loss uses
+    seen_t = []
+
+    def unet(sample, t, encoder_hidden_states):  # predicts v = -(mean clip) of the caption it is given
+        seen_t.append(t)
+        rows = encoder_hidden_states[::2]  # one row per clip (repeated per frame)
+        which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in rows]
+        return SimpleNamespace(sample=torch.stack([-means[i] for i in which]))
+
+    assert float(losses[1.0](unet, 4, torch.Generator().manual_seed(0))) < 1e-10
+    assert all(bool((t == 999).all()) for t in seen_t)
+    assert float(losses[0.0](unet, 4, torch.Generator().manual_seed(0))) > 1e-3
+    with pytest.raises(ValueError, match="needs a zero-terminal-SNR schedule"):
+        animatediff_loss_fn(pipe, clips_per_caption=2, num_frames=2, cache_dir=tmp_path, mean_share=0.5,
+                            schedule={"prediction_type": "epsilon", "rescale_betas_zero_snr": False})

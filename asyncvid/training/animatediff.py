@@ -1,5 +1,5 @@
 """AnimateDiff's UNetMotionModel on cached latents: DDPM training with the pipeline's linear betas, conditioned on
-captions through the (frozen) tiny CLIP text encoder; 10% of captions dropped for guidance.
+captions through the tiny CLIP text encoder (trained with the UNet, or frozen); 10% of captions dropped for guidance.
 
 By default the schedule is rescaled to zero terminal SNR and the UNet predicts v (Lin et al., 2024, "Common
 diffusion noise schedules and sample steps are flawed"): with SD's schedule the noisiest training step still shows
@@ -14,6 +14,11 @@ from diffusers import DDPMScheduler
 from .data import cache_name, cached, clip_set, encode_frames, pick
 
 CAPTION_DROPOUT = 0.1
+# Train the text encoder with the UNet (`--train-text`). There is no pretrained CLIP here, and the random frozen one
+# barely tells the direction words apart (its states for "left" and "right" differ by 7% of their norm, colours by
+# 25-50%). Training it made the colour word's effect 30x stronger within 500 steps but did not make direction
+# learnt (docs/MODELS.md), so the shipped recipe keeps it frozen.
+TRAIN_TEXT = False
 # The frozen text encoder as built (SD's layout: 2 causal layers, position embeddings). Variants tried on this CPU
 # (docs/MODELS.md): with 0 layers and no positions every word's state is its own embedding wherever it sits; after
 # 1,200 steps colour was learnt as fast as here but direction no better. `--text-layers` / `--no-text-positions`.
@@ -22,22 +27,50 @@ TEXT_LAYERS, TEXT_POSITIONS = 2, True
 # shape is and only the caption can tell its start and colour (a step's target is unchanged: this moves effort, not
 # the optimum). Off in the shipped recipe; 0.5 from 0.6 did not make direction learnt sooner.
 HIGH_NOISE_SHARE, HIGH_NOISE_FROM = 0.0, 0.6
+# Optionally train a share of each batch at the pure-noise step against its caption's mean clip rather than one
+# clip (`--mean-share`). At zero terminal SNR the input there is noise alone, so the best prediction is exactly
+# that mean: the target is unbiased and far less noisy. On mean targets alone the UNet learns direction after a
+# ~300-step plateau when only direction varies, but not when colours vary too (docs/MODELS.md). Off in the recipe.
+MEAN_SHARE = 0.0
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 SD_SCHEDULE = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "linspace"}
 
 
+class UNetWithText(torch.nn.Module):
+    """What AnimateDiff training optimises when the text encoder trains too (`--train-text`): the UNet and the text
+    encoder that conditions it. The loop saves, averages and restores both. With a frozen encoder the loop is given
+    the UNet alone, so its checkpoints stay plain UNet state."""
+
+    def __init__(self, unet, text_encoder):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder.requires_grad_(True)
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings as the pipeline's `encode_prompt` makes them (last hidden state, no attention mask)."""
+        return self.text_encoder(input_ids)[0]
+
+
+def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length, as `AnimateDiffPipeline.encode_prompt` tokenizes."""
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None,
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
-                        high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM)):
-    """The loss for `pipe.unet` over clips encoded once with `pipe.vae` (which must be trained already); with
-    `cache_dir`, the encoded clips are kept there for the next run.
+                        high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
+                        mean_share: float = MEAN_SHARE):
+    """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
+    `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
     `schedule` overrides the pipeline scheduler's config (default `SCHEDULE`). `snr_cap` > 0 caps each step's weight
     in x0 terms at that SNR + 1 (Min-SNR, Hang et al., 2023), so the nearly clean steps stop dominating the
     gradient; the noisiest steps, where colour and place are decided, keep their full weight. `object_gain` > 0
     weighs the latent pixels of the moving shape (about a tenth of them) 1 + gain times the background's.
     `high_noise` = (share, start): that share of steps is drawn from timesteps >= start x the schedule's length.
+    `mean_share`: that share of samples is taken at the last (pure-noise) timestep with its caption's mean latent
+    clip as x0 (needs a zero-terminal-SNR schedule, where that mean is the optimal prediction).
     """
     high_share, high_from = high_noise
 
@@ -53,8 +86,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     pixel_weight = 1.0 + object_gain * object_mask(latents) if object_gain > 0 else torch.ones(())
     texts = sorted({c.text for c in captions})
     index = torch.tensor([texts.index(c.text) for c in captions])
-    with torch.no_grad():
-        embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]  # the empty prompt is the unconditional one
+    ids = caption_ids(pipe.tokenizer, texts + [""])  # the empty prompt is the unconditional one
+    with torch.no_grad():  # what a frozen encoder gives, computed once
+        embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
     noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config, **(SCHEDULE if schedule is None else schedule))
     steps = noise_schedule.config.num_train_timesteps
     alphas = noise_schedule.alphas_cumprod
@@ -63,6 +97,19 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     # The plain loss weighs a step's x0 error by SNR + 1 (v) or SNR (epsilon); Min-SNR caps that weight.
     plain = snr + 1 if v_prediction else snr.clamp(min=1e-12)
     weight = (plain.clamp(max=snr_cap + 1) / plain) if snr_cap > 0 else torch.ones_like(snr)
+    if not 0 <= mean_share <= 1:
+        raise ValueError(f"mean_share must be in [0, 1], got {mean_share}")
+    if mean_share > 0 and float(alphas[-1]) > 1e-6:
+        raise ValueError(f"mean_share {mean_share} needs a zero-terminal-SNR schedule (the last step's input must be "
+                         f"pure noise); use the default schedule or mean_share 0")
+    # Each caption's mean latent clip, and (last row) the mean of all clips for the empty prompt.
+    means = torch.stack([latents[index == i].mean(0) for i in range(len(texts))] + [latents.mean(0)])
+
+    def conditioning(model, cond):
+        """The UNet to call and its prompt embeddings for caption indices `cond`."""
+        if isinstance(model, UNetWithText):
+            return model.unet, model.encode(ids[cond])
+        return model, embeds[cond]
 
     def loss(model, batch, generator):
         pick_ = pick(n, batch, generator)
@@ -74,9 +121,14 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             t = torch.where(torch.rand(batch, generator=generator) < high_share, noisy_end, t)
         dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
         cond = torch.where(dropped, len(texts), index[pick_])
+        if mean_share > 0:
+            at_mean = torch.rand(batch, generator=generator) < mean_share
+            t = torch.where(at_mean, steps - 1, t)
+            x0 = torch.where(at_mean[:, None, None, None, None], means[cond], x0)
         # The pipeline repeats the prompt embedding once per frame; so does training.
-        hidden = embeds[cond].repeat_interleave(num_frames, dim=0)
-        pred = model(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
+        unet, hidden = conditioning(model, cond)
+        hidden = hidden.repeat_interleave(num_frames, dim=0)
+        pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
         target = noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
         weight_map = pixel_weight[pick_] if pixel_weight.ndim else pixel_weight
         per_clip = (weight_map * (pred - target).square()).mean(dim=(1, 2, 3, 4))

@@ -21,8 +21,9 @@ def default_dest() -> Path:
 
 
 def assemble_animatediff(root: Path):
-    """The tiny AnimateDiff pipeline with the trained VAE and UNet; text encoder and tokenizer as built (frozen)."""
+    """The tiny AnimateDiff pipeline with the trained VAE, UNet and text encoder (as built, if it was frozen)."""
     from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, UNetMotionModel
+    from transformers import CLIPTextModel
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import SD_SCHEDULE
@@ -32,10 +33,12 @@ def assemble_animatediff(root: Path):
     base = build_tiny_animatediff(int(log["config"]["seed"]), text_layers=log.get("text_layers", 2),
                                   text_positions=log.get("text_positions", True))
     scheduler = DDIMScheduler.from_config(base.scheduler.config, **log.get("schedule", SD_SCHEDULE))
+    text_encoder = (CLIPTextModel.from_pretrained(root / "animatediff" / "text_encoder") if log.get("train_text")
+                    else base.text_encoder)
     # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
     return AnimateDiffPipeline(
         unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
-        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"), text_encoder=base.text_encoder,
+        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"), text_encoder=text_encoder,
         tokenizer=base.tokenizer, scheduler=scheduler,
     )
 
@@ -113,7 +116,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         lines.append(f"| {stage} | {log['steps']} | {log['minutes']} | {log['final_loss']} | {cfg['batch']} | "
                      f"{cfg['lr']} | {cfg['seed']} |")
     for stage, log in logs.items():
-        recipe = {k: log[k] for k in ("schedule", "snr_cap", "text_layers", "text_positions", "high_noise",
+        recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions", "high_noise",
                                       "object_gain") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
