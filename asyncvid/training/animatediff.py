@@ -1,5 +1,5 @@
 """AnimateDiff's UNetMotionModel on cached latents: DDPM training with the pipeline's linear betas, conditioned on
-captions through the tiny CLIP text encoder (trained with the UNet, or frozen); 10% of captions dropped for guidance.
+captions through the tiny CLIP text encoder (frozen, or trained with the UNet); 10% of captions dropped for guidance.
 
 By default the schedule is rescaled to zero terminal SNR and the UNet predicts v (Lin et al., 2024, "Common
 diffusion noise schedules and sample steps are flawed"): with SD's schedule the noisiest training step still shows
