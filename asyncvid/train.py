@@ -76,7 +76,7 @@ def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, thr
 
 
 @app.command()
-def animatediff(workdir: Workdir = None, minutes: Minutes = 55.0, steps: MaxSteps = 100_000, batch: Batch = 4,
+def animatediff(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 100_000, batch: Batch = 4,
                 seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
@@ -87,8 +87,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 55.0, steps: MaxStep
                 high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
                 mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None):
-    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (frozen, or trained
-    with the UNet: --train-text)."""
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
+    UNet, or frozen: --frozen-text)."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import (HIGH_NOISE_FROM, HIGH_NOISE_SHARE, SCHEDULE, SD_SCHEDULE, TEXT_LAYERS,
@@ -153,7 +153,7 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 
 @app.command("all")
 def all_stages(workdir: Workdir = None, seed: Seed = 0,
-               minutes: Annotated[float, typer.Option(help="Budget of the AnimateDiff UNet.")] = 55.0,
+               minutes: Annotated[float, typer.Option(help="Budget of the AnimateDiff UNet.")] = 60.0,
                svd_minutes: Annotated[float, typer.Option(help="Budget of the SVD UNet (it trains beside AnimateDiff).")] = 25.0,
                vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""

@@ -1,5 +1,5 @@
 """AnimateDiff's UNetMotionModel on cached latents: DDPM training with the pipeline's linear betas, conditioned on
-captions through the tiny CLIP text encoder (frozen, or trained with the UNet); 10% of captions dropped for guidance.
+captions through the tiny CLIP text encoder (trained with the UNet, or frozen); 10% of captions dropped for guidance.
 
 By default the schedule is rescaled to zero terminal SNR and the UNet predicts v (Lin et al., 2024, "Common
 diffusion noise schedules and sample steps are flawed"): with SD's schedule the noisiest training step still shows
@@ -14,11 +14,10 @@ from diffusers import DDPMScheduler
 from .data import cache_name, cached, clip_set, encode_frames, pick
 
 CAPTION_DROPOUT = 0.1
-# Train the text encoder with the UNet (`--train-text`). There is no pretrained CLIP here, and the random frozen one
-# barely tells the direction words apart (its states for "left" and "right" differ by 7% of their norm, colours by
-# 25-50%). Training it made the colour word's effect 30x stronger within 500 steps but did not make direction
-# learnt (docs/MODELS.md), so the shipped recipe keeps it frozen.
-TRAIN_TEXT = False
+# Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
+# here, and the random frozen one barely tells the direction words apart (its states for "left" and "right" differ
+# by 7% of their norm, colours by 25-50%).
+TRAIN_TEXT = True
 # The frozen text encoder as built (SD's layout: 2 causal layers, position embeddings). Variants tried on this CPU
 # (docs/MODELS.md): with 0 layers and no positions every word's state is its own embedding wherever it sits; after
 # 1,200 steps colour was learnt as fast as here but direction no better. `--text-layers` / `--no-text-positions`.
@@ -27,11 +26,12 @@ TEXT_LAYERS, TEXT_POSITIONS = 2, True
 # shape is and only the caption can tell its start and colour (a step's target is unchanged: this moves effort, not
 # the optimum). Off in the shipped recipe; 0.5 from 0.6 did not make direction learnt sooner.
 HIGH_NOISE_SHARE, HIGH_NOISE_FROM = 0.0, 0.6
-# Optionally train a share of each batch at the pure-noise step against its caption's mean clip rather than one
-# clip (`--mean-share`). At zero terminal SNR the input there is noise alone, so the best prediction is exactly
-# that mean: the target is unbiased and far less noisy. On mean targets alone the UNet learns direction after a
-# ~300-step plateau when only direction varies, but not when colours vary too (docs/MODELS.md). Off in the recipe.
-MEAN_SHARE = 0.0
+# Train a share of each batch at the pure-noise step against its caption's mean clip rather than one clip
+# (`--mean-share`). At zero terminal SNR the input there is noise alone, so the best prediction is exactly that
+# mean: the target is unbiased and far less noisy. That step decides where the shape starts, hence which way it
+# moves. With 0.75 (r4) the t = 999 prediction learnt direction for all captions after a ~1,800-step plateau; with
+# 0.25 (r5, other clips) and 0 (r3) it did not within the hour (docs/MODELS.md).
+MEAN_SHARE = 0.75
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 SD_SCHEDULE = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "linspace"}
