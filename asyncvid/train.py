@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,6 +23,7 @@ Seed = Annotated[int, typer.Option(help="Seed of data, initial weights and batch
 Threads = Annotated[int, typer.Option(help="CPU threads (torch.set_num_threads).")]
 Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and start over.")]
 Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
+UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)  # what export can ship
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -142,12 +144,13 @@ def svd(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_
 
 @app.command()
 def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option(help="\\[default: the package's pipelines/weights].")] = None,
-           scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None):
+           scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None,
+           only: Annotated[Optional[list[UNetStage]], typer.Option(help="Export only this UNet stage (animatediff or svd); repeat for both \\[default: both].")] = None):
     """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
-    from asyncvid.training.export import export_all
+    from asyncvid.training.export import NAMES, export_all
     root = _workdir(workdir)
     card_scores = json.loads(scores.read_text()) if scores else {}
-    for folder in export_all(root, dest, card_scores):
+    for folder in export_all(root, dest, card_scores, tuple(s.value for s in only) if only else tuple(NAMES)):
         typer.echo(f"wrote {folder}")
 
 
@@ -186,7 +189,7 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
     for stage in procs:
         log = json.loads((root / stage / "train_log.json").read_text())
         typer.echo(f"{stage}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
-    export(workdir=root, dest=None, scores=None)
+    export(workdir=root, dest=None, scores=None, only=None)
 
 
 def _finish(model, config, log) -> None:

@@ -81,8 +81,10 @@ def test_training_encodes_captions_as_the_pipeline_does():
 @pytest.mark.parametrize("schedule", ["v-zero-snr", None])
 def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded),
-    and the text encoder that trained with the UNet (the built one when it was frozen)."""
+    and the text encoder that trained with the UNet (the built one when it was frozen); `stages` exports one model
+    and leaves the other's folder alone."""
     import json
+    import shutil
 
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 
@@ -102,6 +104,16 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
             trained_text.get_submodule("embeddings.token_embedding").weight.data.mul_(2)
             trained_text.save_pretrained(tmp_path / "train" / stage / "text_encoder")
         (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
+    if schedule:  # exporting one model leaves the other's shipped folder as it was
+        (tmp_path / "weights" / "tiny-svd").mkdir(parents=True)
+        (tmp_path / "weights" / "tiny-svd" / "README.md").write_text("the shipped card")
+        with pytest.raises(ValueError, match="unknown stage.*vae"):
+            export_all(tmp_path / "train", tmp_path / "weights", stages=("animatediff", "vae"))
+        assert not (tmp_path / "weights" / "tiny-animatediff").exists()
+        export_all(tmp_path / "train", tmp_path / "weights", {"tiny-animatediff": {"text": "colour 90%"}},
+                   stages=("animatediff",))
+        assert (tmp_path / "weights" / "tiny-svd" / "README.md").read_text() == "the shipped card"
+        shutil.rmtree(tmp_path / "weights" / "tiny-svd")
     export_all(tmp_path / "train", tmp_path / "weights", {"tiny-animatediff": {"text": "colour 90%"}})
     shipped = DDIMScheduler.from_pretrained(tmp_path / "weights" / "tiny-animatediff", subfolder="scheduler").config
     expected = SCHEDULE if schedule else {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}

@@ -57,12 +57,19 @@ def assemble_svd(root: Path):
     )
 
 
-def export_all(root: Path, dest: Path | None = None, scores: dict | None = None) -> list[Path]:
-    """Write tiny-animatediff and tiny-svd under `dest`, each replaced whole (written aside, then renamed)."""
+def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
+               stages: tuple[str, ...] = tuple(NAMES)) -> list[Path]:
+    """Write tiny-animatediff and tiny-svd (or those of `stages`) under `dest`, each replaced whole (written aside,
+    then renamed)."""
+    unknown = sorted(set(stages) - set(NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage(s) {', '.join(unknown)} to export; choose from {', '.join(NAMES)}")
     dest = Path(dest or default_dest())
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for stage, assemble, vae_stage in (("animatediff", assemble_animatediff, "vae"), ("svd", assemble_svd, "vae")):
+        if stage not in stages:
+            continue
         name = NAMES[stage]
         pipe = assemble(root).to(dtype=torch.float16)
         logs = {s: json.loads((root / s / "train_log.json").read_text()) for s in (vae_stage, stage)}
