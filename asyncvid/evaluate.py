@@ -52,24 +52,37 @@ app = typer.Typer(add_completion=False)
 
 @app.command()
 def main(
-    folder: Annotated[Path, typer.Argument(help="Output folder of `asyncvid generate` or `asyncvid i2v`.")],
+    folders: Annotated[list[Path], typer.Argument(help="Output folders of `asyncvid generate` or `asyncvid i2v`; "
+                                                       "several (e.g. one per seed) are also scored together.")],
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write per-video scores and the summary here.")] = None,
     verbose: Annotated[bool, typer.Option(help="Print every video's reading.")] = False,
 ):
     """Print the share of videos showing the asked colour, shape and direction."""
-    try:
-        scores, summary = score_folder(folder)
+    try:  # every folder is read before anything is printed or written
+        scored = [(folder, *score_folder(folder)) for folder in folders]
     except UsageError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
-    if verbose:
-        for s in scores:
-            ok = "".join("x" if s[k] else "." for k in ("colour", "shape", "direction"))
-            typer.echo(f"{ok}  {s['output']}  seen {s['seen']}")
-    typer.echo(f"{summary['videos']} videos: colour {summary['colour']}%, shape {summary['shape']}%, "
-               f"direction {summary['direction']}%")
+    for folder, scores, summary in scored:
+        if verbose:
+            for s in scores:
+                ok = "".join("x" if s[k] else "." for k in ("colour", "shape", "direction"))
+                typer.echo(f"{ok}  {s['output']}  seen {s['seen']}")
+        typer.echo(_line(summary) + (f"  {folder}" if len(folders) > 1 else ""))
+    everything = [s for _, scores, _ in scored for s in scores]
+    # One seed's 50 videos move by several points from seed to seed (docs/MODELS.md): pool seeds to compare models.
+    pooled = summarize(everything)
+    if len(folders) > 1:
+        typer.echo(f"{_line(pooled)}  all {len(folders)} folders")
     if json_out:
-        json_out.write_text(json.dumps({"summary": summary, "videos": scores}, indent=2) + "\n")
+        per_folder = {str(folder): summary for folder, _, summary in scored}
+        json_out.write_text(json.dumps({"summary": pooled, "folders": per_folder, "videos": everything}, indent=2)
+                            + "\n")
+
+
+def _line(summary: dict) -> str:
+    return (f"{summary['videos']} videos: colour {summary['colour']}%, shape {summary['shape']}%, "
+            f"direction {summary['direction']}%")
 
 
 if __name__ == "__main__":

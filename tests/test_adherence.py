@@ -58,3 +58,32 @@ def test_score_folder_reads_mp4_outputs_and_their_sidecars(tmp_path):
     scores, summary = score_folder(tmp_path)
     assert [s["output"] for s in scores] == ["000.mp4", "001.mp4", "002.mp4"]
     assert summary == {"videos": 3, "colour": 100.0, "shape": 100.0, "direction": 100.0}
+
+
+def test_evaluate_pools_several_folders_and_refuses_one_without_outputs(tmp_path):
+    """`python -m asyncvid.evaluate A B` prints each folder and their pooled score; a folder without outputs stops it
+    before anything is written."""
+    from typer.testing import CliRunner
+
+    from asyncvid.evaluate import app
+
+    right, wrong = all_captions()[0], all_captions()[1]  # the second folder's videos show another caption's clip
+    for folder, caption in (("a", right), ("b", right)):
+        (tmp_path / folder).mkdir()
+        write_mp4(render(right if folder == "a" else wrong, 0), 8, tmp_path / folder / "000.mp4")
+        write_json_atomic({"output": "000.mp4", "task": "text-to-video", "prompt": caption.text},
+                          tmp_path / folder / "000.json")
+    report = tmp_path / "scores.json"
+    result = CliRunner().invoke(app, [str(tmp_path / "a"), str(tmp_path / "b"), "--json", str(report)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("2 videos:") and "all 2 folders" in lines[-1]
+    saved = json.loads(report.read_text())
+    assert saved["folders"][str(tmp_path / "a")]["colour"] == 100.0
+    assert (saved["summary"]["videos"], saved["summary"]["colour"], saved["summary"]["direction"]) == (2, 100.0, 50.0)
+    assert saved["summary"] == summarize(saved["videos"])
+    (tmp_path / "empty").mkdir()
+    report.unlink()
+    result = CliRunner().invoke(app, [str(tmp_path / "a"), str(tmp_path / "empty"), "--json", str(report)])
+    assert result.exit_code == 2 and "no outputs with sidecars" in result.output
+    assert not report.exists()
