@@ -78,7 +78,7 @@ def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, thr
 
 
 @app.command()
-def animatediff(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 100_000, batch: Batch = 4,
+def animatediff(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = 2743, batch: Batch = 4,
                 seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
@@ -90,7 +90,10 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxStep
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
                 mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
-    UNet, or frozen: --frozen-text)."""
+    UNet, or frozen: --frozen-text).
+
+    The recipe is 2,743 steps (r4's: 60 minutes on one thread beside the SVD run where it was trained); a step
+    budget rather than a time budget, so a slower machine trains the same model, only later."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import (HIGH_NOISE_FROM, HIGH_NOISE_SHARE, SCHEDULE, SD_SCHEDULE, TEXT_LAYERS,
@@ -123,9 +126,10 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxStep
 
 
 @app.command()
-def svd(workdir: Workdir = None, minutes: Minutes = 25.0, steps: MaxSteps = 100_000, batch: Batch = 8,
+def svd(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 1200, batch: Batch = 8,
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
-    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames.
+    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r3: 1,200 steps,
+    24 minutes on one thread).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
     (`svd-vae`) did not reach usable colours in the CPU budget.
@@ -156,8 +160,10 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 
 @app.command("all")
 def all_stages(workdir: Workdir = None, seed: Seed = 0,
-               minutes: Annotated[float, typer.Option(help="Budget of the AnimateDiff UNet.")] = 60.0,
-               svd_minutes: Annotated[float, typer.Option(help="Budget of the SVD UNet (it trains beside AnimateDiff).")] = 25.0,
+               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet.")] = 2743,
+               svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
+               minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 120.0,
+               svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
                vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
     import subprocess
@@ -166,15 +172,15 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
 
     root = _workdir(workdir)
     vae(workdir=root, minutes=30.0, steps=vae_steps, seed=seed, threads=os.cpu_count() or 1)
-    # Two one-thread processes use two cores better than one process with two threads (small tensors), and
-    # each UNet stage gets its whole wall-clock budget.
+    # Two one-thread processes use two cores better than one process with two threads (small tensors: one
+    # AnimateDiff step took 1.2-1.4 s on two threads, about what one thread takes beside the SVD run).
     procs = {}
-    for stage, budget in (("animatediff", minutes), ("svd", svd_minutes)):
-        cmd = [sys.executable, "-m", "asyncvid.train", stage, "--workdir", str(root), "--minutes", str(budget),
-               "--seed", str(seed), "--threads", "1"]
+    for stage, budget, limit in (("animatediff", steps, minutes), ("svd", svd_steps, svd_minutes)):
+        cmd = [sys.executable, "-m", "asyncvid.train", stage, "--workdir", str(root), "--steps", str(budget),
+               "--minutes", str(limit), "--seed", str(seed), "--threads", "1"]
         with (root / f"{stage}.log").open("w") as out:  # the child keeps its own copy of the descriptor
             procs[stage] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-        typer.echo(f"{stage}: training for up to {budget:g} min, log in {root / f'{stage}.log'}")
+        typer.echo(f"{stage}: training {budget} steps (at most {limit:g} min), log in {root / f'{stage}.log'}")
     try:
         while any(p.poll() is None for p in procs.values()):
             time.sleep(5)
@@ -196,6 +202,9 @@ def _finish(model, config, log) -> None:
     model.save_pretrained(config.workdir / "final")
     (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
     typer.echo(f"{log['name']}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+    if log["steps"] < config.steps:  # the recipe is a step count: a time-limited model is a different, weaker one
+        typer.echo(f"{log['name']}: stopped by the {config.minutes:g}-minute limit at step {log['steps']} of "
+                   f"{config.steps}; run the same command with a larger --minutes to finish it", err=True)
 
 
 def main() -> None:

@@ -36,6 +36,22 @@ def test_loss_goes_down_and_fresh_ignores_the_checkpoint(tmp_path):
     assert log["steps"] == 2
 
 
+def test_a_run_stopped_by_its_time_limit_says_how_to_finish_it(tmp_path, capsys):
+    """The recipes are step counts; a run cut short by --minutes says so, and resuming it finishes the recipe."""
+    from asyncvid.train import _finish
+
+    class Saved(torch.nn.Module):
+        def save_pretrained(self, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    log = train(_toy(), _loss, TrainConfig(tmp_path, steps=8, minutes=1e-9), name="toy")
+    _finish(Saved(), TrainConfig(tmp_path, steps=8, minutes=1e-9), log)
+    assert log["steps"] < 8 and f"at step {log['steps']} of 8" in capsys.readouterr().err
+    log = train(_toy(), _loss, TrainConfig(tmp_path, steps=8), name="toy")
+    _finish(Saved(), TrainConfig(tmp_path, steps=8), log)
+    assert log["steps"] == 8 and "stopped by" not in capsys.readouterr().err
+
+
 def test_config_rejects_empty_budgets(tmp_path):
     with pytest.raises(ValueError, match="must be positive"):
         TrainConfig(tmp_path, minutes=0)
