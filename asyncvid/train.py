@@ -23,7 +23,8 @@ Seed = Annotated[int, typer.Option(help="Seed of data, initial weights and batch
 Threads = Annotated[int, typer.Option(help="CPU threads (torch.set_num_threads).")]
 Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and start over.")]
 Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
-UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)  # what export can ship
+# What export can ship: asyncvid.training.export.NAMES's keys, spelt here so `--help` needs no torch import.
+UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -151,10 +152,10 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
            scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None,
            only: Annotated[Optional[list[UNetStage]], typer.Option(help="Export only this UNet stage (animatediff or svd); repeat for both \\[default: both].")] = None):
     """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
-    from asyncvid.training.export import NAMES, export_all
+    from asyncvid.training.export import export_all
     root = _workdir(workdir)
     card_scores = json.loads(scores.read_text()) if scores else {}
-    for folder in export_all(root, dest, card_scores, tuple(s.value for s in only) if only else tuple(NAMES)):
+    for folder in export_all(root, dest, card_scores, tuple(s.value for s in only or UNetStage)):
         typer.echo(f"wrote {folder}")
 
 
