@@ -89,7 +89,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSte
                 text_positions: Annotated[Optional[bool], typer.Option("--text-positions/--no-text-positions", help="Keep the text encoder's position embeddings \\[default: TEXT_POSITIONS].")] = None,
                 high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
-                mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None):
+                mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None,
+                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = 0):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
@@ -110,7 +111,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSte
     pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr)
+                     fresh=fresh, lr=lr, anneal=anneal)
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
     loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir,
                                schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, high_noise=high_noise,

@@ -55,6 +55,26 @@ def test_a_run_stopped_by_its_time_limit_says_how_to_finish_it(tmp_path, capsys)
 def test_config_rejects_empty_budgets(tmp_path):
     with pytest.raises(ValueError, match="must be positive"):
         TrainConfig(tmp_path, minutes=0)
+    with pytest.raises(ValueError, match="anneal"):
+        TrainConfig(tmp_path, steps=10, anneal=11)
+
+
+def test_anneal_decays_the_learning_rate_to_zero_over_the_last_steps(tmp_path):
+    config = TrainConfig(tmp_path, steps=100, lr=1.0, warmup=10, anneal=40)
+    rates = [config.lr_at(step) for step in range(100)]
+    assert rates[0] == pytest.approx(0.1) and rates[9:60] == [1.0] * 51  # warm-up, then constant
+    assert rates[60:] == pytest.approx([(100 - s) / 40 for s in range(60, 100)])  # linear to 1/40 at the last step
+    assert TrainConfig(tmp_path, steps=100, lr=1.0, warmup=10).lr_at(99) == 1.0  # anneal 0: constant
+    # The decay happens in training: the last step's update is 1/anneal of a full one, so weights barely move.
+    model = _toy()
+    train(model, _loss, TrainConfig(tmp_path / "run", steps=5, lr=0.1, warmup=1, anneal=5, ema=0.0), name="toy")
+    with torch.no_grad():
+        moved = sum((a - b).abs().sum() for a, b in zip(model.parameters(), _toy().parameters()))
+    ref = _toy()
+    train(ref, _loss, TrainConfig(tmp_path / "ref", steps=5, lr=0.1, warmup=1, ema=0.0), name="toy")
+    with torch.no_grad():
+        moved_ref = sum((a - b).abs().sum() for a, b in zip(ref.parameters(), _toy().parameters()))
+    assert moved < 0.8 * moved_ref
 
 
 @pytest.mark.parametrize("family", ["animatediff", "svd"])

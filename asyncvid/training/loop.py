@@ -26,6 +26,7 @@ class TrainConfig:
     seed: int = 0
     threads: int = 1
     ema: float = 0.995
+    anneal: int = 0  # the last `anneal` steps of the budget decay the learning rate linearly to zero
     checkpoint_every: int = 100
     resume: bool = True
 
@@ -37,6 +38,16 @@ class TrainConfig:
             raise ValueError(f"batch must be at least 1, got {self.batch}")
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}; 0 turns averaging off")
+        if not 0 <= self.anneal <= self.steps:
+            raise ValueError(f"anneal ({self.anneal}) must be between 0 and the step budget ({self.steps})")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of step `step` (0-based): linear warm-up, constant, then (with `anneal`) linear decay to
+        zero at the step budget (a warmup-stable-decay schedule)."""
+        scale = min(1.0, (step + 1) / self.warmup)
+        if self.anneal:
+            scale *= min(1.0, (self.steps - step) / self.anneal)
+        return self.lr * scale
 
     @property
     def checkpoint(self) -> Path:
@@ -73,7 +84,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, config: TrainConfig, *, name:
         task = bar.add_task(name, total=config.steps, completed=step, loss=float("nan"))
         while step < config.steps and time.perf_counter() - start < config.minutes * 60:
             for group in opt.param_groups:
-                group["lr"] = config.lr * min(1.0, (step + 1) / config.warmup)
+                group["lr"] = config.lr_at(step)
             loss = loss_fn(model, config.batch, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
