@@ -59,6 +59,14 @@ def preflight(model: str, task: str | None, requests: list, *, motion_adapter: s
     return folder
 
 
+def recommended_guidance(model: str) -> float:
+    """The guidance scale `model` is sampled with when the user gives none: its folder's sampling.json, else 7.5."""
+    from . import sampling_defaults
+    from .pipelines import EMBEDDED, materialize
+
+    return sampling_defaults.guidance(resolve_folder(model, EMBEDDED, materialize))
+
+
 def _looks_like_hub_id(spec: str) -> bool:
     parts = spec.split("/")
     return len(parts) == 2 and all(parts) and not spec.startswith((".", "~"))

@@ -124,7 +124,7 @@ def generate(
     frames: Frames = None,
     height: Height = None,
     width: Width = None,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 disables it).")] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 disables it) \\[default: the model's own (sampling.json in its folder; tiny-animatediff: 2.5), else 7.5].")] = None,
     negative_prompt: Annotated[str, typer.Option(help="What the video should not show.")] = "",
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second of the written video.")] = 8,
@@ -160,10 +160,13 @@ def generate(
     from asyncvid.requests import TextToVideo
 
     def build():
+        from asyncvid.sources import recommended_guidance
+
         prompts = read_prompts(prompt_file)
+        scale = recommended_guidance(model) if guidance is None else guidance
         requests = [
             TextToVideo(p, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
-                        num_inference_steps=steps, guidance_scale=guidance, seed=seed, fps=fps)
+                        num_inference_steps=steps, guidance_scale=scale, seed=seed, fps=fps)
             for p in prompts
         ]
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]

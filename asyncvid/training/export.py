@@ -76,6 +76,10 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)
+        if stage == "animatediff":  # the guidance it is sampled with unless the user says otherwise
+            from asyncvid import sampling_defaults
+            from asyncvid.training.animatediff import GUIDANCE
+            sampling_defaults.write(tmp, guidance_scale=GUIDANCE)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():
