@@ -79,7 +79,7 @@ def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, thr
 
 
 @app.command()
-def animatediff(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = 2743, batch: Batch = 4,
+def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSteps = 3443, batch: Batch = 4,
                 seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
@@ -90,12 +90,13 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSte
                 high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
                 mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None,
-                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = 0):
+                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = 700):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
-    The recipe is 2,743 steps (r4's: 60 minutes on one thread beside the SVD run where it was trained); a step
-    budget rather than a time budget, so a slower machine trains the same model, only later."""
+    The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
+    107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
+    budget, so a slower machine trains the same model, only later."""
     from diffusers import AutoencoderKL
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import (HIGH_NOISE_FROM, HIGH_NOISE_SHARE, SCHEDULE, SD_SCHEDULE, TEXT_LAYERS,
@@ -162,9 +163,9 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 
 @app.command("all")
 def all_stages(workdir: Workdir = None, seed: Seed = 0,
-               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet.")] = 2743,
+               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet (its last 700 annealed).")] = 3443,
                svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
-               minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 120.0,
+               minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
                vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""

@@ -9,6 +9,7 @@ from asyncvid.asyncdiff_config import AsyncDiffConfig
 from asyncvid.errors import UsageError
 from asyncvid.measure import asyncdiff_sample, psnr, sequential_sample
 from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.training.animatediff import GUIDANCE
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -17,8 +18,10 @@ CPU = torch.device("cpu")
 def _request(family, steps, frames=8, red_circle=None):
     if family == "svd":
         return "tiny-svd", ImageToVideo(red_circle, num_inference_steps=steps, num_frames=frames, height=64, width=64)
+    # At the guidance the CLI samples tiny-animatediff with (its sampling.json): at 7.5 its colours saturate and
+    # two seeds' videos differ by only 16.7 dB, too little for a PSNR floor to tell close from unrelated.
     return "tiny-animatediff", TextToVideo("a red circle moving left", num_inference_steps=steps, num_frames=frames,
-                                           height=64, width=64)
+                                           height=64, width=64, guidance_scale=GUIDANCE)
 
 
 def _parallel(model, request, world, scheduler=None, **config):
@@ -57,9 +60,10 @@ def test_two_stages_stay_close_to_sequential_and_hold_part_of_the_weights(family
     parallel = _parallel(model, request, 2, stages=2)  # the defaults: stride 1, warm-up 3, measured costs
     reference = _sequential(model, request)
     assert not torch.equal(parallel.latents, reference.latents)  # the method is approximate after warm-up
-    # Measured on the shipped weights: 30.5 dB for SVD (r3) and 30.9 for AnimateDiff (r4; r3: 33.5, r2: 34.2,
-    # random weights: 47.9). The better a UNet follows its input, the more the stale activations after warm-up cost.
-    assert psnr(parallel.frames, reference.frames) >= (27.5 if family[0] == "svd" else 28.0)
+    # Measured on the shipped weights: 30.5 dB for SVD (r3) and 39.5 for AnimateDiff (r8 at guidance 2.5; 29.9 at
+    # 7.5; r4: 30.9, r3: 33.5, r2: 34.2 at 7.5). The better a UNet follows its input, and the harder guidance
+    # extrapolates, the more the stale activations after warm-up cost.
+    assert psnr(parallel.frames, reference.frames) >= (27.5 if family[0] == "svd" else 36.0)
     assert all(0 < share < 1 for share in parallel.weight_share)
     assert sum(parallel.bytes_sent) > 0
 
@@ -105,7 +109,9 @@ def test_cfg_parallel_composes_with_stages(red_circle):
     model, request = _request("animatediff", steps=5, frames=4)
     parallel = _parallel(model, request, 4, stages=2, warmup=2, cost="flops", cfg_parallel=True)
     reference = _sequential(model, request)
-    assert psnr(parallel.frames, reference.frames) >= 25.0  # measured 27.6 dB on r4 (r3: 28.2, r2: 30.5)
+    # Measured 18.7 dB on r8, the same as stages alone at these settings (5 steps, 2 of them warm-up): the split
+    # of the guidance batch adds nothing. Two seeds differ by 8.7 dB. (At 7.5: r8 21.4, r4 27.6, r3 28.2.)
+    assert psnr(parallel.frames, reference.frames) >= 16.5
     assert len(parallel.weight_share) == 4 and max(parallel.weight_share) < 1
 
 
@@ -115,7 +121,7 @@ def test_dpm_solver_multistep_is_exact_with_full_warmup_and_close_after(red_circ
     exact = _parallel(model, request, 2, scheduler="dpm-solver", stages=2, warmup=8, cost="flops")
     assert torch.equal(exact.latents, reference.latents)
     default = _parallel(model, request, 2, scheduler="dpm-solver", stages=2, warmup=3, cost="flops")
-    assert psnr(default.frames, reference.frames) >= 26.0  # measured 28.6 dB on r4 (r3: 29.3, r2: 32.5)
+    assert psnr(default.frames, reference.frames) >= 17.0  # measured 19.3 dB on r8 (at 7.5: r8 32.1, r4 28.6)
     assert psnr(default.frames, _sequential(model, request).frames) < 60.0  # DDIM's output really differs
 
 
@@ -125,6 +131,9 @@ def test_time_shift_changes_the_trajectory_but_stays_close(red_circle):
     shifted = _parallel(model, request, 2, stages=2, warmup=2, cost="flops", time_shift=True)
     reference = _sequential(model, request)
     assert not torch.equal(plain.latents, shifted.latents)
-    # Measured 21.7 dB on r4 (r3: 30.6, r2: 27.0): the r4 UNet's early steps fix where the shape starts, and
-    # the shift moves which step each stage's stale input comes from there.
-    assert psnr(shifted.frames, reference.frames) >= 19.0
+    # Measured 16.3 dB on r8 (plain 17.4; at 7.5 r4: 21.7): the UNet's early steps fix where the shape starts,
+    # and the shift moves which step each stage's stale input comes from there. Still far closer than another
+    # seed's video (8.7 dB).
+    assert psnr(shifted.frames, reference.frames) >= 14.0
+    other_seed = _sequential(model, TextToVideo(**{**vars(request), "seed": 1}))
+    assert psnr(shifted.frames, reference.frames) > psnr(other_seed.frames, reference.frames) + 4.0
