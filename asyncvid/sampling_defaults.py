@@ -22,13 +22,13 @@ def read(folder: Path) -> dict:
     try:
         settings = json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise UsageError(f"{path} is not valid JSON ({err}); fix or delete it") from None
+        raise UsageError(f"'{path}' is not valid JSON ({err}); fix or delete it") from None
     unknown = sorted(set(settings) - set(KEYS)) if isinstance(settings, dict) else None
     if unknown is None or unknown:
-        raise UsageError(f"{path} may hold only {', '.join(KEYS)}, got {unknown or settings!r}; fix or delete it")
+        raise UsageError(f"'{path}' may hold only {', '.join(KEYS)}, got {unknown or settings!r}; fix or delete it")
     scale = settings.get("guidance_scale", GUIDANCE)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
-        raise UsageError(f"{path}: guidance_scale must be a number >= 0, got {scale!r}; fix or delete it")
+        raise UsageError(f"'{path}': guidance_scale must be a number >= 0, got {scale!r}; fix or delete it")
     return settings
 
 

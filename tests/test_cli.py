@@ -187,6 +187,17 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+def _model_with_sampling(folder: Path, text: bytes) -> Path:
+    """A copy of the embedded text-to-video model whose sampling.json is `text`."""
+    import shutil
+
+    from asyncvid.pipelines.embedded import EMBEDDED
+
+    model = shutil.copytree(EMBEDDED["tiny-animatediff"].source, folder / "model")
+    _write(model / "sampling.json", text)
+    return model
+
+
 # Each case: tmp folder -> (arguments without --out, text the error line must contain).
 BAD_INPUTS = {
     "missing prompt file": lambda d: (["generate", d / "nope.txt", *FAST], ["nope.txt", "does not exist"]),
@@ -218,6 +229,10 @@ BAD_INPUTS = {
     "animatediff model for i2v": lambda d: (
         ["i2v", Path(__file__).parent.parent / "samples" / "red_circle.png", *FAST, "--model", "tiny-animatediff"],
         ["'tiny-animatediff'", "asyncvid generate"],
+    ),
+    "malformed sampling.json": lambda d: (
+        ["generate", prompt_file(d), *FAST, "--model", _model_with_sampling(d, b'{"guidance": 2}')],
+        ["sampling.json", "guidance_scale", "'guidance'"],
     ),
     "float16 on the cpu": lambda d: (
         ["generate", prompt_file(d), *FAST, "--device", "cpu", "--dtype", "float16"], ["float16"]
