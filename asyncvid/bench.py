@@ -325,9 +325,11 @@ def measured_link(config: BenchConfig, device: torch.device, log) -> tuple[costm
 
 def run_bench(config: BenchConfig, log=print) -> dict:
     """Run the whole benchmark and write its JSON, markdown and plots under `config.out`; returns the JSON."""
-    from .bench_report import write_report
+    from .bench_report import check_plotting, write_report
     from .jobs import quiet_libraries
 
+    if config.plots:
+        check_plotting()
     quiet_libraries()
     if config.adherence_only:
         return _refresh_adherence(config, log)

@@ -13,10 +13,11 @@ TARGET_ERROR = 0.15  # the projection for N=2 should land within this of the mea
 def write_report(result: dict, config) -> None:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The measurements first: whatever fails after this, the run's numbers are kept.
+    (out / "benchmarks.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     plots = []
     if config.plots:
         plots = [plot_speedup(result, out / SPEEDUP_PLOT), plot_warmup(result, out / WARMUP_PLOT)]
-    (out / "benchmarks.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
     (out / "BENCHMARKS.md").write_text(markdown(result, [p.name for p in plots if p is not None]))
 
 
@@ -225,6 +226,17 @@ def markdown(result: dict, plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def check_plotting() -> None:
+    """Fail before any measuring, not after an hour of it, when the plots cannot be drawn."""
+    from importlib.util import find_spec
+
+    from .errors import UsageError
+
+    if find_spec("matplotlib") is None:
+        raise UsageError("asyncvid bench draws its plots with matplotlib, which is not installed; "
+                         "pip install 'asyncvid[bench]' (or matplotlib)")
 
 
 def _pyplot():

@@ -135,3 +135,18 @@ def test_tiny_grid_runs_end_to_end(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "out" / "benchmarks.json").read_text())
     assert saved["models"][str(folder)]["rows"][2]["config"] == "AsyncDiff N=2 S=1 warm-up 1"
     assert "AsyncDiff N=2 S=1 warm-up 1" in (tmp_path / "out" / "BENCHMARKS.md").read_text()
+
+
+def test_missing_matplotlib_is_refused_before_any_measuring(tmp_path, monkeypatch):
+    """The plots come last; without matplotlib the bench stops at once, not after the measurements."""
+    import importlib.util
+
+    from asyncvid.errors import UsageError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    measured = []
+    config = BenchConfig(models=("tiny-svd",), out=tmp_path / "out", adherence_only=True)
+    with pytest.raises(UsageError, match=r"matplotlib.*asyncvid\[bench\]"):
+        run_bench(config, log=lambda *a: measured.append(a))
+    assert measured == [] and not (tmp_path / "out").exists()
