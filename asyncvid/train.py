@@ -167,12 +167,15 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
                svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
                minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
-               vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800):
+               vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800,
+               anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = 700):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
     import subprocess
     import sys
     import time
 
+    if not 0 <= anneal <= steps:  # here, not an hour later when the AnimateDiff stage starts
+        raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
     root = _workdir(workdir)
     vae(workdir=root, minutes=30.0, steps=vae_steps, seed=seed, threads=os.cpu_count() or 1)
     # Two one-thread processes use two cores better than one process with two threads (small tensors: one
@@ -181,6 +184,8 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
     for stage, budget, limit in (("animatediff", steps, minutes), ("svd", svd_steps, svd_minutes)):
         cmd = [sys.executable, "-m", "asyncvid.train", stage, "--workdir", str(root), "--steps", str(budget),
                "--minutes", str(limit), "--seed", str(seed), "--threads", "1"]
+        if stage == "animatediff":
+            cmd += ["--anneal", str(anneal)]
         with (root / f"{stage}.log").open("w") as out:  # the child keeps its own copy of the descriptor
             procs[stage] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         typer.echo(f"{stage}: training {budget} steps (at most {limit:g} min), log in {root / f'{stage}.log'}")

@@ -196,3 +196,13 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
     with pytest.raises(ValueError, match="needs a zero-terminal-SNR schedule"):
         animatediff_loss_fn(pipe, clips_per_caption=2, num_frames=2, cache_dir=tmp_path, mean_share=0.5,
                             schedule={"prediction_type": "epsilon", "rescale_betas_zero_snr": False})
+
+
+def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from asyncvid.train import app
+
+    result = CliRunner().invoke(app, ["all", "--workdir", str(tmp_path / "w"), "--steps", "500", "--anneal", "700"])
+    assert result.exit_code == 2 and "--anneal 700" in result.output
+    assert not (tmp_path / "w").exists()

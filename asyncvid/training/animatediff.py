@@ -34,7 +34,8 @@ HIGH_NOISE_SHARE, HIGH_NOISE_FROM = 0.0, 0.6
 MEAN_SHARE = 0.75
 # The guidance scale `export` recommends in the model folder's sampling.json. The trained text encoder makes the
 # conditional prediction strong: at SD's 7.5 the colours over-saturate (reds turn orange, oranges yellow). Chosen on
-# the 46 training captions (r8, sampling seed 0): colour 98% / 91% / 87% / 85% at 2.5 / 4 / 5.5 / 7.5, direction 100% at all.
+# the 46 training captions (r8, sampling seed 0): colour 98% / 91% / 87% / 85% at guidance 2.5 / 4 / 5.5 / 7.5,
+# direction 100% at each.
 GUIDANCE = 2.5
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}

@@ -39,7 +39,8 @@ class TrainConfig:
         if not 0 <= self.ema < 1:
             raise ValueError(f"ema decay must be in [0, 1), got {self.ema}; 0 turns averaging off")
         if not 0 <= self.anneal <= self.steps:
-            raise ValueError(f"anneal ({self.anneal}) must be between 0 and the step budget ({self.steps})")
+            raise ValueError(f"anneal ({self.anneal}) must be between 0 and the step budget ({self.steps}); "
+                             f"lower --anneal or raise --steps")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step `step` (0-based): linear warm-up, constant, then (with `anneal`) linear decay to
