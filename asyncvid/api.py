@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -69,17 +70,21 @@ class VideoPipeline:
         """Process ids of the workers (empty when the model runs in this process)."""
         return self._pool.pids if self._pool is not None else []
 
+    @cached_property
+    def _guidance(self) -> float:
+        """The model's recommended guidance scale, read once (its folder's sampling.json; else 7.5)."""
+        from .sources import recommended_guidance
+        return recommended_guidance(self.spec.model)
+
     def text_to_video(self, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int | None = None,
                       generator: torch.Generator | None = None, fps: int = 8) -> Video:
         """A video of `prompt` (AnimateDiff); `None` sizes and frames mean the model's defaults, `None` guidance
         the model's recommended scale (its folder's sampling.json; else 7.5)."""
-        if guidance_scale is None:
-            from .sources import recommended_guidance
-            guidance_scale = recommended_guidance(self.spec.model)
         request = TextToVideo(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
-                              width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                              width=width, num_inference_steps=num_inference_steps,
+                              guidance_scale=self._guidance if guidance_scale is None else guidance_scale,
                               seed=_seed(seed, generator), fps=fps)
         return self._generate(request)
 

@@ -25,6 +25,8 @@ Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and sta
 Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
 # What export can ship: asyncvid.training.export.NAMES's keys, spelt here so `--help` needs no torch import.
 UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
+# The AnimateDiff recipe (r8): its step budget and how many of those steps end it with a decaying learning rate.
+ANIMATEDIFF_STEPS, ANNEAL = 3443, 700
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -79,7 +81,7 @@ def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, thr
 
 
 @app.command()
-def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSteps = 3443, batch: Batch = 4,
+def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSteps = ANIMATEDIFF_STEPS, batch: Batch = 4,
                 seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
@@ -90,7 +92,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
                 mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None,
-                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = 700):
+                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = ANNEAL):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
@@ -163,12 +165,12 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 
 @app.command("all")
 def all_stages(workdir: Workdir = None, seed: Seed = 0,
-               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet (its last 700 annealed).")] = 3443,
+               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet (the last --anneal of them annealed).")] = ANIMATEDIFF_STEPS,
                svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
                minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
                vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800,
-               anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = 700):
+               anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
     import subprocess
     import sys
