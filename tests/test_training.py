@@ -28,6 +28,13 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_training_gives_the_process_its_thread_count_back(tmp_path):
+    # A leaked count changed float rounding for every later sampler in the process (a notebook-vs-CLI test failed).
+    before = torch.get_num_threads()
+    train(_toy(), _loss, TrainConfig(tmp_path, steps=1, threads=before + 1), name="toy")
+    assert torch.get_num_threads() == before
+
+
 def test_loss_goes_down_and_fresh_ignores_the_checkpoint(tmp_path):
     model = _toy()
     log = train(model, _loss, TrainConfig(tmp_path, steps=200, lr=1e-2, batch=32, ema=0.0), name="toy")

@@ -60,8 +60,15 @@ LossFn = Callable[[torch.nn.Module, int, torch.Generator], torch.Tensor]  # (mod
 
 def train(model: torch.nn.Module, loss_fn: LossFn, config: TrainConfig, *, name: str) -> dict:
     """Optimise `model` in place with AdamW on `loss_fn`; returns the log. The averaged (EMA) weights are copied
-    into `model` at the end. The checkpoint holds weights, averages, optimiser, step and generator state."""
-    torch.set_num_threads(config.threads)
+    into `model` at the end. The checkpoint holds weights, averages, optimiser, step and generator state. Runs on
+    `config.threads` CPU threads and gives the process its thread count back afterwards."""
+    from asyncvid.launch import cpu_threads
+
+    with cpu_threads(config.threads, torch.device("cpu")):
+        return _train(model, loss_fn, config, name)
+
+
+def _train(model, loss_fn, config, name) -> dict:
     config.workdir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
