@@ -1,4 +1,5 @@
-"""Shared fixtures: a private model home for the session, an empty offline Hugging Face cache, the sample image."""
+"""Shared fixtures: a private model home for the session, the CPU thread count restored after each test, an empty
+offline Hugging Face cache, the sample image."""
 
 from pathlib import Path
 
@@ -17,6 +18,18 @@ def asyncvid_home(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ASYNCVID_HOME", str(home))
         yield home
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """Give every test the session's CPU thread count back: the CLI tests run in this process (CliRunner), and a
+    different thread count changes float rounding, so a leaked `torch.set_num_threads` made a later test's frames
+    differ from a notebook kernel's."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture
