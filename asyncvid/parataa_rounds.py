@@ -27,9 +27,12 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def requests(model: str, steps: int, seed: int = 0):
-    """The CLI's default request of each embedded model, at `steps` steps."""
+    """The CLI's default request of each embedded model, at `steps` steps (and the model's recommended guidance)."""
     if model == "tiny-animatediff":
-        return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed)
+        from .sources import recommended_guidance
+
+        return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
+                           guidance_scale=recommended_guidance(model))
     return ImageToVideo(SAMPLES / "red_circle.png", num_inference_steps=steps, seed=seed)
 
 
