@@ -11,11 +11,11 @@ __version__ = "0.1.0"
 _LAZY = {
     "load": "asyncvid.api",
     "VideoPipeline": "asyncvid.api",
-    "Video": "asyncvid.video",
-    "AsyncDiffConfig": "asyncvid.asyncdiff_config",
-    "ParaTAAConfig": "asyncvid.parataa_config",
-    "RankFailed": "asyncvid.pool",
-    "RequestFailed": "asyncvid.pool",
+    "Video": "asyncvid.video.frames",
+    "AsyncDiffConfig": "asyncvid.asyncdiff.config",
+    "ParaTAAConfig": "asyncvid.parataa.config",
+    "RankFailed": "asyncvid.runtime.pool",
+    "RequestFailed": "asyncvid.runtime.pool",
     "UsageError": "asyncvid.errors",
 }
 __all__ = ["__version__", *_LAZY]

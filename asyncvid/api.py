@@ -1,6 +1,6 @@
 """The library API for scripts and notebooks: load a model once, then make videos with diffusers' argument names.
 
-With `devices` > 1 the model loads on worker processes (asyncvid.pool) that stay alive until `close()`, the end
+With `devices` > 1 the model loads on worker processes (asyncvid.runtime.pool) that stay alive until `close()`, the end
 of a `with` block, or interpreter exit; with one device and sequential sampling it loads in this process.
 """
 
@@ -12,15 +12,19 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from PIL import Image
 
-from . import launch
-from .asyncdiff_config import AsyncDiffConfig
-from .devices import resolve_device, resolve_dtype
-from .errors import UsageError
-from .jobs import ModelSpec, load_sampler, runs_in_process
-from .parataa_config import ParaTAAConfig
-from .requests import ImageToVideo, TextToVideo
-from .video import Video
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.errors import UsageError
+from asyncvid.models.devices import resolve_device, resolve_dtype
+from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.pipelines import preflight, recommended_guidance
+from asyncvid.pipelines.svd import load_image
+from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.runtime import launch
+from asyncvid.runtime.loaders import ModelSpec, load_sampler, runs_in_process
+from asyncvid.runtime.pool import WorkerPool
+from asyncvid.video.frames import Video
 
 SAMPLERS = (AsyncDiffConfig, ParaTAAConfig)  # config types a `sampler` may be, besides None (sequential)
 
@@ -53,9 +57,6 @@ class VideoPipeline:
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:
-            from .pool import WorkerPool
-            from .sources import preflight
-
             # A bad model fails here in one line, before any worker starts (the CLI does the same).
             preflight(model, None, [], motion_adapter=motion_adapter)
             self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe)
@@ -73,7 +74,6 @@ class VideoPipeline:
     @cached_property
     def _guidance(self) -> float:
         """The model's recommended guidance scale, read once (its folder's sampling.json; else 7.5)."""
-        from .sources import recommended_guidance
         return recommended_guidance(self.spec.model)
 
     def text_to_video(self, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
@@ -138,10 +138,6 @@ class VideoPipeline:
             return self._loaded.generate(request)
 
     def _image_path(self, image) -> Path:
-        from PIL import Image
-
-        from .pipelines.svd import load_image
-
         if isinstance(image, Image.Image):  # the workers read files: hand them a lossless copy
             path = Path(self._images.name) / f"image-{len(os.listdir(self._images.name))}.png"
             image.convert("RGB").save(path, format="PNG")

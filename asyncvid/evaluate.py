@@ -1,5 +1,5 @@
 """Score videos for adherence: `python -m asyncvid.evaluate OUTPUT_FOLDER` reads each output and its sidecar
-(the prompt, or the conditioning image) and prints colour, shape and direction scores (asyncvid.adherence)."""
+(the prompt, or the conditioning image) and prints colour, shape and direction scores (asyncvid.eval.adherence)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,21 @@ import json
 from pathlib import Path
 from typing import Annotated, Optional
 
+import av
 import numpy as np
 import typer
+from PIL import Image
 
-from .adherence import score_image_video, score_video, summarize
-from .errors import UsageError
+from asyncvid.errors import UsageError
+from asyncvid.eval.adherence import score_image_video, score_video, summarize
+from asyncvid.video.writers import read_png_frames
 
 
 def read_frames(path: Path) -> np.ndarray:
     """uint8 (frames, H, W, 3) from an MP4 or GIF file, or a folder of PNG frames."""
     path = Path(path)
     if path.is_dir():
-        from .video import read_png_frames
         return read_png_frames(path)
-    import av
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
@@ -30,7 +31,6 @@ def score_output(sidecar: Path) -> dict:
     meta = json.loads(sidecar.read_text())
     frames = read_frames(sidecar.parent / meta["output"])
     if meta.get("task") == "image-to-video":
-        from PIL import Image
         with Image.open(meta["image"]) as im:
             image = np.asarray(im.convert("RGB"))
         return {"output": meta["output"], "image": meta["image"], **score_image_video(frames, image)}

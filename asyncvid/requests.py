@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .errors import UsageError
+from asyncvid.errors import UsageError
 
 
 class UsageWarning(UserWarning):

@@ -1,4 +1,4 @@
-"""Model adapters, chosen by pipeline class: how to load each family and how to call it."""
+"""Model adapters, chosen by pipeline class: how to load each family, check a request before loading, and call it."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-
-from asyncvid.errors import UsageError
-from asyncvid.sources import check_components, resolve_folder
-
 from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 
-from . import animatediff, motion_units, svd, svd_units
-from .embedded import EMBEDDED, materialize
+from asyncvid.errors import UsageError
+from asyncvid.models import sampling_defaults
+from asyncvid.models.sources import check_components, check_weights, resolve_folder
+from asyncvid.pipelines import animatediff, motion_units, svd, svd_units
+from asyncvid.pipelines.embedded import EMBEDDED, materialize
 
 # model_index.json `_class_name` -> adapter. A Stable Diffusion folder is an AnimateDiff base model.
 ADAPTERS: dict[str, ModuleType] = {
@@ -71,3 +70,27 @@ def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motio
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, adapter, folder
+
+
+def preflight(model: str, task: str | None, requests: list, *, motion_adapter: str | None = None,
+              allow_pickle: bool = False) -> Path:
+    """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
+    in one line from one process: its source, components and weights, its task (unless None: any), and each request
+    (frames, and a warning for a prompt longer than the text encoder reads)."""
+    folder = resolve_folder(model, EMBEDDED, materialize)
+    check_components(folder, allow_pickle=allow_pickle)
+    adapter = adapter_for(folder)
+    if task is not None and adapter.TASK != task:
+        command = "generate" if adapter.TASK == "text-to-video" else "i2v"
+        raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
+    motion = None
+    if motion_adapter is not None:
+        motion = resolve_folder(motion_adapter, (), materialize, marker="config.json")
+        check_weights(motion, allow_pickle=allow_pickle)
+    adapter.check_folder(folder, requests, motion_adapter=motion)
+    return folder
+
+
+def recommended_guidance(model: str) -> float:
+    """The guidance scale `model` is sampled with when the user gives none: its folder's sampling.json, else 7.5."""
+    return sampling_defaults.guidance(resolve_folder(model, EMBEDDED, materialize))

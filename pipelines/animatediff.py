@@ -12,9 +12,10 @@ from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMot
 from transformers import CLIPTokenizer
 
 from asyncvid.errors import UsageError
+from asyncvid.models.sources import check_weights
+from asyncvid.models.weights import skeleton
+from asyncvid.pipelines import animatediff_parataa
 from asyncvid.requests import TextToVideo, UsageWarning
-from asyncvid.sources import check_weights
-from asyncvid.stage_weights import skeleton
 
 TASK = "text-to-video"
 FRAME_DIM = 2  # latents are (batch, channels, frames, height, width)
@@ -82,7 +83,7 @@ def check_folder(folder: Path, requests: list[TextToVideo], motion_adapter: Path
 def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
     """Limits that depend on the loaded model; a prompt past the text encoder's length is a warning, not an error."""
     _check_frames(request, pipe.unet.config.get("motion_max_seq_length", None))
-    # In a process group, the process that started it has checked the prompts (asyncvid.sources.preflight).
+    # In a process group, the process that started it has checked the prompts (asyncvid.models.sources.preflight).
     if not torch.distributed.is_initialized():
         _warn_if_truncated(pipe.tokenizer, request)
 
@@ -139,7 +140,6 @@ def decode(pipe: AnimateDiffPipeline, latents, request: TextToVideo, start: int,
 
 
 def parataa_problem(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, eta: float = 0.0):
-    """ParaTAA's view of the request (asyncvid.parataa_problem.Problem), prepared as the pipeline prepares it."""
-    from .animatediff_parataa import prepare
-
-    return prepare(pipe, request, generator=generator, eta=eta)
+    """ParaTAA's view of the request (asyncvid.parataa.problem.Problem), prepared as the pipeline prepares it."""
+    return animatediff_parataa.prepare(pipe, request, frames=request.num_frames or DEFAULT_FRAMES, generator=generator,
+                                       eta=eta)

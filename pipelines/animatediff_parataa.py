@@ -5,16 +5,13 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from asyncvid.parataa_problem import Problem
+from asyncvid.parataa.problem import Problem
+from asyncvid.parataa.trajectory import from_scheduler
 from asyncvid.requests import TextToVideo
-from asyncvid.trajectory import from_scheduler
-
-from .animatediff import DEFAULT_FRAMES
 
 
-def prepare(pipe, request: TextToVideo, *, generator: torch.Generator, eta: float = 0.0) -> Problem:
+def prepare(pipe, request: TextToVideo, *, frames: int, generator: torch.Generator, eta: float = 0.0) -> Problem:
     """Mirror `AnimateDiffPipeline.__call__` up to its denoising loop (steps 3-5), drawing noise in the same order."""
-    frames = request.num_frames or DEFAULT_FRAMES
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device, guidance = pipe._execution_device, request.guidance_scale

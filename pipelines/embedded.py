@@ -61,7 +61,7 @@ def materialize(name: str, root: Path | None = None) -> Path:
     if not (model.source / "model_index.json").is_file():
         raise UsageError(
             f"the package has no weights for {name} in {model.source}; reinstall asyncvid or run "
-            "`python -m asyncvid.train all`"
+            "`python -m asyncvid.training all`"
         )
     target.parent.mkdir(parents=True, exist_ok=True)
     # Copy into a private folder and rename, so concurrent ranks never load a half-written model.

@@ -10,8 +10,9 @@ from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionM
 from PIL import Image, UnidentifiedImageError
 
 from asyncvid.errors import UsageError
+from asyncvid.models.weights import skeleton
+from asyncvid.pipelines import svd_parataa
 from asyncvid.requests import ImageToVideo
-from asyncvid.stage_weights import skeleton
 
 TASK = "image-to-video"
 FRAME_DIM = 1  # latents are (batch, frames, channels, height, width)
@@ -104,7 +105,5 @@ def decode(pipe: StableVideoDiffusionPipeline, latents, request: ImageToVideo, s
 
 
 def parataa_problem(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, eta: float = 0.0):
-    """ParaTAA's view of the request (asyncvid.parataa_problem.Problem), prepared as the pipeline prepares it."""
-    from .svd_parataa import prepare
-
-    return prepare(pipe, request, generator=generator, eta=eta)
+    """ParaTAA's view of the request (asyncvid.parataa.problem.Problem), prepared as the pipeline prepares it."""
+    return svd_parataa.prepare(pipe, request, image=load_image(request.image), generator=generator, eta=eta)

@@ -5,16 +5,13 @@ from __future__ import annotations
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from asyncvid.parataa_problem import Problem
+from asyncvid.parataa.problem import Problem
+from asyncvid.parataa.trajectory import from_scheduler
 from asyncvid.requests import ImageToVideo
-from asyncvid.trajectory import from_scheduler
-
-from .svd import load_image
 
 
-def prepare(pipe, request: ImageToVideo, *, generator: torch.Generator, eta: float = 0.0) -> Problem:
+def prepare(pipe, request: ImageToVideo, *, image, generator: torch.Generator, eta: float = 0.0) -> Problem:
     """Mirror `StableVideoDiffusionPipeline.__call__` up to its denoising loop, drawing noise in the same order."""
-    image = load_image(request.image)
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     frames = request.num_frames if request.num_frames is not None else pipe.unet.config.num_frames

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 
-from asyncvid.units import Program, Unit
-
-from .unit_common import check_upsample_size, downsample, timestep_tensor, upsample
+from asyncvid.asyncdiff.units import Program, Unit
+from asyncvid.pipelines.unit_common import check_upsample_size, downsample, timestep_tensor, upsample
 
 # conv_in is tiny and holds the first parameter, which diffusers reads for the model's device and dtype.
 SHARED = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding")

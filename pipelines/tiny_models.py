@@ -28,7 +28,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from .clip_vocab import build_vocab
+from asyncvid.pipelines.clip_vocab import build_vocab
 
 CHANNELS = (32, 64, 64, 64)
 LATENT_SIZE = 8  # 64x64 frames through a 4-level VAE (factor 8)

@@ -1,16 +1,15 @@
 """The adherence evaluator reads colour, shape and direction right on ground-truth clips and wrong on others."""
 
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from asyncvid.adherence import implied_direction, read_video, score_image_video, score_video, summarize
-from asyncvid.clips import Caption, all_captions, render
+from asyncvid.eval.adherence import implied_direction, read_video, score_image_video, score_video, summarize
+from asyncvid.eval.clips import Caption, all_captions, render
 from asyncvid.evaluate import score_folder
-from asyncvid.video import write_json_atomic, write_mp4
+from asyncvid.video.writers import write_json_atomic, write_mp4
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

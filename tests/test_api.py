@@ -13,7 +13,7 @@ import asyncvid
 from asyncvid import AsyncDiffConfig, UsageError
 from asyncvid.api import _seed
 from asyncvid.cli.app import app
-from asyncvid.video import read_png_frames
+from asyncvid.video.writers import read_png_frames
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 SIZE = dict(num_frames=4, height=64, width=64)
@@ -33,12 +33,12 @@ def test_bad_load_arguments_fail_before_anything_loads(kwargs, error, match):
 
 
 def test_a_bad_model_on_several_devices_fails_before_any_worker_starts(tmp_path, monkeypatch):
-    import asyncvid.pool
+    import asyncvid.runtime.pool
 
     def no_workers(*args, **kwargs):
         raise AssertionError("a worker pool was started for a model that cannot load")
 
-    monkeypatch.setattr(asyncvid.pool, "WorkerPool", no_workers)
+    monkeypatch.setattr(asyncvid.runtime.pool, "WorkerPool", no_workers)
     with pytest.raises(UsageError, match=f"model '{tmp_path / 'missing'}' is not an embedded model"):
         asyncvid.load(str(tmp_path / "missing"), devices=2, sampler=AsyncDiffConfig(stages=2))
     (tmp_path / "bad").mkdir()

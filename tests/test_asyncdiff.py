@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from asyncvid import launch
-from asyncvid.asyncdiff_config import AsyncDiffConfig
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.bench.measure import asyncdiff_sample, psnr, sequential_sample
 from asyncvid.errors import UsageError
-from asyncvid.measure import asyncdiff_sample, psnr, sequential_sample
 from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.runtime import launch
 from asyncvid.training.animatediff import GUIDANCE
 
 pytestmark = pytest.mark.slow

@@ -12,13 +12,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from asyncvid import launch
-from asyncvid.asyncdiff_config import AsyncDiffConfig
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.asyncdiff.hook import HOOK_NAME, apply_asyncdiff, remove_asyncdiff
+from asyncvid.asyncdiff.plan import make_plan
 from asyncvid.cli.app import app
-from asyncvid.plan import make_plan
 from asyncvid.pipelines import load_pipeline, svd_units
-from asyncvid.stage_runtime import HOOK_NAME, apply_asyncdiff, remove_asyncdiff
-from asyncvid.video import read_png_frames
+from asyncvid.runtime import launch
+from asyncvid.video.writers import read_png_frames
 
 pytestmark = pytest.mark.slow
 FAST = ["--steps", "3", "--frames", "4", "--format", "png"]

@@ -7,19 +7,18 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import asyncvid.video
+import asyncvid.video.writers
 from asyncvid.cli.app import app
 from asyncvid.errors import UsageError
+from asyncvid.models.sources import check_components
 from asyncvid.pipelines import animatediff, resolve_model
 from asyncvid.requests import UsageWarning
-from asyncvid.sources import check_components
 
 FAST = ["--steps", "2", "--frames", "4"]
 PROMPT = "a red circle moving left"
@@ -166,7 +165,7 @@ def test_bad_numbers_and_layouts_fail_before_any_process_starts(case, tmp_path):
 
 
 def test_more_processes_than_gpus(monkeypatch):
-    from asyncvid.launch import check_device_count
+    from asyncvid.runtime.launch import check_device_count
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(UsageError, match="--devices 2 needs 2 GPUs but 1 are visible"):
@@ -246,7 +245,7 @@ def test_custom_pipeline_class_is_refused(tmp_path, model_copy):
 @pytest.fixture
 def temp_tag(monkeypatch) -> str:
     """The writers' temporary names, made predictable: `.{stem}.tmp-{tag}{suffix}`."""
-    monkeypatch.setattr(asyncvid.video.secrets, "token_hex", lambda n=None: "0decaf00")
+    monkeypatch.setattr(asyncvid.video.writers.secrets, "token_hex", lambda n=None: "0decaf00")
     return f"{os.getpid()}-0decaf00"
 
 

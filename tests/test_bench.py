@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 
-from asyncvid.bench import BenchConfig, run_bench
-from asyncvid.bench_report import markdown
+from asyncvid.bench.report import markdown
+from asyncvid.bench.suite import BenchConfig, run_bench
 from asyncvid.errors import UsageError
-from asyncvid.fidelity import K1, K2, PEAK, SIGMA, compare, psnr, ssim, ssim_map
+from asyncvid.eval.fidelity import K1, K2, PEAK, SIGMA, compare, psnr, ssim, ssim_map
 
 
 def _gaussian_ssim(x: np.ndarray, y: np.ndarray) -> float:
@@ -105,7 +105,7 @@ def test_report_holds_every_section(tmp_path):
                    "| sequential | 1 | 50 | 90% | 80% | 70% |", "![plot.png](plot.png)", "400, 380"):
         assert needle in text
     pytest.importorskip("matplotlib")
-    from asyncvid.bench_report import plot_speedup, plot_warmup
+    from asyncvid.bench.report import plot_speedup, plot_warmup
 
     for plot in (plot_speedup, plot_warmup):
         path = plot(result, tmp_path / f"{plot.__name__}.png")
@@ -150,3 +150,20 @@ def test_missing_matplotlib_is_refused_before_any_measuring(tmp_path, monkeypatc
     with pytest.raises(UsageError, match=r"matplotlib.*asyncvid\[bench\]"):
         run_bench(config, log=lambda *a: measured.append(a))
     assert measured == [] and not (tmp_path / "out").exists()
+
+
+def test_the_benchmark_draws_the_sample_image_and_keeps_out_of_the_projects_docs(tmp_path, monkeypatch):
+    """An installed package has no samples/ folder: the benchmark draws samples/red_circle.png itself, pixel for
+    pixel; and its default output folder is not docs/, so a run in a checkout leaves the project's page alone."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from asyncvid.bench.config import sample_image
+
+    monkeypatch.setenv("ASYNCVID_HOME", str(tmp_path))
+    shipped = Path(__file__).parent.parent / "samples" / "red_circle.png"
+    with Image.open(sample_image()) as drawn, Image.open(shipped) as original:
+        assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
+    assert sample_image().parent == tmp_path / "bench"
+    assert BenchConfig().out.parts[0] != "docs"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import asyncvid
 from asyncvid.cli.app import app
-from asyncvid.video import read_png_frames
+from asyncvid.video.writers import read_png_frames
 
 FAST = ["--steps", "2", "--frames", "4"]
 PROMPT = "a red circle moving left"

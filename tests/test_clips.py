@@ -5,10 +5,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from asyncvid.clips import (
-    COLOURS, DIRECTIONS, SHAPES, Caption, all_captions, heldout_captions, render, training_captions,
+from asyncvid.eval.clips import (
+    COLOURS,
+    DIRECTIONS,
+    SHAPES,
+    Caption,
+    all_captions,
+    heldout_captions,
+    render,
+    training_captions,
 )
-from asyncvid.naming import read_prompts
+from asyncvid.video.naming import read_prompts
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
@@ -60,8 +67,8 @@ def test_first_frames_imply_their_captions_direction(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from asyncvid.adherence import implied_direction
-    from asyncvid.clips import heldout_captions, write_first_frames
+    from asyncvid.eval.adherence import implied_direction
+    from asyncvid.eval.clips import heldout_captions, write_first_frames
 
     paths = write_first_frames(tmp_path)
     assert len(paths) == 50

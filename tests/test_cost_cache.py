@@ -2,7 +2,7 @@
 
 import torch
 
-from asyncvid.cost_cache import cache_dir, cached, key
+from asyncvid.asyncdiff.cost_cache import cache_dir, cached, key
 
 
 def test_measured_once_then_reused(tmp_path, monkeypatch):

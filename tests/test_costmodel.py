@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncvid import costmodel
-from asyncvid.bench_archs import ANIMATEDIFF_SD15, SVD_XT
-from asyncvid.costmodel import Link, Stages
-from asyncvid.costs import profile
-from asyncvid.plan import make_plan, transfer_bytes, transfers
+from asyncvid.asyncdiff.costs import profile
+from asyncvid.asyncdiff.plan import make_plan, transfer_bytes, transfers
+from asyncvid.bench import costmodel
+from asyncvid.bench.archs import ANIMATEDIFF_SD15, SVD_XT
+from asyncvid.bench.costmodel import Link, Stages
 
 DATA = Path(__file__).resolve().parent / "data"
 LINK = Link(latency_s=0.01, bandwidth=1000.0)  # 10 ms + 1 s per 1000 bytes: easy to add up by hand
@@ -88,7 +88,7 @@ def test_full_size_configs_match_the_published_ones(name, config):
 
 
 def test_fake_costs_of_a_full_size_unet_cost_no_memory():
-    from asyncvid.bench_archs import ARCHS, project
+    from asyncvid.bench.archs import ARCHS, project
 
     arch = ARCHS[1]  # AnimateDiff: 1.3B parameters, profiled on fake tensors
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0

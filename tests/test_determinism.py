@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from asyncvid.cli.app import app
-from asyncvid.video import read_png_frames
+from asyncvid.video.writers import read_png_frames
 
 pytestmark = pytest.mark.slow
 PROMPTS = "a red circle moving left\n"

@@ -1,4 +1,4 @@
-"""Tests for loading models (asyncvid.pipelines, asyncvid.sources): exact save/load round trips, Stable Diffusion
+"""Tests for loading models (asyncvid.pipelines, asyncvid.models.sources): exact save/load round trips, Stable Diffusion
 base folders with a motion adapter, hub ids from the local cache, and one-line refusals of broken folders."""
 
 import json
@@ -19,7 +19,6 @@ from diffusers import (
 )
 
 from asyncvid.errors import UsageError
-from asyncvid.generate import generate
 from asyncvid.pipelines import adapter_for, animatediff, load_pipeline, resolve_model, svd
 from asyncvid.pipelines.tiny_models import (
     CHANNELS,
@@ -30,6 +29,7 @@ from asyncvid.pipelines.tiny_models import (
     build_tiny_svd,
 )
 from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.runtime.generate import sample
 
 CPU = torch.device("cpu")
 SMALL = dict(num_frames=4, height=64, width=64, num_inference_steps=2, seed=1)
@@ -54,7 +54,7 @@ def load(folder: Path, **kwargs):
 def build_generate_save(tmp_path_factory, family: str, adapter: ModuleType, request) -> Saved:
     pipe = BUILDERS[family]()
     pipe.set_progress_bar_config(disable=True)
-    frames = generate(pipe, adapter, request).frames
+    frames = sample(pipe, adapter, request).frames
     folder = tmp_path_factory.mktemp(f"saved-{family}")
     pipe.save_pretrained(folder, safe_serialization=True)
     return Saved(pipe, adapter, request, frames, folder)
@@ -102,7 +102,7 @@ def test_save_and_load_round_trip_gives_identical_frames(saved):
     assert adapter is saved.adapter
     assert type(pipe) is type(saved.pipe)
     assert pipe.unet.dtype == torch.float32
-    frames = generate(pipe, adapter, saved.request).frames
+    frames = sample(pipe, adapter, saved.request).frames
     assert np.array_equal(frames, saved.frames)
 
 
@@ -110,7 +110,7 @@ def test_one_frame_svd_video_gets_the_min_guidance(saved_svd, red_circle):
     # Guidance ramps from min to max over the frames, so a single frame is sampled at min (here 1: no guidance).
     def one_frame(max_guidance):
         settings = dict(SMALL, num_frames=1, min_guidance_scale=1.0, max_guidance_scale=max_guidance)
-        return generate(saved_svd.pipe, svd, ImageToVideo(red_circle, **settings))
+        return sample(saved_svd.pipe, svd, ImageToVideo(red_circle, **settings))
 
     ramp, flat = one_frame(3.0), one_frame(1.0)
     assert ramp.frames.shape == (1, 64, 64, 3)
@@ -182,7 +182,7 @@ def test_sd_folder_with_motion_adapter_loads_as_animatediff_with_ddim(sd_base_an
         pipe.unet.down_blocks[0].motion_modules, saved_animatediff.pipe.motion_adapter.down_blocks[0].motion_modules,
         "motion modules",
     )
-    frames = generate(pipe, adapter, TextToVideo("a red circle", **SMALL)).frames
+    frames = sample(pipe, adapter, TextToVideo("a red circle", **SMALL)).frames
     assert frames.shape == (4, 64, 64, 3)
     assert frames.std() > 0
 
@@ -314,8 +314,8 @@ def test_pickles_beside_safetensors_are_never_read(family, request, tmp_path):
 
 
 def test_allow_pickle_loads_pickle_only_weights_with_a_warning(saved_svd, tmp_path):
+    from asyncvid.models.sources import check_components
     from asyncvid.requests import UsageWarning
-    from asyncvid.sources import check_components
 
     folder = copy_of(saved_svd.folder, tmp_path)
     saved_svd.pipe.unet.save_pretrained(folder / "unet", safe_serialization=False)

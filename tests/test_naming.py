@@ -1,4 +1,4 @@
-"""Tests for asyncvid.naming: prompt files, slugs, and output paths that stay inside the output folder."""
+"""Tests for asyncvid.video.naming: prompt files, slugs, and output paths that stay inside the output folder."""
 
 import os
 import re
@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncvid.errors import UsageError
-from asyncvid.naming import FORMATS, output_path, output_stem, read_prompts, sidecar_path, slugify
+from asyncvid.video.naming import FORMATS, output_path, output_stem, read_prompts, sidecar_path, slugify
 
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]*$")
 

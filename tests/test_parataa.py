@@ -5,9 +5,9 @@ import torch
 from diffusers import DDIMScheduler, EulerDiscreteScheduler
 
 from asyncvid.errors import UsageError
-from asyncvid.parataa import solve
-from asyncvid.parataa_config import ParaTAAConfig
-from asyncvid.trajectory import from_scheduler, sample_sequential
+from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.parataa.solver import solve
+from asyncvid.parataa.trajectory import from_scheduler, sample_sequential
 
 SHAPE = (4, 3, 5, 5)  # channels, frames, height, width: a video latent without the batch dimension
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from asyncvid import launch
-from asyncvid.generate import to_uint8
-from asyncvid.measure import psnr
-from asyncvid.parataa_config import ParaTAAConfig
-from asyncvid.parataa_run import sample
+from asyncvid.bench.measure import psnr
+from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.parataa.run import sample
+from asyncvid.parataa.trajectory import sample_sequential
 from asyncvid.requests import ImageToVideo, TextToVideo
-from asyncvid.trajectory import sample_sequential
+from asyncvid.runtime import launch
+from asyncvid.video.frames import to_uint8
 
 SAMPLES = Path(__file__).parent.parent / "samples"
 STEPS = 10
@@ -76,7 +76,7 @@ def test_converged_output_matches_sequential(model):
 
 
 def _two_rank_sample(rank, name, request, config):
-    from asyncvid.jobs import quiet_libraries
+    from asyncvid.runtime.loaders import quiet_libraries
 
     quiet_libraries()
     pipe, adapter = load(name)
@@ -114,7 +114,7 @@ def test_cli_parataa_records_rounds_in_the_sidecar(tmp_path):
     assert sidecar["sampler"]["name"] == "parataa" and sidecar["sampler"]["devices"] == 2
     result = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "s")])
     assert result.exit_code == 0, result.output
-    from asyncvid.video import read_png_frames
+    from asyncvid.video.writers import read_png_frames
 
     got = read_png_frames(next(p for p in (tmp_path / "p").iterdir() if p.is_dir()))
     want = read_png_frames(next(p for p in (tmp_path / "s").iterdir() if p.is_dir()))

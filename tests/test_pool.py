@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from asyncvid.asyncdiff_config import AsyncDiffConfig
-from asyncvid.jobs import ModelSpec
-from asyncvid.pool import RankFailed, WorkerPool
+from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.requests import TextToVideo
+from asyncvid.runtime.loaders import ModelSpec
+from asyncvid.runtime.pool import RankFailed, WorkerPool
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")

@@ -1,12 +1,12 @@
-"""Tests for asyncvid.requests and asyncvid.devices: every bad value is refused with a message that names it."""
+"""Tests for asyncvid.requests and asyncvid.models.devices: every bad value is refused with a message that names it."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from asyncvid.devices import resolve_device, resolve_dtype
 from asyncvid.errors import UsageError
+from asyncvid.models.devices import resolve_device, resolve_dtype
 from asyncvid.requests import ImageToVideo, TextToVideo
 
 CPU = torch.device("cpu")

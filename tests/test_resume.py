@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 from asyncvid.cli.app import app
-from asyncvid.jobs import ModelSpec
 from asyncvid.requests import TextToVideo
-from asyncvid.resume import to_make
+from asyncvid.runtime.loaders import ModelSpec
+from asyncvid.video.resume import to_make
 
 FAST = ["--steps", "2", "--frames", "2", "--height", "32", "--width", "32", "--format", "png", "--threads", "1"]
 NAMES = ["000-a-red-circle", "001-a-blue-square", "002-a-green-triangle"]
@@ -50,9 +50,9 @@ def test_a_rerun_skips_done_outputs_and_refuses_changed_settings_without_overwri
 
 
 def test_one_failing_prompt_is_reported_and_the_others_are_written_then_resumed(prompts, tmp_path, monkeypatch):
-    import asyncvid.jobs
+    import asyncvid.runtime.loaders
 
-    real = asyncvid.jobs.generate
+    real = asyncvid.runtime.loaders.sample
 
     def fail_on_the_square(pipe, adapter, request, **kwargs):
         if "square" in request.prompt:
@@ -61,7 +61,7 @@ def test_one_failing_prompt_is_reported_and_the_others_are_written_then_resumed(
 
     out = tmp_path / "out"
     with monkeypatch.context() as patch:
-        patch.setattr(asyncvid.jobs, "generate", fail_on_the_square)
+        patch.setattr(asyncvid.runtime.loaders, "sample", fail_on_the_square)
         result = invoke("generate", prompts, *FAST, "--out", out)
     assert result.exit_code == 1
     assert "error: 001-a-blue-square failed: out of memory (simulated)" in result.stderr

@@ -5,9 +5,9 @@ import shutil
 
 import pytest
 
-from asyncvid import sampling_defaults
 from asyncvid.errors import UsageError
-from asyncvid.sources import recommended_guidance
+from asyncvid.models import sampling_defaults
+from asyncvid.pipelines import recommended_guidance
 from asyncvid.training.animatediff import GUIDANCE
 
 
@@ -39,9 +39,10 @@ def test_the_embedded_model_recommends_the_recipes_guidance(asyncvid_home):
 
 
 def test_generate_uses_the_folders_guidance_unless_given(tmp_path, asyncvid_home):
+    from typer.testing import CliRunner
+
     from asyncvid.cli.app import app
     from asyncvid.pipelines.embedded import EMBEDDED
-    from typer.testing import CliRunner
 
     model = shutil.copytree(EMBEDDED["tiny-animatediff"].source, tmp_path / "model")
     sampling_defaults.write(model, guidance_scale=1.5)

@@ -45,7 +45,7 @@ def test_loss_goes_down_and_fresh_ignores_the_checkpoint(tmp_path):
 
 def test_a_run_stopped_by_its_time_limit_says_how_to_finish_it(tmp_path, capsys):
     """The recipes are step counts; a run cut short by --minutes says so, and resuming it finishes the recipe."""
-    from asyncvid.train import _finish
+    from asyncvid.training.cli import _finish
 
     class Saved(torch.nn.Module):
         def save_pretrained(self, folder):
@@ -208,7 +208,7 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
 def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
-    from asyncvid.train import app
+    from asyncvid.training.cli import app
 
     result = CliRunner().invoke(app, ["all", "--workdir", str(tmp_path / "w"), "--steps", "500", "--anneal", "700"])
     assert result.exit_code == 2 and "--anneal 700" in result.output

@@ -8,13 +8,13 @@ import pytest
 import torch
 from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 
-from asyncvid.asyncdiff_config import AsyncDiffConfig
-from asyncvid.costs import fake_profile, profile
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.asyncdiff.costs import fake_profile, profile
+from asyncvid.asyncdiff.plan import HIDDEN, make_plan, transfers
+from asyncvid.asyncdiff.units import run_program, skip_wiring
 from asyncvid.errors import UsageError
 from asyncvid.pipelines import motion_units, svd_units
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
-from asyncvid.plan import HIDDEN, make_plan, transfers
-from asyncvid.units import run_program, skip_wiring
 
 DATA = Path(__file__).parent / "data"
 FAMILIES = {"svd": (build_tiny_svd, svd_units), "animatediff": (build_tiny_animatediff, motion_units)}

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from asyncvid.errors import UsageError
-from asyncvid.video import Video, read_png_frames, write_gif, write_json_atomic, write_mp4, write_png_frames
+from asyncvid.video.frames import Video
+from asyncvid.video.writers import read_png_frames, write_gif, write_json_atomic, write_mp4, write_png_frames
 
 
 def random_frames(num_frames=5, height=32, width=48, seed=0):

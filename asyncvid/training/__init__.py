@@ -1,1 +1,1 @@
-"""Training the embedded tiny models on procedural clips (asyncvid.clips): VAEs, then UNets on cached latents."""
+"""Training the embedded tiny models on procedural clips (asyncvid.eval.clips): VAEs, then UNets on cached latents."""

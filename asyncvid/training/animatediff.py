@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from .data import cache_name, cached, clip_set, encode_frames, pick
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, pick
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from asyncvid.clips import VERSION, Caption, render, training_captions
+from asyncvid.eval.clips import VERSION, Caption, render, training_captions
 
 
 def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
@@ -38,7 +40,6 @@ def encode_frames(vae, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
 
 def cached(path, make):
     """`make()`, stored at `path` on first use and loaded from there afterwards (encoding clips takes minutes)."""
-    from pathlib import Path
     if path is not None and Path(path).is_file():
         return torch.load(path, weights_only=False)
     value = make()

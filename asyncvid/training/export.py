@@ -8,25 +8,33 @@ import tempfile
 from pathlib import Path
 
 import torch
+from diffusers import (
+    AnimateDiffPipeline,
+    AutoencoderKL,
+    DDIMScheduler,
+    StableVideoDiffusionPipeline,
+    UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
+)
+from transformers import CLIPTextModel
 
-from asyncvid.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
+import asyncvid.pipelines
+from asyncvid.eval.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
+from asyncvid.models import sampling_defaults
+from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
+from asyncvid.training.animatediff import GUIDANCE, SD_SCHEDULE
 
 NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
 
 
 def default_dest() -> Path:
     """pipelines/weights inside the installed package (asyncvid.pipelines)."""
-    import asyncvid.pipelines
     return Path(asyncvid.pipelines.__file__).parent / "weights"
 
 
 def assemble_animatediff(root: Path):
     """The tiny AnimateDiff pipeline with the trained VAE, UNet and text encoder (as built, if it was frozen)."""
-    from diffusers import AnimateDiffPipeline, AutoencoderKL, DDIMScheduler, UNetMotionModel
-    from transformers import CLIPTextModel
 
-    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training.animatediff import SD_SCHEDULE
     # The frozen text encoder and the sampler's schedule must be the ones the UNet was trained with (logs from
     # before they were recorded mean SD's schedule and two text layers).
     log = json.loads((root / "animatediff" / "train_log.json").read_text())
@@ -45,14 +53,11 @@ def assemble_animatediff(root: Path):
 
 def assemble_svd(root: Path):
     """The tiny SVD pipeline with the trained VAE and UNet; the CLIP vision tower as built (frozen)."""
-    from diffusers import AutoencoderKL, StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
-
-    from asyncvid.pipelines.tiny_models import build_tiny_svd
     log = json.loads((root / "svd" / "train_log.json").read_text())
     base = build_tiny_svd(int(log["config"]["seed"]))  # the frozen CLIP vision tower it was trained with
     return StableVideoDiffusionPipeline(
         unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
-        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.train svd --help`
+        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.training svd --help`
         image_encoder=base.image_encoder, scheduler=base.scheduler, feature_extractor=base.feature_extractor,
     )
 
@@ -77,8 +82,6 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)
         if stage == "animatediff":  # the guidance it is sampled with unless the user says otherwise
-            from asyncvid import sampling_defaults
-            from asyncvid.training.animatediff import GUIDANCE
             sampling_defaults.write(tmp, guidance_scale=GUIDANCE)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
@@ -107,7 +110,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         "A tiny model trained on procedural clips, so that asyncvid's embedded default shows the prompt as motion and "
         "parallel samplers can be scored for what they cost in quality. Not a general video model.", "",
         "## Training data", "",
-        f"Clips from `asyncvid.clips` (64x64): one shape ({', '.join(SHAPES)}) in one of {len(COLOURS)} colours "
+        f"Clips from `asyncvid.eval.clips` (64x64): one shape ({', '.join(SHAPES)}) in one of {len(COLOURS)} colours "
         f"({', '.join(COLOURS)}) moving {', '.join(DIRECTIONS)} over a plain, striped or graded background. "
         f"Trained on {len(training_captions())} of the {len(training_captions()) + len(heldout_captions())} "
         "caption combinations; the other 50 are held out (`samples/heldout_prompts.txt`).", "",
@@ -117,7 +120,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         f"- VAE: `{type(pipe.vae).__name__}`, scaling factor {pipe.vae.config.scaling_factor}",
         "- Weights stored in float16; asyncvid loads them in the run's dtype.", "",
         "## Training", "",
-        "`python -m asyncvid.train all` (or the stages `vae`, `svd-vae`, `animatediff`, `svd`, `export`); "
+        "`python -m asyncvid.training all` (or the stages `vae`, `svd-vae`, `animatediff`, `svd`, `export`); "
         "see docs/MODELS.md.", "",
         "| stage | steps | minutes | final loss (mean of last 100) | batch | lr | seed |",
         "|---|---|---|---|---|---|---|",

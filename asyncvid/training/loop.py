@@ -12,6 +12,8 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from asyncvid.runtime.launch import cpu_threads
+
 
 @dataclass
 class TrainConfig:
@@ -62,8 +64,6 @@ def train(model: torch.nn.Module, loss_fn: LossFn, config: TrainConfig, *, name:
     """Optimise `model` in place with AdamW on `loss_fn`; returns the log. The averaged (EMA) weights are copied
     into `model` at the end. The checkpoint holds weights, averages, optimiser, step and generator state. Runs on
     `config.threads` CPU threads and gives the process its thread count back afterwards."""
-    from asyncvid.launch import cpu_threads
-
     with cpu_threads(config.threads, torch.device("cpu")):
         return _train(model, loss_fn, config, name)
 

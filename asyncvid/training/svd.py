@@ -8,7 +8,7 @@ import math
 import torch
 from PIL import Image
 
-from .data import cache_name, cached, clip_set, encode_frames, pick
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, pick
 
 CONDITION_DROPOUT = 0.1
 P_MEAN, P_STD = 0.7, 1.6  # SVD's log-normal training sigmas

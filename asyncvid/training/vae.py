@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import clip_set, object_weight, pick
+from asyncvid.training.data import clip_set, object_weight, pick
 
 KL_WEIGHT = 1e-6
 CROP = 32  # the VAEs are convolutional: 32x32 windows on the shape train 4x faster than whole frames

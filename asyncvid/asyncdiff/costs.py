@@ -1,0 +1,93 @@
+"""Per-unit cost of a unit program: FLOPs and boundary tensor sizes (on fake tensors), or measured wall time."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from asyncvid.asyncdiff.units import Program, skip_wiring
+
+
+@dataclass(frozen=True)
+class UnitProfile:
+    """What one unit costs and produces: FLOPs, weight bytes, and its output's shape and bytes."""
+
+    name: str
+    flops: int
+    param_bytes: int
+    out_shape: tuple[int, ...]
+    out_bytes: int
+
+
+def _walk(program: Program, args, kwargs, around: Callable[[int], object]):
+    """Run the program unit by unit, each inside the context manager `around(i)`; yields (i, output)."""
+    pops, _ = skip_wiring(program.units)
+    with torch.inference_mode():
+        ctx, h = program.prologue(*args, **kwargs)
+        skips: dict[int, torch.Tensor] = {}
+        for i, unit in enumerate(program.units):
+            with around(i):
+                h = unit.run(ctx, h, skips.pop(pops[i]) if unit.pops else None)
+            if unit.pushes:
+                skips[i] = h
+            yield i, h
+
+
+def profile(program: Program, unet: torch.nn.Module, args, kwargs) -> list[UnitProfile]:
+    """FLOPs (matmuls, convolutions, attention) and output sizes of each unit for these inputs."""
+    counters = {}
+
+    def around(i):
+        counters[i] = FlopCounterMode(display=False)
+        return counters[i]
+
+    profiles = []
+    for i, out in _walk(program, args, kwargs, around):
+        unit = program.units[i]
+        weights = sum(p.numel() * p.element_size() for m in unit.owned for p in unet.get_submodule(m).parameters())
+        profiles.append(UnitProfile(unit.name, counters[i].get_total_flops(), weights, tuple(out.shape),
+                                    out.numel() * out.element_size()))
+    return profiles
+
+
+def fake_profile(build_unet: Callable[[], torch.nn.Module], build_program, example_inputs) -> list[UnitProfile]:
+    """Profile a UNet of any size without memory: weights and activations are fake tensors (shapes only)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        unet = build_unet().eval()
+        args, kwargs = example_inputs(unet)
+        return profile(build_program(unet), unet, args, kwargs)
+
+
+def measure_times(program: Program, args, kwargs, repeats: int = 3) -> list[float]:
+    """Median wall time of each unit on the inputs' device (after one warm-up pass)."""
+    device = args[0].device
+    times: dict[int, list[float]] = {}
+
+    class _Timer:
+        def __init__(self, i):
+            self.i = i
+
+        def __enter__(self):
+            _sync(device)
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            _sync(device)
+            times.setdefault(self.i, []).append(time.perf_counter() - self.start)
+
+    for _ in range(repeats + 1):
+        for _ in _walk(program, args, kwargs, _Timer):
+            pass
+    return [statistics.median(times[i][1:]) for i in range(len(program.units))]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+

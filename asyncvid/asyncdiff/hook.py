@@ -1,0 +1,251 @@
+"""AsyncDiff's stage-parallel UNet (Chen et al., NeurIPS 2024) as a removable diffusers hook.
+
+Each rank runs the pipeline's own loop; the hook replaces the UNet's forward. Warm-up steps relay the stages across
+ranks one after another (exact). After warm-up, every stage runs at once in each round on the tensors that the
+other stages produced one round earlier; the last stage's noise prediction is broadcast, so every rank takes the
+same scheduler step. With stride S a round covers S steps: the S last-stage ranks each predict one of them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from diffusers.hooks import HookRegistry, ModelHook
+
+from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
+from asyncvid.asyncdiff.plan import HIDDEN, Plan, Transfer, transfers
+from asyncvid.asyncdiff.units import Program, run_units
+from asyncvid.errors import UsageError
+
+HOOK_NAME = "asyncvid.asyncdiff"
+_HEADER_TAG = 1 << 20  # tags at and above this carry shapes; below it, tensors (key + 1)
+_MAX_DIMS = 8
+
+
+@dataclass
+class RunState:
+    """Per-call state, cleared by `reset_state` before each pipeline call."""
+
+    step: int = 0
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
+    shapes: dict[int, torch.Size] = field(default_factory=dict)  # of the tensors this rank receives
+    out_shape: torch.Size | None = None
+    dtype: torch.dtype = torch.float32  # of the UNet input, learned at the first step
+    device: torch.device | None = None
+    queued: dict[int, torch.Tensor] = field(default_factory=dict)  # noise predictions of later steps in a round
+    bytes_sent: int = 0
+    hook_s: float = 0.0  # time inside the hook: this stage's compute plus waiting on the other ranks
+    compute_s: float = 0.0  # time running this stage's units
+
+
+class AsyncDiffHook(ModelHook):
+    """Runs this rank's stage of the UNet and exchanges boundary tensors with the other stages."""
+
+    _is_stateful = True
+
+    def __init__(self, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
+                 cfg: CfgSplit | None = None):
+        super().__init__()
+        self.program, self.plan, self.config, self.scheduler, self.group = program, plan, config, scheduler, group
+        self.cfg = cfg
+        self.layout = Layout(config.stages, config.stride)
+        self.rank = dist.get_rank(group)
+        self.stage = self.layout.stage_of(self.rank)
+        self.units = plan.units(self.stage)
+        moves = _transfers_between_ranks(plan, program, self.layout)
+        self.receives = [m for m in moves if m[2] == self.rank]  # (key, src rank, dst rank)
+        self.sends = [m for m in moves if m[1] == self.rank]
+        self.state = RunState()
+
+    def reset_state(self, module):
+        self.state = RunState()
+        return module
+
+    def new_forward(self, module, *args, **kwargs):
+        return_dict = kwargs.pop("return_dict", True)
+        step = self.state.step
+        self.state.step += 1
+        start = time.perf_counter()
+        if step not in self.state.queued:
+            if self.cfg is not None:
+                args, kwargs = self.cfg.take_half(args, kwargs)
+            found = [self._relay(args, kwargs)] if step < self.config.warmup else self._round(args, kwargs, step)
+            if self.cfg is not None:
+                found = [self.cfg.join_halves(eps) for eps in found]
+            self.state.queued.update({step + j: eps for j, eps in enumerate(found)})
+        eps = self.state.queued.pop(step)
+        self.state.hook_s += time.perf_counter() - start
+        return self.program.output_type(sample=eps) if return_dict else (eps,)
+
+    # 1. Warm-up: the stages one after another, each rank waiting for its inputs (exactly the sequential forward).
+    def _relay(self, args, kwargs) -> torch.Tensor:
+        ctx, x = self.program.prologue(*args, **kwargs)
+        first_time = self.state.out_shape is None
+        self.state.dtype, self.state.device = x.dtype, x.device
+        received = self._receive(headers=first_time)
+        self.state.inputs = dict(received)
+        computes = self.layout.replica(self.rank) == 0
+        out = self._run_stage(ctx, x, received) if computes else None
+        sends = self._exchange_out(out, headers=first_time) if computes else []
+        src = self.layout.ranks_of(self.config.stages - 1)[0]
+        eps = self._broadcast_eps(out if self.rank == src else None, src=src)
+        for work in sends:
+            work.wait()
+        return eps
+
+    # 2. After warm-up: all stages at once on the previous round's tensors; receive the next round's meanwhile.
+    def _round(self, args, kwargs, step: int) -> list[torch.Tensor]:
+        total = len(self.scheduler.timesteps)
+        width = min(self.config.stride, total - step)  # steps in this round
+        more = step + width < total  # whether a later round consumes what this one sends
+        replica = self.layout.replica(self.rank)
+        computes = self.stage < self.config.stages - 1 or replica < width
+        pending = self._post_receives() if more else {}
+        out = None
+        if computes:
+            offset = width - 1 if self.stage < self.config.stages - 1 else replica
+            args, kwargs = _with_timestep(args, kwargs, self._timestep(step + offset))
+            ctx, x = self.program.prologue(*args, **kwargs)
+            out = self._run_stage(ctx, x, dict(self.state.inputs))
+        sends = self._exchange_out(out, headers=False) if (more and computes) else []
+        last = self.layout.ranks_of(self.config.stages - 1)
+        eps = [self._broadcast_eps(out if self.rank == last[j] else None, src=last[j]) for j in range(width)]
+        for work in pending.values():
+            work[1].wait()
+        self.state.inputs = {key: buf for key, (buf, _) in pending.items()}
+        for work in sends:
+            work.wait()
+        return eps  # the noise predictions of steps step .. step + width - 1
+
+    def _timestep(self, index: int):
+        shift = 1 if self.config.time_shift else 0
+        return self.scheduler.timesteps[max(index - shift, 0)]
+
+    def _run_stage(self, ctx, x: torch.Tensor, received: dict[int, torch.Tensor]):
+        """Units of this stage; returns the hidden state and every skip it produced for other stages."""
+        start = time.perf_counter()
+        h = x if self.stage == 0 else received.pop(HIDDEN)
+        skips = dict(received)
+        h = run_units(self.program, ctx, h, self.units.start, self.units.stop, skips)
+        self.state.compute_s += time.perf_counter() - start
+        return h, skips
+
+    def _receive(self, *, headers: bool) -> dict[int, torch.Tensor]:
+        """This stage's inputs, waiting for each (the relay); shapes come first on the first step of a run."""
+        out = {}
+        for key, src, _ in self.receives:
+            if headers:
+                self.state.shapes[key] = _recv_header(src, key, self.group, self.state.device)
+            out[key] = self._buffer(key)
+            dist.recv(out[key], group=self.group, tag=key + 1, group_src=src)
+        return out
+
+    def _post_receives(self) -> dict[int, tuple[torch.Tensor, dist.Work]]:
+        """Start receiving the next round's inputs, to overlap with this round's compute."""
+        pending = {}
+        for key, src, _ in self.receives:
+            buf = self._buffer(key)
+            pending[key] = (buf, dist.irecv(buf, group=self.group, tag=key + 1, group_src=src))
+        return pending
+
+    def _buffer(self, key: int) -> torch.Tensor:
+        return torch.empty(self.state.shapes[key], dtype=self.state.dtype, device=self.state.device)
+
+    def _exchange_out(self, out, *, headers: bool) -> list:
+        h, skips = out
+        works = []
+        for key, _, dst in self.sends:
+            tensor = (h if key == HIDDEN else skips[key]).contiguous()
+            if headers:
+                _send_header(tensor.shape, dst, key, self.group, tensor.device)
+            works.append(dist.isend(tensor, group=self.group, tag=key + 1, group_dst=dst))
+            self.state.bytes_sent += tensor.numel() * tensor.element_size()
+        return works
+
+    def _broadcast_eps(self, out, *, src: int) -> torch.Tensor:
+        """The last stage's noise prediction, to every rank (its shape is learned once per run)."""
+        if self.state.out_shape is None:
+            # On the compute device: NCCL moves GPU tensors only.
+            shape = torch.tensor(_pad_shape(out[0].shape if out is not None else ()), dtype=torch.int64,
+                                 device=self.state.device)
+            dist.broadcast(shape, group=self.group, group_src=src)
+            self.state.out_shape = _unpad_shape(shape)
+        eps = out[0].contiguous() if out is not None else torch.empty(
+            self.state.out_shape, dtype=self.state.dtype, device=self.state.device
+        )
+        dist.broadcast(eps, group=self.group, group_src=src)
+        return eps
+
+
+@dataclass(frozen=True)
+class CfgSplit:
+    """Classifier-free guidance in parallel: this group of ranks runs half `index` of the guidance batch (0: the
+    unconditional half, 1: the conditional one); `pair` links this rank with its counterpart in the other group."""
+
+    index: int
+    pair: object  # a process group of two ranks
+
+    def take_half(self, args, kwargs):
+        return tuple(self._half(a) for a in args), {k: self._half(v) for k, v in kwargs.items()}
+
+    def _half(self, value):
+        if not torch.is_tensor(value) or value.dim() == 0:
+            return value
+        if value.shape[0] % 2:
+            raise UsageError(
+                f"--cfg-parallel splits the guidance batch in two, but the UNet got a batch of {value.shape[0]}; "
+                f"use a guidance scale above 1 or drop --cfg-parallel"
+            )
+        return value.chunk(2)[self.index]
+
+    def join_halves(self, eps: torch.Tensor) -> torch.Tensor:
+        halves = [torch.empty_like(eps) for _ in range(2)]
+        dist.all_gather(halves, eps.contiguous(), group=self.pair)
+        return torch.cat(halves)
+
+
+def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> list[tuple[int, int, int]]:
+    """(key, src rank, dst rank) for every stage transfer; the last stage's replicas each receive a copy."""
+    moves: list[Transfer] = transfers(plan, program)
+    return [(m.key, layout.ranks_of(m.src)[0], dst) for m in moves for dst in layout.ranks_of(m.dst)]
+
+
+def _with_timestep(args, kwargs, timestep):
+    if "timestep" in kwargs:
+        return args, {**kwargs, "timestep": timestep}
+    return (args[0], timestep, *args[2:]), kwargs
+
+
+def _pad_shape(shape) -> list[int]:
+    return [len(shape), *shape] + [0] * (_MAX_DIMS - len(shape))
+
+
+def _unpad_shape(t: torch.Tensor) -> torch.Size:
+    n = int(t[0])
+    return torch.Size(int(v) for v in t[1 : n + 1])
+
+
+def _send_header(shape, dst, key, group, device):
+    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64, device=device), group=group,
+              tag=_HEADER_TAG + key + 1, group_dst=dst)
+
+
+def _recv_header(src, key, group, device) -> torch.Size:
+    buf = torch.empty(_MAX_DIMS + 1, dtype=torch.int64, device=device)
+    dist.recv(buf, group=group, tag=_HEADER_TAG + key + 1, group_src=src)
+    return _unpad_shape(buf)
+
+
+def apply_asyncdiff(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
+                    cfg: CfgSplit | None = None):
+    """Attach the hook to `unet`; returns it. `remove_asyncdiff(unet)` restores the original forward."""
+    hook = AsyncDiffHook(program, plan, config, scheduler, group, cfg)
+    HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, HOOK_NAME)
+    return hook
+
+
+def remove_asyncdiff(unet) -> None:
+    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(HOOK_NAME, recurse=False)

@@ -1,0 +1,171 @@
+"""Setting up AsyncDiff on one rank: plan the split, load only this rank's share of the UNet, attach the hook."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
+from asyncvid.asyncdiff.cost_cache import cached, key
+from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
+from asyncvid.asyncdiff.hook import AsyncDiffHook, CfgSplit, apply_asyncdiff
+from asyncvid.asyncdiff.plan import Plan, describe, make_plan, transfers
+from asyncvid.asyncdiff.weights import load_owned, materialised_share, release_unowned
+from asyncvid.errors import UsageError
+from asyncvid.models.schedulers import set_scheduler
+
+log = logging.getLogger("asyncvid")
+
+
+@dataclass
+class StagedPipeline:
+    """A pipeline whose UNet runs one stage on this rank."""
+
+    pipe: object
+    adapter: object
+    plan: Plan
+    hook: AsyncDiffHook
+    profiles: list[UnitProfile]
+    weight_share: float  # of the UNet's parameters materialised on this rank
+
+
+def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
+                    motion_adapter=None, settings: dict, group=None, scheduler: str | None = None) -> StagedPipeline:
+    """Steps 1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
+    config.check_world_size(world)
+    unet, weights_folder = adapter.unet_skeleton(folder, motion_adapter)
+    full = None
+    if unet is None:  # a base model plus motion adapter assembles its UNet on load: load whole, then release
+        full = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter)
+        unet = full.unet
+    family = units_for(unet)
+    example = functools.partial(family.example_inputs, **shape)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    names = [p.name for p in profiles]
+    weights = [float(p.param_bytes) for p in profiles]
+    make_plan(names, [float(p.flops) for p in profiles], config.stages, config.split, weights, config.weight_cap)
+
+    # 2. Agree: every rank must run the same model and settings.
+    _check_agreement(settings, group)
+
+    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
+    costs = [float(p.flops) for p in profiles]
+    if config.cost == "measured" and config.stages > 1 and not config.split:
+        costs = _measured_costs(unet, family, example, device, dtype, rank, group, len(names))
+    plan = make_plan(names, costs, config.stages, config.split, weights, config.weight_cap)
+
+    # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
+    program = family.build_program(unet)
+    stage_group, cfg = _groups(config, rank, world, group)
+    stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
+    keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
+    if full is None:
+        load_owned(unet, weights_folder, keep, device=device, dtype=dtype)
+        pipe = adapter.load(folder, dtype=dtype, unet=unet)
+    else:
+        release_unowned(unet, keep)
+        pipe = full
+    _move_except_unet(pipe, device)
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, scheduler)  # before the hook, which reads the timesteps of pipe.scheduler
+    share = materialised_share(unet)
+    log.info("rank %d builds stage %d with %d units (%s .. %s), %.0f%% of the UNet's weights", rank, stage,
+             len(plan.units(stage)), names[plan.units(stage)[0]], names[plan.units(stage)[-1]], 100 * share)
+
+    # 5. The hook replaces the UNet's forward; the pipeline's own loop and scheduler do the rest.
+    hook = apply_asyncdiff(unet, program, plan, config, pipe.scheduler, stage_group, cfg)
+    return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
+
+
+def _groups(config: AsyncDiffConfig, rank: int, world: int, group):
+    """The group that runs this rank's copy of the staged UNet, and with --cfg-parallel the guidance split.
+
+    Ranks [0, G) take the unconditional half of the guidance batch, ranks [G, 2G) the conditional half; rank r
+    and r + G exchange their halves. Every rank creates every group, in the same order, as torch requires.
+    """
+    if not config.cfg_parallel:
+        return group, None
+    size = config.group_size
+    halves = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(2)]
+    pairs = [dist.new_group([r, r + size]) for r in range(size)]
+    return halves[rank // size], CfgSplit(rank // size, pairs[rank % size])
+
+
+def _check_agreement(settings: dict, group) -> None:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    digests = [None] * dist.get_world_size(group)
+    dist.all_gather_object(digests, digest, group=group)
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise UsageError(
+            f"ranks {differing} were started with a different model or settings than rank 0; launch every rank "
+            f"with the same command"
+        )
+
+
+def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
+    """Time each unit on a random-weight copy of the UNet at the real input shape (compute time does not depend
+    on the weights' values), on `device` in `dtype`."""
+    model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
+    args, kwargs = example(model)
+    args = tuple(_to(a, device, dtype) for a in args)
+    shapes = [list(a.shape) if torch.is_tensor(a) else a for a in (*args, *kwargs.values())]
+    # Measured once per machine and shape, then reused: the same split on every rerun gives the same frames.
+    return cached(key(dict(unet.config), shapes, device, dtype),
+                  lambda: measure_times(family.build_program(model), args, kwargs))
+
+
+def _measured_costs(unet, family, example, device, dtype, rank, group, units: int) -> list[float]:
+    """Rank 0 measures (so every rank balances on the same numbers) and broadcasts."""
+    costs = torch.zeros(units, dtype=torch.float64, device=device)
+    if rank == 0:
+        costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64,
+                             device=device)  # NCCL moves GPU tensors only
+    dist.broadcast(costs, 0, group=group)
+    return costs.tolist()
+
+
+def _to(value, device, dtype):
+    if torch.is_tensor(value):
+        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
+    return value
+
+
+def _move_except_unet(pipe, device) -> None:
+    """`pipe.to` would try to copy the UNet's meta (not materialised) weights."""
+    for name, component in pipe.components.items():
+        if name != "unet" and isinstance(component, torch.nn.Module):
+            component.to(device)
+
+
+def describe_split(model: str, folder, adapter, units_for, config: AsyncDiffConfig, *, motion_adapter=None,
+                   shape: dict, device, dtype) -> str:
+    """The printable plan of the UNet in `folder` split as `config` asks (what `asyncvid plan` shows)."""
+    unet = planning_unet(folder, adapter, motion_adapter, dtype)
+    family = units_for(unet)
+    example = functools.partial(family.example_inputs, **shape)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    costs = [float(p.flops) for p in profiles]
+    if config.cost == "measured":
+        costs = measure_unit_costs(unet, family, example, device, dtype)
+    plan = make_plan([p.name for p in profiles], costs, config.stages, config.split,
+                     [float(p.param_bytes) for p in profiles], config.weight_cap)
+    header = f"{model}: {type(unet).__name__}, {len(profiles)} units, {config.stages} stages, balanced by {config.cost}"
+    return header + "\n" + describe(plan, profiles, transfers(plan, family.build_program(unet)))
+
+
+def planning_unet(folder, adapter, motion_adapter=None, dtype=torch.float32) -> torch.nn.Module:
+    """The UNet to plan and profile with: its empty skeleton, or, for a base model plus a motion adapter (assembled
+    on load), the whole UNet."""
+    unet, _ = adapter.unet_skeleton(folder, motion_adapter)
+    if unet is None:
+        unet = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter).unet
+    return unet

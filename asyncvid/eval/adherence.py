@@ -1,0 +1,141 @@
+"""Does a video show what was asked? Colour, shape and direction of motion read from decoded frames.
+
+Deterministic image statistics, no model: the background is the border's median colour, the object is every pixel
+far from it, its colour the nearest named colour to the object's median, its shape the share of its bounding box
+it fills, its direction the larger axis of the centroid's travel from the first to the last frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from asyncvid.eval.clips import COLOURS, DIRECTIONS, Caption
+
+FOREGROUND = 60.0  # RGB distance from the background that counts as object
+MIN_PIXELS = 12  # fewer object pixels than this in a frame: nothing there
+MIN_TRAVEL = 4.0  # pixels of centroid travel below which the object is "still"
+SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.64  # fill ratios: square ~1, circle ~0.79, triangle ~0.5
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What the evaluator sees in a video; None where nothing could be read."""
+
+    colour: str | None
+    shape: str | None
+    direction: str | None
+    travel: float  # pixels the centroid moved along the direction's axis
+    present: float  # share of frames with an object
+
+
+def _as_uint8(frames) -> np.ndarray:
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if frames.ndim == 3:
+        frames = frames[None]
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (frames, height, width, 3), got shape {frames.shape}")
+    return frames
+
+
+def object_masks(frames) -> np.ndarray:
+    """Boolean (frames, height, width): pixels far from the frame's border colour."""
+    frames = _as_uint8(frames).astype(np.float32)
+    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
+    background = np.median(border, axis=1)[:, None, None, :]
+    return np.linalg.norm(frames - background, axis=-1) > FOREGROUND
+
+
+def nearest_colour(rgb) -> str:
+    """The named colour closest to an RGB triple."""
+    names = list(COLOURS)
+    table = np.array([COLOURS[n] for n in names], dtype=np.float32)
+    return names[int(np.argmin(np.linalg.norm(table - np.asarray(rgb, dtype=np.float32), axis=1)))]
+
+
+def _shape(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    fill = len(xs) / ((xs.max() - xs.min() + 1) * (ys.max() - ys.min() + 1))
+    return "square" if fill >= SQUARE_FILL else "circle" if fill >= TRIANGLE_FILL else "triangle"
+
+
+def _direction(dx: float, dy: float) -> tuple[str | None, float]:
+    travel = max(abs(dx), abs(dy))
+    if travel < MIN_TRAVEL:
+        return None, travel
+    if abs(dx) >= abs(dy):
+        return ("right" if dx > 0 else "left"), travel
+    return ("down" if dy > 0 else "up"), travel
+
+
+def read_video(frames) -> Reading:
+    """Colour, shape and direction of the one object in a video (frames, H, W, 3), uint8 or floats in [0, 1]."""
+    pixels = _as_uint8(frames)
+    masks = object_masks(pixels)
+    seen = [i for i in range(len(masks)) if masks[i].sum() >= MIN_PIXELS]
+    if not seen:
+        return Reading(None, None, None, 0.0, 0.0)
+    colour = nearest_colour(np.median(pixels[seen][masks[seen]], axis=0))
+    shapes = [_shape(masks[i]) for i in seen]
+    shape = max(set(shapes), key=lambda s: (shapes.count(s), s))
+    centroids = [np.argwhere(masks[i]).mean(axis=0) for i in (seen[0], seen[-1])]  # (y, x)
+    (y0, x0), (y1, x1) = centroids
+    direction, travel = _direction(x1 - x0, y1 - y0) if len(seen) > 1 else (None, 0.0)
+    return Reading(colour, shape, direction, float(travel), len(seen) / len(masks))
+
+
+def implied_direction(image) -> str | None:
+    """The direction a first frame implies: from the side the object sits on towards the far side."""
+    mask = object_masks(image)[0]
+    if mask.sum() < MIN_PIXELS:
+        return None
+    y, x = np.argwhere(mask).mean(axis=0)
+    h, w = mask.shape
+    off_x, off_y = x - (w - 1) / 2, y - (h - 1) / 2
+    if abs(off_x) >= abs(off_y):
+        return "left" if off_x > 0 else "right"
+    return "up" if off_y > 0 else "down"
+
+
+def score_video(frames, prompt: str) -> dict:
+    """Text-to-video: which of the prompt's colour, shape and direction the video shows (1.0 or 0.0 each)."""
+    want = Caption.parse(prompt)
+    seen = read_video(frames)
+    return {
+        "prompt": prompt,
+        "seen": {"colour": seen.colour, "shape": seen.shape, "direction": seen.direction,
+                 "travel_px": round(seen.travel, 2), "present": round(seen.present, 3)},
+        "colour": float(seen.colour == want.colour),
+        "shape": float(seen.shape == want.shape),
+        "direction": float(seen.direction == want.direction),
+    }
+
+
+def score_image_video(frames, image) -> dict:
+    """Image-to-video: the video keeps the input's colour and shape and moves the way its first frame implies."""
+    first = read_video(image)
+    seen = read_video(frames)
+    want_direction = implied_direction(image)
+    return {
+        "seen": {"colour": seen.colour, "shape": seen.shape, "direction": seen.direction,
+                 "travel_px": round(seen.travel, 2), "present": round(seen.present, 3)},
+        "want": {"colour": first.colour, "shape": first.shape, "direction": want_direction},
+        "colour": float(seen.colour is not None and seen.colour == first.colour),
+        "shape": float(seen.shape is not None and seen.shape == first.shape),
+        "direction": float(seen.direction is not None and seen.direction == want_direction),
+    }
+
+
+def summarize(scores: list[dict]) -> dict:
+    """Percentages of videos whose colour, shape and direction match, over a list of scores."""
+    if not scores:
+        raise ValueError("no scores to summarize; score at least one video")
+    keys = ("colour", "shape", "direction")
+    return {"videos": len(scores), **{k: round(100.0 * sum(s[k] for s in scores) / len(scores), 1) for k in keys}}
+
+
+__all__ = ["DIRECTIONS", "Reading", "implied_direction", "read_video", "score_image_video", "score_video",
+           "summarize"]

@@ -1,0 +1,165 @@
+"""Procedural clips for training and evaluating the embedded models: one coloured shape moving over a background.
+
+A clip is fixed by its caption ("a red circle moving left") and a seed. The shape starts near the edge it moves
+away from and travels towards the far side, so a first frame alone implies the direction (what image-to-video
+models are scored on). Frames are uint8 arrays (frames, 64, 64, 3).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "orange": (245, 140, 20),
+    "yellow": (235, 215, 30),
+    "green": (40, 175, 60),
+    "cyan": (30, 200, 215),
+    "blue": (40, 70, 225),
+    "purple": (140, 50, 200),
+    "pink": (245, 125, 195),
+}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}  # (dx, dy) in image coordinates
+BACKGROUNDS = ((235, 235, 220), (200, 200, 200), (150, 150, 150), (90, 90, 90), (35, 35, 45), (225, 232, 240))
+SIZE = 64
+TRAVEL = 30.0  # pixels covered from the first to the last frame, whatever the frame count
+START = (14.0, 20.0)  # pixels off centre, on the side opposite the motion
+RADIUS = (8.0, 11.0)  # of the circle; squares and triangles have about its area
+VERSION = 1  # bump when clips change, so cached training latents are not reused
+CAPTION = re.compile(r"^\s*an? (\w+) (\w+) moving (\w+)\s*$")
+
+
+@dataclass(frozen=True)
+class Caption:
+    """What a clip shows, in the prompt grammar "a <colour> <shape> moving <direction>"."""
+
+    colour: str
+    shape: str
+    direction: str
+
+    def __post_init__(self):
+        for value, known in ((self.colour, COLOURS), (self.shape, SHAPES), (self.direction, DIRECTIONS)):
+            if value not in known:
+                raise ValueError(f"'{value}' is not one of {', '.join(known)}")
+
+    @property
+    def text(self) -> str:
+        return f"a {self.colour} {self.shape} moving {self.direction}"
+
+    @classmethod
+    def parse(cls, prompt: str) -> Caption:
+        """Read a prompt in the caption grammar; ValueError names the prompt and the grammar."""
+        match = CAPTION.match(prompt.lower())
+        if not match:
+            raise ValueError(f"prompt '{prompt}' is not of the form 'a <colour> <shape> moving <direction>'")
+        return cls(*match.groups())
+
+
+def all_captions() -> list[Caption]:
+    """Every colour x shape x direction combination, in a fixed order."""
+    return [Caption(c, s, d) for c, s, d in product(COLOURS, SHAPES, DIRECTIONS)]
+
+
+def heldout_captions() -> list[Caption]:
+    """50 combinations never shown in training; every colour-shape, colour-direction and shape-direction pair
+    still occurs in training, so each word is learnt in other company."""
+    colours, directions = list(COLOURS), list(DIRECTIONS)
+    held = [c for c in all_captions()
+            if (colours.index(c.colour) + SHAPES.index(c.shape) + directions.index(c.direction)) % 2 == 0]
+    # Top up to 50 in a fixed order with combinations whose pairs all stay in training.
+    for extra in all_captions():
+        if len(held) == 50:
+            break
+        rest = [c for c in all_captions() if c not in held and c != extra]
+        if extra not in held and all(_pairs(rest) >= _pairs([c]) for c in all_captions()):
+            held.append(extra)
+    return held
+
+
+def _pairs(captions: list[Caption]) -> set:
+    return {p for c in captions for p in (("cs", c.colour, c.shape), ("cd", c.colour, c.direction),
+                                          ("sd", c.shape, c.direction))}
+
+
+def training_captions() -> list[Caption]:
+    """The combinations the embedded models are trained on (all but the held-out ones)."""
+    held = set(heldout_captions())
+    return [c for c in all_captions() if c not in held]
+
+
+def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.ndarray:
+    """Anti-aliased coverage in [0, 1] from a signed distance (positive inside) of each pixel centre."""
+    if shape == "circle":
+        inside = radius - np.hypot(dx, dy)
+    elif shape == "square":
+        half = radius * 0.85  # about the circle's area
+        inside = half - np.maximum(np.abs(dx), np.abs(dy))
+    else:  # an upright equilateral triangle with its centroid at the centre
+        r = radius * 1.25
+        half_root3 = np.sqrt(3) / 2
+        inside = r / 2 - np.maximum(dy, np.maximum(half_root3 * dx - dy / 2, -half_root3 * dx - dy / 2))
+    return np.clip(inside + 0.5, 0.0, 1.0)
+
+
+def _background(rng: np.random.Generator) -> np.ndarray:
+    """A plain background, or (a third of the time) one with faint stripes or a gradient."""
+    base = np.array(BACKGROUNDS[rng.integers(len(BACKGROUNDS))], dtype=np.float32)
+    img = np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
+    kind = rng.integers(6)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
+    if kind == 0:
+        period = rng.uniform(6, 14)
+        img += 10.0 * np.sign(np.sin((xx + yy * rng.uniform(-1, 1)) * 2 * np.pi / period))[..., None]
+    elif kind == 1:
+        img += (20.0 * (yy / SIZE - 0.5))[..., None]
+    return img
+
+
+def render(caption: Caption, seed: int, num_frames: int = 16) -> np.ndarray:
+    """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3)."""
+    rng = np.random.default_rng([seed, len(caption.text), *caption.text.encode()])
+    background = _background(rng)
+    radius = rng.uniform(*RADIUS)
+    dx, dy = DIRECTIONS[caption.direction]
+    # Start START px off centre on the side opposite the motion, at most 8 px off centre across it.
+    along = -rng.uniform(*START)
+    across = rng.uniform(-8.0, 8.0)
+    x0 = SIZE / 2 + (along * dx if dx else across)
+    y0 = SIZE / 2 + (along * dy if dy else across)
+    colour = np.array(COLOURS[caption.colour], dtype=np.float32)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    frames = np.empty((num_frames, SIZE, SIZE, 3), dtype=np.uint8)
+    for i in range(num_frames):
+        t = i / max(num_frames - 1, 1)
+        cx, cy = x0 + dx * TRAVEL * t, y0 + dy * TRAVEL * t
+        alpha = _coverage(caption.shape, xx - cx, yy - cy, radius)[..., None]
+        frames[i] = np.clip(background * (1 - alpha) + colour * alpha, 0, 255).round().astype(np.uint8)
+    return frames
+
+
+def write_first_frames(folder, captions: list[Caption] | None = None, seed: int = 0) -> list:
+    """The first frame of each caption's clip (default: the held-out ones) as `<caption>.png` under `folder`: the
+    image-to-video evaluation's inputs (`python -m asyncvid.eval.clips FOLDER`)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, caption in enumerate(captions or heldout_captions()):
+        path = folder / f"{i:02d}-{caption.text.replace(' ', '-')}.png"
+        Image.fromarray(render(caption, seed * 1000 + i, 1)[0]).save(path)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m asyncvid.eval.clips FOLDER  (writes the held-out captions' first frames there)")
+    print(f"wrote {len(write_first_frames(sys.argv[1]))} first frames to {sys.argv[1]}")

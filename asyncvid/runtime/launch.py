@@ -1,0 +1,200 @@
+"""Running a function on every rank: under torchrun / accelerate launch (rank and world from the environment), or on
+local worker processes that asyncvid starts itself (gloo on CPU, NCCL with one GPU per rank)."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing as mp
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from asyncvid.errors import UsageError
+
+TIMEOUT_S = float(os.environ.get("ASYNCVID_COLLECTIVE_TIMEOUT", "300"))
+USAGE_EXIT = 2
+USAGE_GRACE_S = 10.0  # bad input fails on every rank: give rank 0 time to report it itself
+
+
+@dataclass(frozen=True)
+class Rank:
+    """Where this process stands: its rank, the world size, its rank on this machine, and its torch device."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+class RankFailed(RuntimeError):
+    """Another rank failed; the message names it and its error."""
+
+
+def launched_externally() -> bool:
+    """True under torchrun, accelerate launch or any launcher that sets RANK and WORLD_SIZE."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank_device(local_rank: int, requested: torch.device) -> torch.device:
+    if requested.type == "cuda":
+        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+    return requested
+
+
+def threads_per_process(world_size: int) -> int:
+    """CPU threads per rank: the cores this process may use, shared evenly by the ranks on this machine."""
+    cores = _cores()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    return max(1, cores // local)
+
+
+def check_device_count(world_size: int, device: torch.device, oversubscribe: bool = False) -> None:
+    """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing)."""
+    if device.type == "cuda" and world_size > torch.cuda.device_count():
+        visible = torch.cuda.device_count()
+        raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {visible} are visible; use --devices "
+                         f"{visible} or make more GPUs visible (CUDA_VISIBLE_DEVICES)")
+    cores = _cores()
+    if device.type == "cpu" and world_size > cores and not oversubscribe:
+        raise UsageError(
+            f"--devices {world_size} exceeds the {cores} CPU cores here; use --devices {cores} or fewer "
+            f"(or --oversubscribe to run slower, e.g. to test a layout)"
+        )
+
+
+@contextmanager
+def cpu_threads(n: int | None, device: torch.device):
+    """Run with `n` CPU threads (None: unchanged), restoring the previous count afterwards."""
+    before = torch.get_num_threads()
+    if n is not None and device.type == "cpu":
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int | None = None,
+        oversubscribe: bool = False):
+    """Call `fn(rank, *args)` on every rank; returns rank 0's result (on other external ranks, their own)."""
+    if launched_externally():
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return _in_group(fn, rank, world, local, device, None, args, threads)
+    check_device_count(world_size, device, oversubscribe)
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    workers = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, device, port, errors, args, os.getpid(), threads),
+                    daemon=True)
+        for r in range(1, world_size)
+    ]
+    for w in workers:
+        w.start()
+    done = threading.Event()
+    threading.Thread(target=_watch, args=(workers, errors, done), daemon=True).start()
+    try:
+        return _in_group(fn, 0, world_size, 0, device, port, args, threads)
+    finally:
+        done.set()
+        for w in workers:
+            w.join(timeout=10)
+        _stop(workers)
+
+
+def _in_group(fn, rank, world, local, device, port, args, threads):
+    with process_group(rank, world, local, device, port, threads) as here:
+        return fn(here, *args)
+
+
+@contextmanager
+def process_group(rank: int, world: int, local: int, device: torch.device, port: int | None, threads: int | None):
+    """Join the default process group (collectives time out after ASYNCVID_COLLECTIVE_TIMEOUT seconds, so a stuck
+    rank ends the job instead of hanging it) and yield this process's Rank; leave the group on exit."""
+    if port is not None:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = rank_device(local, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    try:
+        with cpu_threads(threads or threads_per_process(world), device):
+            yield Rank(rank, world, local, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(fn, rank, world, device, port, errors, args, parent_pid, threads):
+    # A worker must not outlive the process that started it (a killed CLI or notebook kernel).
+    watch_parent(parent_pid)
+    try:
+        _in_group(fn, rank, world, rank, device, port, args, threads)
+    except BaseException as err:  # report anything, then exit non-zero
+        errors.put((rank, f"{type(err).__name__}: {err}", traceback.format_exc()))
+        sys.stderr.flush()
+        os._exit(USAGE_EXIT if isinstance(err, UsageError) else 1)
+
+
+def watch_parent(parent_pid: int) -> None:
+    """End this process as soon as `parent_pid` is no longer its parent (the parent died, even by SIGKILL)."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    while True:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        time.sleep(0.5)
+
+
+def _watch(workers, errors, done: threading.Event) -> None:
+    """If a worker dies, rank 0 would wait in a collective until the timeout: report and end the job now."""
+    while not done.is_set():
+        failed = [w for w in workers if w.exitcode not in (None, 0)]
+        if failed:
+            if failed[0].exitcode == USAGE_EXIT:
+                time.sleep(USAGE_GRACE_S)
+            rank, message = workers.index(failed[0]) + 1, f"exit code {failed[0].exitcode}"
+            if not errors.empty():
+                rank, message, _ = errors.get()
+            if done.is_set():
+                return
+            print(f"error: rank {rank} failed ({message}); stopping all ranks", file=sys.stderr, flush=True)
+            _stop(workers)
+            os._exit(USAGE_EXIT if failed[0].exitcode == USAGE_EXIT else 1)
+        if not any(w.is_alive() for w in workers):
+            return
+        time.sleep(0.2)
+
+
+def _stop(workers) -> None:
+    for w in workers:
+        if w.is_alive():
+            w.terminate()
+    for w in workers:
+        w.join(timeout=5)
+        if w.is_alive():
+            w.kill()
+
+
+def _cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

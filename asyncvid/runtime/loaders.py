@@ -1,0 +1,205 @@
+"""Loading a sampler once per rank, then sampling any number of requests with it.
+
+`LOADERS` is the registry: each sampler's config type names the function that loads it on a rank. The CLI, the
+notebook API (asyncvid.api), the worker pool, the tests and the benchmark all go through `load_sampler` and
+`Loaded.sample` / `Loaded.generate`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import diffusers
+import torch
+import transformers
+
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.asyncdiff.setup import describe_split, setup_asyncdiff
+from asyncvid.errors import UsageError
+from asyncvid.models.devices import resolve_device, resolve_dtype
+from asyncvid.models.schedulers import set_scheduler
+from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.parataa.run import report
+from asyncvid.parataa.run import sample as parataa_sample
+from asyncvid.parataa.solver import Round
+from asyncvid.pipelines import adapter_for, load_pipeline, resolve_model, resolve_motion_adapter, units_for
+from asyncvid.runtime.generate import Sampled, StepCallback, decode, sample
+from asyncvid.runtime.launch import Rank
+from asyncvid.runtime.parallel_decode import parallel_decode
+from asyncvid.video.frames import Video, to_uint8
+from asyncvid.video.resume import settings_of
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What every rank loads: the model, the sampler and the precision (picklable: it travels to the workers)."""
+
+    model: str
+    sampler: AsyncDiffConfig | ParaTAAConfig | None = None  # None: sequential sampling
+    motion_adapter: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.models.schedulers
+    # Sizes the stage split is balanced for (None: the model's); any size can be sampled afterwards.
+    plan_shape: tuple[int | None, int | None, int | None] = (None, None, None)  # frames, height, width
+    quiet: bool = True  # hide library warnings and loading bars
+    allow_pickle: bool = False  # load pickle weights too (they can run code); whole-pipeline samplers only
+
+    def describe(self) -> dict:
+        """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
+        sampler = self.sampler.describe() if self.sampler is not None else {"name": "sequential"}
+        return {"model": self.model, "motion_adapter": self.motion_adapter, "sampler": sampler,
+                "scheduler": self.scheduler, "dtype": self.dtype}
+
+
+@dataclass
+class Loaded:
+    """A pipeline loaded on one rank, ready to sample any number of requests."""
+
+    pipe: object
+    adapter: object
+    spec: ModelSpec
+    metadata: dict  # what every video from it records: model folder, device, dtype, sampler
+    decoder: Callable | None = None  # parallel decoding: returns None on ranks other than 0
+    hook: object | None = None  # the sampler's UNet hook, for its per-call statistics
+    weight_share: float = 1.0  # of the UNet's parameters held on this rank
+    # A sampler with its own loop: run(loaded, request, on_step) -> Sampled, instead of the pipeline's loop.
+    run: Callable | None = None
+
+    @property
+    def task(self) -> str:
+        return self.adapter.TASK
+
+    def sample(self, request, on_step: StepCallback | None = None) -> Sampled:
+        """Latents, frames (None on ranks that do not gather them) and timings of one request."""
+        if request.describe()["task"] != self.task:
+            raise UsageError(f"model '{self.spec.model}' does {self.task}, not {request.describe()['task']}; "
+                             f"use {'text_to_video' if self.task == 'text-to-video' else 'image_to_video'}")
+        if self.run is not None:
+            return self.run(self, request, on_step)
+        return sample(self.pipe, self.adapter, request, on_step=on_step, decoder=self.decoder)
+
+    def generate(self, request, on_step: StepCallback | None = None) -> Video | None:
+        """One video with its sidecar metadata (None on ranks that do not gather the frames)."""
+        sampled = self.sample(request, on_step)
+        metadata = {**self.metadata, "settings": settings_of(request, self.spec)}
+        if self.hook is not None:
+            metadata["sampler"] = {**metadata["sampler"], "bytes_sent_rank0": self.hook.state.bytes_sent}
+        return sampled.video(request, metadata)
+
+
+def runs_in_process(sampler, devices: int) -> bool:
+    """One device and no process group needed: sample in the calling process (AsyncDiff always needs a group)."""
+    return devices == 1 and not isinstance(sampler, AsyncDiffConfig)
+
+
+def load_sampler(rank: Rank | None, spec: ModelSpec) -> Loaded:
+    """Load `spec` on this rank (None: in this process, no process group) with its sampler's loader."""
+    if spec.quiet:
+        quiet_libraries()
+    loader = LOADERS.get(type(spec.sampler))
+    if loader is None:
+        raise TypeError(f"sampler must be None (sequential), an AsyncDiffConfig or a ParaTAAConfig, "
+                        f"got {type(spec.sampler).__name__}")
+    return loader(rank, spec)
+
+
+def load_sequential(rank: Rank | None, spec: ModelSpec) -> Loaded:
+    """The whole pipeline, sampling with its own loop."""
+    device = rank.device if rank is not None else resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
+                                          allow_pickle=spec.allow_pickle)
+    set_scheduler(pipe, spec.scheduler)
+    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, {"name": "sequential"}))
+
+
+def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
+    """This rank's stage of the UNet (its weights only) behind the AsyncDiff hook, in the pipeline's own loop."""
+    if rank is None:
+        raise UsageError("AsyncDiff runs in a process group; use asyncvid.load(..., devices=N) or the CLI")
+    dtype = resolve_dtype(spec.dtype, rank.device)
+    folder = resolve_model(spec.model)
+    adapter = adapter_for(folder)
+    frames, height, width = spec.plan_shape
+    motion = resolve_motion_adapter(spec.motion_adapter) if spec.motion_adapter else None
+    staged = setup_asyncdiff(folder, adapter, units_for, spec.sampler,
+                             shape={"frames": frames, "height": height, "width": width}, device=rank.device,
+                             dtype=dtype, motion_adapter=motion, settings={**spec.describe(), "shape": spec.plan_shape},
+                             scheduler=spec.scheduler)
+    sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
+    return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
+                  decoder=parallel_decode, hook=staged.hook, weight_share=staged.weight_share)
+
+
+def load_parataa(rank: Rank | None, spec: ModelSpec) -> Loaded:
+    """The whole pipeline on every rank; each ParaTAA round's batch is split across the ranks."""
+    device = rank.device if rank is not None else resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
+                                          allow_pickle=spec.allow_pickle)
+    set_scheduler(pipe, spec.scheduler)
+    world = rank.world_size if rank is not None else 1
+    sampler = {**spec.sampler.describe(), "devices": world}
+    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, sampler),
+                  decoder=parallel_decode if world > 1 else None, run=functools.partial(_solve, rank))
+
+
+def _solve(rank: Rank | None, loaded: Loaded, request, on_step: StepCallback | None = None) -> Sampled:
+    """One request by ParaTAA; the progress counts final steps, and the record holds every round."""
+    steps, rounds = request.num_inference_steps, []
+
+    def on_round(r: Round) -> None:
+        rounds.append(r)
+        if on_step is not None:
+            on_step(r.final, steps, f"round {len(rounds)}, residual {r.residual:.2g}")
+
+    start = time.perf_counter()
+    latents, solution, branches = parataa_sample(loaded.pipe, loaded.adapter, request, loaded.spec.sampler,
+                                                 rank=rank, on_round=on_round)
+    loop_end = time.perf_counter()
+    frames = decode(loaded.pipe, loaded.adapter, latents, request, loaded.decoder)
+    end = time.perf_counter()
+    if frames is not None and not solution.converged:
+        print(f"warning: ParaTAA stopped after {len(solution.rounds)} rounds with {solution.rounds[-1].final} of "
+              f"{steps} steps final; raise --max-rounds or --tol", file=sys.stderr)
+    return Sampled(latents, None if frames is None else to_uint8(frames), loop_end - start, end - loop_end,
+                   {"parataa": report(solution, steps, branches)})
+
+
+# The registry: a sampler's config type -> how a rank loads it.
+LOADERS: dict[type, Callable[[Rank | None, ModelSpec], Loaded]] = {
+    type(None): load_sequential,
+    AsyncDiffConfig: load_asyncdiff,
+    ParaTAAConfig: load_parataa,
+}
+
+
+def _metadata(spec: ModelSpec, folder, device, dtype, sampler: dict) -> dict:
+    return {"model": spec.model, "model_folder": str(folder), "device": str(device),
+            "dtype": str(dtype).removeprefix("torch."), "sampler": sampler, "scheduler": spec.scheduler or "pipeline"}
+
+
+def quiet_libraries() -> None:
+    """Hide diffusers/transformers warnings and loading bars (workers start with default logging)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def describe_plan(model: str, stages: int, *, frames=None, height=None, width=None, cost="flops", weight_cap=1.0,
+                  split=None, motion_adapter=None, device=None) -> str:
+    """The printable plan of `model` split into `stages` (what `asyncvid plan` shows); loads no weights."""
+    config = AsyncDiffConfig(stages=stages, cost=cost, weight_cap=weight_cap, split=split)
+    folder = resolve_model(model)
+    motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
+    return describe_split(model, folder, adapter_for(folder), units_for, config, motion_adapter=motion,
+                          shape={"frames": frames, "height": height, "width": width}, device=resolve_device(device),
+                          dtype=torch.float32)

@@ -1,0 +1,225 @@
+"""Train the embedded models: `python -m asyncvid.training all` (or one stage: vae, animatediff, svd, export).
+
+Each stage resumes from its checkpoint in the work folder; --fresh starts over. Stages after the VAEs need them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from diffusers import AutoencoderKL
+
+from asyncvid.pipelines.embedded import cache_root
+from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
+from asyncvid.training.animatediff import (
+    HIGH_NOISE_FROM,
+    HIGH_NOISE_SHARE,
+    MEAN_SHARE,
+    SCHEDULE,
+    SD_SCHEDULE,
+    TEXT_LAYERS,
+    TEXT_POSITIONS,
+    TRAIN_TEXT,
+    UNetWithText,
+    animatediff_loss_fn,
+)
+from asyncvid.training.export import export_all
+from asyncvid.training.loop import TrainConfig, train
+from asyncvid.training.svd import svd_loss_fn
+from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+Workdir = Annotated[Optional[Path], typer.Option(help="Checkpoints and trained parts \\[default: $ASYNCVID_HOME/training].")]
+Minutes = Annotated[float, typer.Option(help="Wall-clock budget of this stage.")]
+MaxSteps = Annotated[int, typer.Option("--steps", help="Step budget of this stage (whichever of steps and minutes ends first).")]
+Batch = Annotated[int, typer.Option(help="Clips (or frames, for the AnimateDiff VAE) per step.")]
+Seed = Annotated[int, typer.Option(help="Seed of data, initial weights and batches.")]
+Threads = Annotated[int, typer.Option(help="CPU threads (torch.set_num_threads).")]
+Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and start over.")]
+Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
+# What export can ship: asyncvid.training.export.NAMES's keys, spelt here so `--help` needs no torch import.
+UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
+# The AnimateDiff recipe (r8): its step budget and how many of those steps end it with a decaying learning rate.
+ANIMATEDIFF_STEPS, ANNEAL = 3443, 700
+
+
+def _workdir(workdir: Path | None) -> Path:
+    if workdir is not None:
+        return workdir
+    return cache_root() / "training"
+
+
+def _config(workdir, stage, **kw):
+    return TrainConfig(workdir=_workdir(workdir) / stage, resume=not kw.pop("fresh"), **kw)
+
+
+def _trained(workdir: Path | None, stage: str, cls):
+    folder = _workdir(workdir) / stage / "final"
+    if not (folder / "config.json").is_file():
+        raise typer.BadParameter(f"no trained {stage} in {folder}; run `python -m asyncvid.training {stage}` first")
+    return cls.from_pretrained(folder)
+
+
+@app.command()
+def vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 16, seed: Seed = 0,
+        threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
+    """AnimateDiff's AutoencoderKL on single frames."""
+    _train_vae("vae", build_tiny_animatediff(seed).vae, False, workdir, minutes, steps, batch, seed, threads, fresh,
+               clips, lr)
+
+
+@app.command("svd-vae")
+def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 2, seed: Seed = 0,
+            threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
+    """SVD's AutoencoderKLTemporalDecoder on 8-frame clips (experimental: the shipped tiny-svd uses `vae`)."""
+    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes, steps, batch, seed, threads, fresh,
+               clips, lr)
+
+
+def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, threads, fresh, clips, lr) -> None:
+    """One VAE stage: reconstruction training on clips, then the latent scaling factor."""
+    config = _config(workdir, stage, minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr, ema=0.99)
+    log = train(model, vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed), config, name=stage)
+    log["scaling_factor"] = set_scaling_factor(model)
+    _finish(model, config, log)
+
+
+@app.command()
+def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSteps = ANIMATEDIFF_STEPS, batch: Batch = 4,
+                seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
+                sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
+                snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
+                object_gain: Annotated[float, typer.Option(help="Extra loss weight on the moving shape's latent pixels; 0 turns it off.")] = 0.0,
+                train_text: Annotated[Optional[bool], typer.Option("--train-text/--frozen-text", help="Train the text encoder with the UNet \\[default: asyncvid.training.animatediff.TRAIN_TEXT].")] = None,
+                text_layers: Annotated[Optional[int], typer.Option(help="Depth of the text encoder \\[default: asyncvid.training.animatediff.TEXT_LAYERS].")] = None,
+                text_positions: Annotated[Optional[bool], typer.Option("--text-positions/--no-text-positions", help="Keep the text encoder's position embeddings \\[default: TEXT_POSITIONS].")] = None,
+                high_noise_share: Annotated[Optional[float], typer.Option(help="Share of steps drawn from the noisy end \\[default: HIGH_NOISE_SHARE].")] = None,
+                high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
+                mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None,
+                anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = ANNEAL):
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
+    UNet, or frozen: --frozen-text).
+
+    The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
+    107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
+    budget, so a slower machine trains the same model, only later."""
+    train_text = TRAIN_TEXT if train_text is None else train_text
+    mean_share = (0.0 if sd_schedule else MEAN_SHARE) if mean_share is None else mean_share
+    text_layers = TEXT_LAYERS if text_layers is None else text_layers
+    text_positions = TEXT_POSITIONS if text_positions is None else text_positions
+    high_noise = (HIGH_NOISE_SHARE if high_noise_share is None else high_noise_share,
+                  HIGH_NOISE_FROM if high_noise_from is None else high_noise_from)
+    pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
+    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr, anneal=anneal)
+    schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
+    loss = animatediff_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir,
+                               schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, high_noise=high_noise,
+                               mean_share=mean_share)
+    model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
+    log = train(model, loss, config, name="animatediff")
+    # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
+    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
+               train_text=train_text, text_layers=text_layers, text_positions=text_positions,
+               high_noise={"share": high_noise[0], "from": high_noise[1]})
+    if train_text:
+        pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
+    _finish(pipe.unet, config, log)
+
+
+@app.command()
+def svd(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 1200, batch: Batch = 8,
+        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
+    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r3: 1,200 steps,
+    24 minutes on one thread).
+
+    It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
+    (`svd-vae`) did not reach usable colours in the CPU budget.
+    """
+    pipe = build_tiny_svd(seed)
+    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr)
+    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
+    _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
+
+
+@app.command()
+def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option(help="\\[default: the package's pipelines/weights].")] = None,
+           scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None,
+           only: Annotated[Optional[list[UNetStage]], typer.Option(help="Export only this UNet stage (animatediff or svd); repeat for both \\[default: both].")] = None):
+    """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
+    root = _workdir(workdir)
+    card_scores = json.loads(scores.read_text()) if scores else {}
+    for folder in export_all(root, dest, card_scores, tuple(s.value for s in only or UNetStage)):
+        typer.echo(f"wrote {folder}")
+
+
+@app.command("all")
+def all_stages(workdir: Workdir = None, seed: Seed = 0,
+               steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet (the last --anneal of them annealed).")] = ANIMATEDIFF_STEPS,
+               svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
+               minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
+               svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
+               vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800,
+               anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
+    """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
+    if not 0 <= anneal <= steps:  # here, not an hour later when the AnimateDiff stage starts
+        raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
+    root = _workdir(workdir)
+    vae(workdir=root, minutes=30.0, steps=vae_steps, seed=seed, threads=os.cpu_count() or 1)
+    # Two one-thread processes use two cores better than one process with two threads (small tensors: one
+    # AnimateDiff step took 1.2-1.4 s on two threads, about what one thread takes beside the SVD run).
+    procs = {}
+    for stage, budget, limit in (("animatediff", steps, minutes), ("svd", svd_steps, svd_minutes)):
+        cmd = [sys.executable, "-m", "asyncvid.training.cli", stage, "--workdir", str(root), "--steps", str(budget),
+               "--minutes", str(limit), "--seed", str(seed), "--threads", "1"]
+        if stage == "animatediff":
+            cmd += ["--anneal", str(anneal)]
+        with (root / f"{stage}.log").open("w") as out:  # the child keeps its own copy of the descriptor
+            procs[stage] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        typer.echo(f"{stage}: training {budget} steps (at most {limit:g} min), log in {root / f'{stage}.log'}")
+    try:
+        while any(p.poll() is None for p in procs.values()):
+            time.sleep(5)
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()  # Ctrl-C: the stages stop; their last checkpoints resume them
+    failed = [stage for stage, p in procs.items() if p.returncode != 0]
+    if failed:
+        typer.echo(f"{', '.join(failed)} failed; see {root}/<stage>.log, then rerun to resume", err=True)
+        raise typer.Exit(1)
+    for stage in procs:
+        log = json.loads((root / stage / "train_log.json").read_text())
+        typer.echo(f"{stage}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+    export(workdir=root, dest=None, scores=None, only=None)
+
+
+def _finish(model, config, log) -> None:
+    model.save_pretrained(config.workdir / "final")
+    (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
+    typer.echo(f"{log['name']}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+    if log["steps"] < config.steps:  # the recipe is a step count: a time-limited model is a different, weaker one
+        typer.echo(f"{log['name']}: stopped by the {config.minutes:g}-minute limit at step {log['steps']} of "
+                   f"{config.steps}; run the same command with a larger --minutes to finish it", err=True)
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Frames in and out: the Video object, its writers, output names, sidecars and resuming a batch."""
