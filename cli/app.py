@@ -179,6 +179,7 @@ def plan(
     split: Split = None,
     motion_adapter: Annotated[Optional[str], typer.Option(help="Motion adapter, with a Stable Diffusion base model.")] = None,
     device: Device = None,
+    dtype: DTypeOpt = None,
     debug: Debug = False,
 ):
     """Print how AsyncDiff splits a model's UNet: each stage's units, cost share, weights, and the tensors that cross."""
@@ -188,7 +189,7 @@ def plan(
 
         typer.echo(describe_plan(model, stages, frames=frames, height=height, width=width, cost=cost.value,
                                  weight_cap=weight_cap, split=tuple(s.strip() for s in split.split(",")) if split else None,
-                                 motion_adapter=motion_adapter, device=device))
+                                 motion_adapter=motion_adapter, device=device, dtype=dtype.value if dtype else None))
     except UsageError as err:
         if debug:
             raise

@@ -116,6 +116,8 @@ def _show_usage_warnings() -> None:
 def quiet_libraries(debug: bool) -> None:
     """Hide library warnings and loading bars unless --debug: the CLI prints its own progress."""
     if not debug:
+        # Before transformers is first imported: it reads this once, and some of its warnings come at import time.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         from asyncvid.runtime.loaders import quiet_libraries as quiet  # imports diffusers: not at --help time
 
         quiet()

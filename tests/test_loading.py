@@ -328,3 +328,28 @@ def test_allow_pickle_loads_pickle_only_weights_with_a_warning(saved_svd, tmp_pa
         svd.load(folder, dtype=torch.float32)
     pipe = svd.load(folder, dtype=torch.float32, allow_pickle=True)
     assert_same_weights(pipe.unet, saved_svd.pipe.unet, "unet")
+
+
+def _placement(rank, folder, adapter_folder):
+    """Set AsyncDiff up on this one rank with the meta device standing in for a GPU: where each UNet tensor lands."""
+    from asyncvid.asyncdiff.config import AsyncDiffConfig
+    from asyncvid.asyncdiff.setup import setup_asyncdiff
+    from asyncvid.pipelines import units_for
+
+    staged = setup_asyncdiff(folder, adapter_for(folder), units_for, AsyncDiffConfig(stages=1, cost="flops"),
+                             shape={"frames": 4, "height": 64, "width": 64}, device=torch.device("meta"),
+                             dtype=torch.float32, motion_adapter=adapter_folder, settings={})
+    unet = staged.pipe.unet
+    return {name: t.device.type for name, t in [*unet.named_parameters(), *unet.named_buffers()]}
+
+
+def test_asyncdiff_puts_every_unet_tensor_a_rank_holds_on_the_runs_device(sd_base_and_adapter):
+    """The base-plus-adapter form loads the UNet whole and releases the other stages' weights; what the rank keeps
+    must then move to the run's device with the rest of the pipeline (it stayed on the CPU, so a GPU run failed).
+    The meta device stands in for the GPU: every tensor must end up there."""
+    from asyncvid.runtime import launch
+
+    sd_folder, adapter_folder, _ = sd_base_and_adapter
+    placement = launch.run(_placement, 1, torch.device("cpu"), sd_folder, adapter_folder, threads=1)
+    elsewhere = {name: kind for name, kind in placement.items() if kind != "meta"}
+    assert not elsewhere, f"{len(elsewhere)} UNet tensors not on the run's device, e.g. {next(iter(elsewhere))}"

@@ -8,7 +8,6 @@ same scheduler step. With stride S a round covers S steps: the S last-stage rank
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -19,10 +18,12 @@ from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
 from asyncvid.asyncdiff.plan import HIDDEN, Plan, Transfer, transfers
 from asyncvid.asyncdiff.units import Program, run_units
 from asyncvid.errors import UsageError
+from asyncvid.models.devices import Stopwatch
 
 HOOK_NAME = "asyncvid.asyncdiff"
-_HEADER_TAG = 1 << 20  # tags at and above this carry shapes; below it, tensors (key + 1)
 _MAX_DIMS = 8
+# A header announces a tensor before its first exchange: its dtype (an index into DTYPES), rank and shape.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 @dataclass
@@ -31,14 +32,23 @@ class RunState:
 
     step: int = 0
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
-    shapes: dict[int, torch.Size] = field(default_factory=dict)  # of the tensors this rank receives
+    shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
     out_shape: torch.Size | None = None
-    dtype: torch.dtype = torch.float32  # of the UNet input, learned at the first step
+    dtype: torch.dtype = torch.float32  # of the UNet input, learned at the first step (the noise prediction's)
     device: torch.device | None = None
     queued: dict[int, torch.Tensor] = field(default_factory=dict)  # noise predictions of later steps in a round
     bytes_sent: int = 0
-    hook_s: float = 0.0  # time inside the hook: this stage's compute plus waiting on the other ranks
-    compute_s: float = 0.0  # time running this stage's units
+    # Time inside the hook (this stage's compute plus waiting on the other ranks) and running this stage's units.
+    hook_clock: Stopwatch = field(default_factory=Stopwatch)
+    compute_clock: Stopwatch = field(default_factory=Stopwatch)
+
+    @property
+    def hook_s(self) -> float:
+        return self.hook_clock.seconds
+
+    @property
+    def compute_s(self) -> float:
+        return self.compute_clock.seconds
 
 
 class AsyncDiffHook(ModelHook):
@@ -68,7 +78,10 @@ class AsyncDiffHook(ModelHook):
         return_dict = kwargs.pop("return_dict", True)
         step = self.state.step
         self.state.step += 1
-        start = time.perf_counter()
+        if step == 0:  # the device is known once the UNet is called
+            device = _device_of(args, kwargs)
+            self.state.hook_clock, self.state.compute_clock = Stopwatch(device), Stopwatch(device)
+        start = self.state.hook_clock.start()
         if step not in self.state.queued:
             if self.cfg is not None:
                 args, kwargs = self.cfg.take_half(args, kwargs)
@@ -77,7 +90,7 @@ class AsyncDiffHook(ModelHook):
                 found = [self.cfg.join_halves(eps) for eps in found]
             self.state.queued.update({step + j: eps for j, eps in enumerate(found)})
         eps = self.state.queued.pop(step)
-        self.state.hook_s += time.perf_counter() - start
+        self.state.hook_clock.stop(start)
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
     # 1. Warm-up: the stages one after another, each rank waiting for its inputs (exactly the sequential forward).
@@ -92,8 +105,7 @@ class AsyncDiffHook(ModelHook):
         sends = self._exchange_out(out, headers=first_time) if computes else []
         src = self.layout.ranks_of(self.config.stages - 1)[0]
         eps = self._broadcast_eps(out if self.rank == src else None, src=src)
-        for work in sends:
-            work.wait()
+        _wait(sends)
         return eps
 
     # 2. After warm-up: all stages at once on the previous round's tensors; receive the next round's meanwhile.
@@ -103,7 +115,7 @@ class AsyncDiffHook(ModelHook):
         more = step + width < total  # whether a later round consumes what this one sends
         replica = self.layout.replica(self.rank)
         computes = self.stage < self.config.stages - 1 or replica < width
-        pending = self._post_receives() if more else {}
+        pending, receiving = self._post_receives() if more else ({}, [])
         out = None
         if computes:
             offset = width - 1 if self.stage < self.config.stages - 1 else replica
@@ -113,11 +125,9 @@ class AsyncDiffHook(ModelHook):
         sends = self._exchange_out(out, headers=False) if (more and computes) else []
         last = self.layout.ranks_of(self.config.stages - 1)
         eps = [self._broadcast_eps(out if self.rank == last[j] else None, src=last[j]) for j in range(width)]
-        for work in pending.values():
-            work[1].wait()
-        self.state.inputs = {key: buf for key, (buf, _) in pending.items()}
-        for work in sends:
-            work.wait()
+        _wait(receiving)
+        self.state.inputs = pending
+        _wait(sends)
         return eps  # the noise predictions of steps step .. step + width - 1
 
     def _timestep(self, index: int):
@@ -126,44 +136,48 @@ class AsyncDiffHook(ModelHook):
 
     def _run_stage(self, ctx, x: torch.Tensor, received: dict[int, torch.Tensor]):
         """Units of this stage; returns the hidden state and every skip it produced for other stages."""
-        start = time.perf_counter()
+        start = self.state.compute_clock.start()
         h = x if self.stage == 0 else received.pop(HIDDEN)
         skips = dict(received)
         h = run_units(self.program, ctx, h, self.units.start, self.units.stop, skips)
-        self.state.compute_s += time.perf_counter() - start
+        self.state.compute_clock.stop(start)
         return h, skips
 
+    # Point to point: untagged, every rank posting its sends and receives in the one global order of `transfers`, as
+    # NCCL matches them (by issue order per pair of ranks, ignoring tags); gloo, which matches tags, checks the order.
     def _receive(self, *, headers: bool) -> dict[int, torch.Tensor]:
-        """This stage's inputs, waiting for each (the relay); shapes come first on the first step of a run."""
-        out = {}
-        for key, src, _ in self.receives:
-            if headers:
-                self.state.shapes[key] = _recv_header(src, key, self.group, self.state.device)
-            out[key] = self._buffer(key)
-            dist.recv(out[key], group=self.group, tag=key + 1, group_src=src)
+        """This stage's inputs, waiting for them (the relay); their headers come first on the first step of a run."""
+        if headers:
+            bufs = {key: torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=self.state.device)
+                    for key, _, _ in self.receives}
+            _wait(self._batch([(dist.irecv, bufs[key], src) for key, src, _ in self.receives]))
+            self.state.shapes = {key: _parse_header(buf) for key, buf in bufs.items()}
+        out = {key: self._buffer(key) for key, _, _ in self.receives}
+        _wait(self._batch([(dist.irecv, out[key], src) for key, src, _ in self.receives]))
         return out
 
-    def _post_receives(self) -> dict[int, tuple[torch.Tensor, dist.Work]]:
+    def _post_receives(self) -> tuple[dict[int, torch.Tensor], list]:
         """Start receiving the next round's inputs, to overlap with this round's compute."""
-        pending = {}
-        for key, src, _ in self.receives:
-            buf = self._buffer(key)
-            pending[key] = (buf, dist.irecv(buf, group=self.group, tag=key + 1, group_src=src))
-        return pending
+        bufs = {key: self._buffer(key) for key, _, _ in self.receives}
+        return bufs, self._batch([(dist.irecv, bufs[key], src) for key, src, _ in self.receives])
 
     def _buffer(self, key: int) -> torch.Tensor:
-        return torch.empty(self.state.shapes[key], dtype=self.state.dtype, device=self.state.device)
+        shape, dtype = self.state.shapes[key]  # the sender's dtype, which need not be the UNet input's
+        return torch.empty(shape, dtype=dtype, device=self.state.device)
 
     def _exchange_out(self, out, *, headers: bool) -> list:
         h, skips = out
-        works = []
-        for key, _, dst in self.sends:
-            tensor = (h if key == HIDDEN else skips[key]).contiguous()
-            if headers:
-                _send_header(tensor.shape, dst, key, self.group, tensor.device)
-            works.append(dist.isend(tensor, group=self.group, tag=key + 1, group_dst=dst))
-            self.state.bytes_sent += tensor.numel() * tensor.element_size()
-        return works
+        tensors = [(h if key == HIDDEN else skips[key]).contiguous() for key, _, _ in self.sends]
+        ops = [(dist.isend, _header(t), dst) for t, (_, _, dst) in zip(tensors, self.sends)] if headers else []
+        ops += [(dist.isend, t, dst) for t, (_, _, dst) in zip(tensors, self.sends)]
+        self.state.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        return self._batch(ops)
+
+    def _batch(self, ops) -> list:
+        if not ops:
+            return []
+        return dist.batch_isend_irecv([dist.P2POp(op, tensor, group=self.group, group_peer=peer)
+                                       for op, tensor, peer in ops])
 
     def _broadcast_eps(self, out, *, src: int) -> torch.Tensor:
         """The last stage's noise prediction, to every rank (its shape is learned once per run)."""
@@ -213,6 +227,10 @@ def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> li
     return [(m.key, layout.ranks_of(m.src)[0], dst) for m in moves for dst in layout.ranks_of(m.dst)]
 
 
+def _device_of(args, kwargs) -> torch.device | None:
+    return next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), None)
+
+
 def _with_timestep(args, kwargs, timestep):
     if "timestep" in kwargs:
         return args, {**kwargs, "timestep": timestep}
@@ -228,15 +246,19 @@ def _unpad_shape(t: torch.Tensor) -> torch.Size:
     return torch.Size(int(v) for v in t[1 : n + 1])
 
 
-def _send_header(shape, dst, key, group, device):
-    dist.send(torch.tensor(_pad_shape(shape), dtype=torch.int64, device=device), group=group,
-              tag=_HEADER_TAG + key + 1, group_dst=dst)
+def _header(tensor: torch.Tensor) -> torch.Tensor:
+    """dtype index, rank, shape (padded): what a receiver needs to allocate the tensor's buffer."""
+    return torch.tensor([DTYPES.index(tensor.dtype), *_pad_shape(tensor.shape)], dtype=torch.int64,
+                        device=tensor.device)
 
 
-def _recv_header(src, key, group, device) -> torch.Size:
-    buf = torch.empty(_MAX_DIMS + 1, dtype=torch.int64, device=device)
-    dist.recv(buf, group=group, tag=_HEADER_TAG + key + 1, group_src=src)
-    return _unpad_shape(buf)
+def _parse_header(header: torch.Tensor) -> tuple[torch.Size, torch.dtype]:
+    return _unpad_shape(header[1:]), DTYPES[int(header[0])]
+
+
+def _wait(works) -> None:
+    for work in works:
+        work.wait()
 
 
 def apply_asyncdiff(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,

@@ -16,7 +16,7 @@ from asyncvid.asyncdiff.cost_cache import cached, key
 from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
 from asyncvid.asyncdiff.hook import AsyncDiffHook, CfgSplit, apply_asyncdiff
 from asyncvid.asyncdiff.plan import Plan, describe, make_plan, transfers
-from asyncvid.asyncdiff.weights import load_owned, materialised_share, release_unowned
+from asyncvid.asyncdiff.weights import load_owned, materialised_share, move_materialised, release_unowned
 from asyncvid.errors import UsageError
 from asyncvid.models.schedulers import set_scheduler
 
@@ -47,20 +47,18 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
         full = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter)
         unet = full.unet
     family = units_for(unet)
-    example = functools.partial(family.example_inputs, **shape)
-    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
-    names = [p.name for p in profiles]
-    weights = [float(p.param_bytes) for p in profiles]
-    make_plan(names, [float(p.flops) for p in profiles], config.stages, config.split, weights, config.weight_cap)
+    profiles, plan = flops_plan(unet, family, config, shape)
 
     # 2. Agree: every rank must run the same model and settings.
     _check_agreement(settings, group)
 
     # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
-    costs = [float(p.flops) for p in profiles]
     if config.cost == "measured" and config.stages > 1 and not config.split:
-        costs = _measured_costs(unet, family, example, device, dtype, rank, group, len(names))
-    plan = make_plan(names, costs, config.stages, config.split, weights, config.weight_cap)
+        example = functools.partial(family.example_inputs, **shape)
+        costs = _measured_costs(unet, family, example, device, dtype, rank, group, len(profiles))
+        plan = make_plan(list(plan.names), costs, config.stages, config.split,
+                         [float(p.param_bytes) for p in profiles], config.weight_cap)
+    names = plan.names
 
     # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
     program = family.build_program(unet)
@@ -73,6 +71,7 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     else:
         release_unowned(unet, keep)
         pipe = full
+    move_materialised(unet, device)  # what this rank holds of the UNet; Module.to would fail on the meta rest
     _move_except_unet(pipe, device)
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)  # before the hook, which reads the timesteps of pipe.scheduler
@@ -83,6 +82,16 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     # 5. The hook replaces the UNet's forward; the pipeline's own loop and scheduler do the rest.
     hook = apply_asyncdiff(unet, program, plan, config, pipe.scheduler, stage_group, cfg)
     return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
+
+
+def flops_plan(unet, family, config: AsyncDiffConfig, shape: dict) -> tuple[list[UnitProfile], Plan]:
+    """Each unit's profile at `shape` (fake tensors: no weights, no compute) and the split balanced on FLOPs; fails
+    on a bad stage count or manual split before anything is loaded or exchanged."""
+    example = functools.partial(family.example_inputs, **shape)
+    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    plan = make_plan([p.name for p in profiles], [float(p.flops) for p in profiles], config.stages, config.split,
+                     [float(p.param_bytes) for p in profiles], config.weight_cap)
+    return profiles, plan
 
 
 def _groups(config: AsyncDiffConfig, rank: int, world: int, group):

@@ -36,6 +36,13 @@ def release_unowned(unet: torch.nn.Module, modules: list[str]) -> None:
             set_module_tensor_to_device(unet, name, "meta")
 
 
+def move_materialised(module: torch.nn.Module, device) -> None:
+    """Move every parameter and buffer that is not on the meta device to `device` (Module.to fails on meta ones)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if not tensor.is_meta:
+            set_module_tensor_to_device(module, name, device)
+
+
 def materialised_share(unet: torch.nn.Module) -> float:
     """The fraction of the UNet's parameters this rank holds in memory."""
     total = sum(p.numel() for p in unet.parameters())

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from asyncvid.models.devices import synchronize
 from asyncvid.video.frames import Video, to_uint8
 
 StepCallback = Callable[..., None]  # (steps done, steps total[, note: what the sampler is doing, e.g. its round])
@@ -73,6 +74,8 @@ def sample(pipe, adapter, request, *, on_step: StepCallback | None = None, decod
     marks: list[float] = []
 
     def callback(pipeline, step, timestep, tensors):
+        # CUDA runs ahead of the host clock: time the step's work, not its launch.
+        synchronize(next((t.device for t in tensors.values() if torch.is_tensor(t)), None))
         marks.append(time.perf_counter())
         if on_step is not None:
             on_step(step + 1, request.num_inference_steps)
@@ -83,6 +86,7 @@ def sample(pipe, adapter, request, *, on_step: StepCallback | None = None, decod
         latents = adapter.call(pipe, request, generator=generator, callback=callback, output_type="latent")
         loop_end = marks[-1] if marks else time.perf_counter()
         frames = decode(pipe, adapter, latents, request, decoder)
+    synchronize(latents.device)
     end = time.perf_counter()
     return Sampled(latents, None if frames is None else to_uint8(frames), loop_end - start, end - loop_end)
 

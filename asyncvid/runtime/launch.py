@@ -44,10 +44,19 @@ def launched_externally() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def rank_device(local_rank: int, requested: torch.device) -> torch.device:
-    if requested.type == "cuda":
-        return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
-    return requested
+def rank_device(local_rank: int, requested: torch.device, local_world: int = 1) -> torch.device:
+    """This rank's device: on CUDA one GPU per rank on this machine (NCCL cannot put two ranks on one GPU), or the
+    GPU asked for (`cuda:N`) when one process runs alone; on the CPU, the CPU."""
+    if requested.type != "cuda":
+        return requested
+    if local_world == 1 and requested.index is not None:
+        return requested
+    visible = torch.cuda.device_count()
+    if local_world > visible:
+        # Every rank on this machine sees the same counts, so every one refuses here, before any collective.
+        raise UsageError(f"{local_world} processes on this machine but {visible} GPU(s) visible: NCCL needs one GPU "
+                         f"per rank; launch at most {visible} processes per machine (--nproc-per-node or --devices)")
+    return torch.device("cuda", local_rank)
 
 
 def threads_per_process(world_size: int) -> int:
@@ -123,7 +132,7 @@ def process_group(rank: int, world: int, local: int, device: torch.device, port:
     rank ends the job instead of hanging it) and yield this process's Rank; leave the group on exit."""
     if port is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = rank_device(local, device)
+    device = rank_device(local, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import diffusers
-import torch
 import transformers
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
@@ -195,11 +194,14 @@ def quiet_libraries() -> None:
 
 
 def describe_plan(model: str, stages: int, *, frames=None, height=None, width=None, cost="flops", weight_cap=1.0,
-                  split=None, motion_adapter=None, device=None) -> str:
-    """The printable plan of `model` split into `stages` (what `asyncvid plan` shows); loads no weights."""
+                  split=None, motion_adapter=None, device=None, dtype: str | None = None) -> str:
+    """The printable plan of `model` split into `stages` (what `asyncvid plan` shows); loads no weights. Measured
+    costs are timed on `device` in `dtype` (default: the dtype a run there uses), as a run's own planning does."""
     config = AsyncDiffConfig(stages=stages, cost=cost, weight_cap=weight_cap, split=split)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     folder = resolve_model(model)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
     return describe_split(model, folder, adapter_for(folder), units_for, config, motion_adapter=motion,
-                          shape={"frames": frames, "height": height, "width": width}, device=resolve_device(device),
-                          dtype=torch.float32)
+                          shape={"frames": frames, "height": height, "width": width}, device=torch_device,
+                          dtype=torch_dtype)

@@ -1,0 +1,93 @@
+"""AsyncDiff on real gloo groups equals its single-process specification (asyncvid.asyncdiff.oracle) bit for bit.
+
+Past warm-up AsyncDiff is approximate, so sequential sampling cannot be the reference; the oracle runs the same
+schedule (warm-up relay, rounds on the previous round's tensors, stride replicas, time shift, the CFG split) in one
+process on the same stage functions. One thread per process on both sides: on a CPU the thread count changes float
+rounding. The ranks exchange tensors untagged, in one fixed order (what NCCL needs), so these runs also prove the
+exchange's order.
+"""
+
+import pytest
+import torch
+
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.asyncdiff.oracle import apply_oracle
+from asyncvid.asyncdiff.setup import flops_plan
+from asyncvid.bench.measure import asyncdiff_sample
+from asyncvid.pipelines import units_for
+from asyncvid.requests import ImageToVideo, TextToVideo
+from asyncvid.runtime import launch
+from asyncvid.runtime.loaders import ModelSpec, load_sampler
+from asyncvid.training.animatediff import GUIDANCE
+
+pytestmark = pytest.mark.slow
+CPU = torch.device("cpu")
+STEPS = 5
+
+
+def _request(family: str, red_circle, steps: int = STEPS):
+    size = dict(num_inference_steps=steps, num_frames=4, height=64, width=64, seed=2)
+    if family == "svd":
+        return "tiny-svd", ImageToVideo(red_circle, **size)
+    return "tiny-animatediff", TextToVideo("a blue square moving up", guidance_scale=GUIDANCE, **size)
+
+
+def oracle_latents(model: str, request, config: AsyncDiffConfig, scheduler: str | None = None) -> torch.Tensor:
+    """The schedule run in this process on the whole UNet, split by the same FLOPs plan the ranks make."""
+    with launch.cpu_threads(1, CPU):
+        loaded = load_sampler(None, ModelSpec(model, device="cpu", dtype="float32", scheduler=scheduler))
+        unet = loaded.pipe.unet
+        family = units_for(unet)
+        shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
+        _, plan = flops_plan(unet, family, config, shape)
+        apply_oracle(unet, family.build_program(unet), plan, config, loaded.pipe.scheduler)
+        return loaded.sample(request).latents
+
+
+def distributed_latents(model: str, request, config: AsyncDiffConfig, scheduler: str | None = None) -> torch.Tensor:
+    sample = launch.run(asyncdiff_sample, config.world_size, CPU, model, request, config, torch.float32, 1,
+                        scheduler, threads=1, oversubscribe=True)
+    return sample.latents
+
+
+CASES = {
+    # id: (family, scheduler, config)
+    "svd-n2-w1": ("svd", None, dict(stages=2, warmup=1)),
+    "animatediff-n2-w2": ("animatediff", None, dict(stages=2, warmup=2)),
+    "svd-n2-w2-shift": ("svd", None, dict(stages=2, warmup=2, time_shift=True)),
+    "animatediff-n2-w1-shift": ("animatediff", None, dict(stages=2, warmup=1, time_shift=True)),
+    "animatediff-n3-w2": ("animatediff", None, dict(stages=3, warmup=2)),
+    "svd-n4-w1": ("svd", None, dict(stages=4, warmup=1)),
+    "svd-n2-s2-w1": ("svd", None, dict(stages=2, stride=2, warmup=1)),  # rounds of 2 steps, then 1
+    "animatediff-n2-s2-w2-shift": ("animatediff", None, dict(stages=2, stride=2, warmup=2, time_shift=True)),
+    "animatediff-n3-s2-w1": ("animatediff", None, dict(stages=3, stride=2, warmup=1)),
+    "animatediff-cfg-w1": ("animatediff", None, dict(stages=1, warmup=1, cfg_parallel=True)),
+    "svd-cfg-n2-w1": ("svd", None, dict(stages=2, warmup=1, cfg_parallel=True)),
+    "animatediff-euler-n2-w1": ("animatediff", "euler", dict(stages=2, warmup=1)),
+    "animatediff-dpm-n2-s2-w1": ("animatediff", "dpm-solver", dict(stages=2, stride=2, warmup=1)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_distributed_asyncdiff_equals_the_oracle(case, red_circle):
+    family, scheduler, settings = CASES[case]
+    model, request = _request(family, red_circle)
+    config = AsyncDiffConfig(cost="flops", **settings)
+    want = oracle_latents(model, request, config, scheduler)
+    got = distributed_latents(model, request, config, scheduler)
+    assert torch.equal(got, want), f"{case}: max difference {(got - want).abs().max().item():.3g}"
+
+
+def test_the_oracle_is_sequential_sampling_when_warmup_covers_every_step(red_circle):
+    model, request = _request("animatediff", red_circle, steps=3)
+    with launch.cpu_threads(1, CPU):
+        reference = load_sampler(None, ModelSpec(model, device="cpu", dtype="float32")).sample(request).latents
+    assert torch.equal(oracle_latents(model, request, AsyncDiffConfig(stages=3, warmup=3)), reference)
+
+
+def test_the_oracle_past_warmup_is_not_sequential_sampling(red_circle):
+    """The schedule is approximate after warm-up: an oracle that secretly ran the sequential forward would fail."""
+    model, request = _request("svd", red_circle, steps=3)
+    with launch.cpu_threads(1, CPU):
+        reference = load_sampler(None, ModelSpec(model, device="cpu", dtype="float32")).sample(request).latents
+    assert not torch.equal(oracle_latents(model, request, AsyncDiffConfig(stages=2, warmup=1)), reference)
