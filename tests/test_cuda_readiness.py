@@ -57,3 +57,16 @@ def test_stopwatch_sees_queued_gpu_work():
     torch.cuda._sleep(200_000_000)  # about 0.1 s of GPU time; the host returns at once
     watch.stop(start)
     assert watch.seconds > 0.02
+
+
+def test_the_declared_torch_floor_has_the_collectives_the_hook_calls():
+    """`group_src`/`group_peer` (broadcast, P2POp) arrived in torch 2.6: an older torch that pip accepted would fail
+    on the first AsyncDiff step, so the dependency must not allow it."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"]
+    floor = next(re.fullmatch(r"torch>=([\d.]+)", d.split(";")[0].strip()) for d in project["dependencies"]
+                 if d.startswith("torch"))
+    assert floor is not None and tuple(int(p) for p in floor.group(1).split(".")[:2]) >= (2, 6)
