@@ -10,6 +10,7 @@ import os
 import tempfile
 from functools import cached_property
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image
@@ -19,12 +20,12 @@ from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_device, resolve_dtype
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.pipelines import preflight, recommended_guidance
-from asyncvid.pipelines.svd import load_image
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
-from asyncvid.runtime.loaders import ModelSpec, load_sampler, runs_in_process
+from asyncvid.runtime.loaders import ModelSpec, check_plan, load_sampler, runs_in_process
 from asyncvid.runtime.pool import WorkerPool
 from asyncvid.video.frames import Video
+from asyncvid.video.images import load_image
 
 SAMPLERS = (AsyncDiffConfig, ParaTAAConfig)  # config types a `sampler` may be, besides None (sequential)
 
@@ -51,15 +52,19 @@ class VideoPipeline:
         resolve_dtype(dtype, torch_device)  # fail here, not on every worker
         self.spec = ModelSpec(model, sampler, motion_adapter, device, dtype, scheduler, plan_shape, quiet)
         self.devices, self.threads, self._device = devices, threads, torch_device
-        self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers
         self._pool = self._loaded = None
         if runs_in_process(sampler, devices):
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:
-            # A bad model fails here in one line, before any worker starts (the CLI does the same).
-            preflight(model, None, [], motion_adapter=motion_adapter)
+            # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI).
+            preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler)
+            if isinstance(sampler, AsyncDiffConfig):
+                frames, height, width = plan_shape
+                check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),
+                           motion_adapter)
             self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe)
+        self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers
 
     @property
     def task(self) -> str:

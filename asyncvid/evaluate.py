@@ -31,10 +31,19 @@ def score_output(sidecar: Path) -> dict:
     meta = json.loads(sidecar.read_text())
     frames = read_frames(sidecar.parent / meta["output"])
     if meta.get("task") == "image-to-video":
-        with Image.open(meta["image"]) as im:
+        with Image.open(_input_image(sidecar, meta["image"])) as im:
             image = np.asarray(im.convert("RGB"))
         return {"output": meta["output"], "image": meta["image"], **score_image_video(frames, image)}
     return {"output": meta["output"], **score_video(frames, meta["prompt"])}
+
+
+def _input_image(sidecar: Path, recorded: str) -> Path:
+    """The conditioning image a sidecar names: as recorded (absolute, or relative to here), else beside the output."""
+    for path in (Path(recorded), sidecar.parent / Path(recorded).name):
+        if path.is_file():
+            return path
+    raise UsageError(f"'{sidecar}' was made from image '{recorded}', which is not here; run from the folder "
+                     f"`asyncvid i2v` ran in, or copy the image beside the output")
 
 
 def score_folder(folder: Path) -> tuple[list[dict], dict]:
@@ -67,21 +76,29 @@ def main(
         if verbose:
             for s in scores:
                 ok = "".join("x" if s[k] else "." for k in ("colour", "shape", "direction"))
-                typer.echo(f"{ok}  {s['output']}  seen {s['seen']}")
-        typer.echo(_line(summary) + (f"  {folder}" if len(folders) > 1 else ""))
+                wanted = s.get("want", s.get("prompt"))
+                typer.echo(f"{ok}  {s['output']}  seen {s['seen']}  wanted {wanted}")
+        typer.echo(_line(summary, scores) + (f"  {folder}" if len(folders) > 1 else ""))
     everything = [s for _, scores, _ in scored for s in scores]
     # One seed's 50 videos move by several points from seed to seed (docs/MODELS.md): pool seeds to compare models.
     pooled = summarize(everything)
     if len(folders) > 1:
-        typer.echo(f"{_line(pooled)}  all {len(folders)} folders")
+        typer.echo(f"{_line(pooled, everything)}  all {len(folders)} folders")
     if json_out:
         per_folder = {str(folder): summary for folder, _, summary in scored}
         json_out.write_text(json.dumps({"summary": pooled, "folders": per_folder, "videos": everything}, indent=2)
                             + "\n")
 
 
-def _line(summary: dict) -> str:
-    return (f"{summary['videos']} videos: colour {summary['colour']}%, shape {summary['shape']}%, "
+def _line(summary: dict, scores: list[dict]) -> str:
+    """Text-to-video is scored against the prompt; image-to-video against its input image, which names no
+    direction: the clip should keep the image's colour and shape and move the way its first frame points."""
+    kinds = {"image" in s for s in scores}
+    if kinds == {True}:
+        return (f"{summary['videos']} image-to-video clips: colour kept {summary['colour']}%, shape kept "
+                f"{summary['shape']}%, moving the way the first frame points {summary['direction']}%")
+    what = "videos" if kinds == {False} else "videos (text- and image-to-video)"
+    return (f"{summary['videos']} {what}: colour {summary['colour']}%, shape {summary['shape']}%, "
             f"direction {summary['direction']}%")
 
 

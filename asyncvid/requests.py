@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,15 +21,17 @@ def _check_size(name: str, value: int | None) -> None:
 
 def _check_common(req) -> None:
     if req.num_inference_steps < 1:
-        raise UsageError(f"steps must be at least 1, got {req.num_inference_steps}")
+        raise UsageError(f"steps must be at least 1, got {req.num_inference_steps}; use --steps 1 or more (25 is "
+                         f"the default)")
     if req.num_frames is not None and req.num_frames < 1:
-        raise UsageError(f"frames must be at least 1, got {req.num_frames}")
+        raise UsageError(f"frames must be at least 1, got {req.num_frames}; use --frames 1 or more, or leave it out "
+                         f"for the model's own")
     _check_size("height", req.height)
     _check_size("width", req.width)
     if req.seed < 0 or req.seed >= 2**63:
-        raise UsageError(f"seed must be in [0, 2**63), got {req.seed}")
+        raise UsageError(f"seed must be in [0, 2**63), got {req.seed}; use e.g. --seed 0")
     if req.fps < 1:
-        raise UsageError(f"fps must be at least 1, got {req.fps}")
+        raise UsageError(f"fps must be at least 1, got {req.fps}; use e.g. --fps 8")
 
 
 @dataclass
@@ -48,8 +51,9 @@ class TextToVideo:
     def __post_init__(self):
         if not self.prompt.strip():
             raise UsageError("prompt is empty; write what the video should show")
-        if self.guidance_scale < 0:
-            raise UsageError(f"guidance must be >= 0 (1 disables guidance), got {self.guidance_scale}")
+        if not 0 <= self.guidance_scale < math.inf:  # also refuses nan, which JSON sidecars cannot hold
+            raise UsageError(f"guidance must be a number >= 0 (1 disables guidance), got {self.guidance_scale}; "
+                             f"try --guidance 7.5")
         _check_common(self)
 
     def describe(self) -> dict:
@@ -76,17 +80,20 @@ class ImageToVideo:
 
     def __post_init__(self):
         self.image = Path(self.image)
-        if not 0 <= self.min_guidance_scale <= self.max_guidance_scale:
+        if not 0 <= self.min_guidance_scale <= self.max_guidance_scale < math.inf:  # also refuses nan
             raise UsageError(
                 f"guidance range must satisfy 0 <= min <= max, got min {self.min_guidance_scale} and max "
-                f"{self.max_guidance_scale}"
+                f"{self.max_guidance_scale}; use e.g. --min-guidance 1 --max-guidance 3 (the defaults)"
             )
         if not 0 <= self.motion_bucket_id <= 1023:
-            raise UsageError(f"motion bucket id must be in [0, 1023], got {self.motion_bucket_id}")
-        if self.noise_aug_strength < 0:
-            raise UsageError(f"noise augmentation strength must be >= 0, got {self.noise_aug_strength}")
+            raise UsageError(f"motion bucket id must be in [0, 1023], got {self.motion_bucket_id}; use e.g. "
+                             f"--motion-bucket-id 127 (the default; higher moves more)")
+        if not 0 <= self.noise_aug_strength < math.inf:
+            raise UsageError(f"noise augmentation strength must be a number >= 0, got {self.noise_aug_strength}; use "
+                             f"e.g. --noise-aug-strength 0.02 (the default)")
         if self.decode_chunk_size is not None and self.decode_chunk_size < 1:
-            raise UsageError(f"decode chunk size must be at least 1, got {self.decode_chunk_size}")
+            raise UsageError(f"decode chunk size must be at least 1, got {self.decode_chunk_size}; use --decode-chunk-size "
+                             f"1 or more, or leave it out to decode every frame at once")
         _check_common(self)
 
     def describe(self) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -14,11 +15,17 @@ from asyncvid.cli.options import (
     Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Sampler, SamplerOpt, SchedulerOpt, Seed,
     Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
+from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.bench.config import BenchConfig
+from asyncvid.cli.group import Command, Group
 from asyncvid.cli.run import quiet_libraries, run, sampler_config
 from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 
+PROVISIONAL_GUIDANCE = 7.5  # checks the request before the model's own scale is read (the same range applies)
+
 app = typer.Typer(
+    cls=Group,
     help="Generate videos with diffusion models (AnimateDiff, Stable Video Diffusion), sequentially or in parallel.",
     no_args_is_help=True,
     add_completion=False,
@@ -41,9 +48,9 @@ def main_options(
     """Generate videos with diffusion models, sequentially or in parallel across devices."""
 
 
-@app.command()
+@app.command(cls=Command)
 def generate(
-    prompt_file: Annotated[Path, typer.Argument(help="Text file: one prompt per line, '#' starts a comment line.")],
+    prompt_file: Annotated[Path, typer.Argument(metavar="PROMPT_FILE", show_default=False, help="Text file: one prompt per line, '#' starts a comment line.")],
     model: Model = "tiny-animatediff",
     motion_adapter: Annotated[Optional[str], typer.Option(help="AnimateDiff motion adapter folder or cached hub id (needed with a Stable Diffusion base model).")] = None,
     steps: Steps = 25,
@@ -64,11 +71,11 @@ def generate(
     devices: Devices = 1,
     stages: Stages = 2,
     stride: Stride = 1,
-    warmup: Warmup = 3,
+    warmup: Warmup = None,
     time_shift: TimeShift = False,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
-    cost: CostOpt = "measured",
+    cost: CostOpt = Cost.measured,
     weight_cap: WeightCap = 1.0,
     order: Order = None,
     window: Window = None,
@@ -85,10 +92,9 @@ def generate(
     from asyncvid.video.naming import output_stem, read_prompts  # numpy, PIL: not at --help time
 
     def build():
-        from asyncvid.pipelines import recommended_guidance  # diffusers: only after logs are quietened
-
         prompts = read_prompts(prompt_file)
-        scale = recommended_guidance(model) if guidance is None else guidance
+        # Checked now with a stand-in scale; `finish` puts in the model's own once the model is known.
+        scale = PROVISIONAL_GUIDANCE if guidance is None else guidance
         requests = [
             TextToVideo(p, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
                         num_inference_steps=steps, guidance_scale=scale, seed=seed, fps=fps)
@@ -96,16 +102,24 @@ def generate(
         ]
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
 
-    run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
+    def finish(requests):
+        if guidance is not None:
+            return requests
+        from asyncvid.pipelines import recommended_guidance  # diffusers: imported once the logs are quiet
+
+        scale = recommended_guidance(model)
+        return [dataclasses.replace(r, guidance_scale=scale) for r in requests]
+
+    run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value, finish=finish,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta)))
+                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta), steps))
 
 
-@app.command()
+@app.command(cls=Command)
 def i2v(
-    images: Annotated[list[Path], typer.Argument(help="Conditioning images (PNG or JPEG), one video each.")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE", show_default=False, help="Conditioning images (PNG or JPEG), one video each.")],
     model: Model = "tiny-svd",
     steps: Steps = 25,
     frames: Frames = None,
@@ -128,11 +142,11 @@ def i2v(
     devices: Devices = 1,
     stages: Stages = 2,
     stride: Stride = 1,
-    warmup: Warmup = 3,
+    warmup: Warmup = None,
     time_shift: TimeShift = False,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
-    cost: CostOpt = "measured",
+    cost: CostOpt = Cost.measured,
     weight_cap: WeightCap = 1.0,
     order: Order = None,
     window: Window = None,
@@ -148,7 +162,7 @@ def i2v(
     from asyncvid.video.naming import output_stem  # numpy, PIL: not at --help time
 
     def build():
-        from asyncvid.pipelines.svd import load_image  # imports diffusers: only after logs are quietened
+        from asyncvid.video.images import load_image  # PIL: not at --help time
 
         requests = []
         for image in images:
@@ -164,10 +178,10 @@ def i2v(
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds)))
+                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds), steps))
 
 
-@app.command()
+@app.command(cls=Command)
 def plan(
     model: Model = "tiny-svd",
     stages: Annotated[int, typer.Option(help="Stages to split the UNet into.")] = 2,
@@ -176,20 +190,22 @@ def plan(
     width: Width = None,
     cost: Annotated[Cost, typer.Option(help="Balance by FLOPs, or by unit times measured here (random weights).")] = Cost.flops,
     weight_cap: Annotated[float, typer.Option(help="Most of the UNet's weights one stage may hold (1: balance compute only).")] = 1.0,
-    split: Split = None,
+    split: Annotated[Optional[str], typer.Option(metavar="UNIT,...", help="Manual split: the first unit of each later stage, comma-separated, from the units this command lists.")] = None,
     motion_adapter: Annotated[Optional[str], typer.Option(help="Motion adapter, with a Stable Diffusion base model.")] = None,
     device: Device = None,
     dtype: DTypeOpt = None,
     debug: Debug = False,
 ):
     """Print how AsyncDiff splits a model's UNet: each stage's units, cost share, weights, and the tensors that cross."""
-    quiet_libraries(debug)
     try:
+        units = tuple(s.strip() for s in split.split(",")) if split else None
+        AsyncDiffConfig(stages=stages, cost=cost.value, weight_cap=weight_cap, split=units)  # checked before torch
+        quiet_libraries(debug)
         from asyncvid.runtime.loaders import describe_plan  # torch, diffusers: not at --help time
 
         typer.echo(describe_plan(model, stages, frames=frames, height=height, width=width, cost=cost.value,
-                                 weight_cap=weight_cap, split=tuple(s.strip() for s in split.split(",")) if split else None,
-                                 motion_adapter=motion_adapter, device=device, dtype=dtype.value if dtype else None))
+                                 weight_cap=weight_cap, split=units, motion_adapter=motion_adapter, device=device,
+                                 dtype=dtype.value if dtype else None))
     except UsageError as err:
         if debug:
             raise
@@ -197,7 +213,7 @@ def plan(
         raise typer.Exit(2)
 
 
-@app.command()
+@app.command(cls=Command)
 def bench(
     models: Annotated[str, typer.Option(help="Models to benchmark, comma-separated (names or folders).")] = "tiny-svd,tiny-animatediff",
     size: Annotated[int, typer.Option(help="Frame height and width (a multiple of 64).")] = 128,
@@ -217,26 +233,32 @@ def bench(
     debug: Debug = False,
 ):
     """Benchmark parallel samplers against sequential sampling here, and project them to more devices and full-size models."""
-    quiet_libraries(debug)
     try:
-        from asyncvid.bench.config import BenchConfig  # torch, diffusers: not at --help time
-        from asyncvid.bench.suite import run_bench
-
         config = BenchConfig(
             models=tuple(m.strip() for m in models.split(",") if m.strip()), size=size, frames=frames, steps=steps,
-            warmups=tuple(int(w) for w in warmups.split(",")), repeats=repeats, parataa=parataa, device=device,
+            warmups=_whole_numbers("--warmups", warmups), repeats=repeats, parataa=parataa, device=device,
             out=out, adherence=adherence, adherence_only=adherence_only, adherence_prompts=adherence_prompts,
             repredict=repredict,
             link_gbps=link_gbps, link_latency_us=link_latency_us, command="asyncvid bench " + " ".join(sys.argv[2:]))
+        quiet_libraries(debug)
+        from asyncvid.bench.suite import run_bench  # torch, diffusers: not at --help time
+
         run_bench(config, log=typer.echo)
-    except (UsageError, ValueError) as err:
+    except UsageError as err:
         if debug:
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
 
 
-@app.command()
+def _whole_numbers(option: str, text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"{option} takes whole numbers separated by commas, got '{text}'; e.g. {option} 1,3,6") from None
+
+
+@app.command(cls=Command)
 def models():
     """List the embedded models and explain how to use real weights."""
     quiet_libraries(False)

@@ -28,19 +28,22 @@ class Cost(str, Enum):
     measured = "measured"
 
 
-Model = Annotated[str, typer.Option(help="Embedded name (see `asyncvid models`), a local diffusers folder, or a hub id in the local HF cache.")]
+PROCESSES, ASYNCDIFF = "Sampler and processes", "AsyncDiff"
+DEFAULT_WARMUP = 3  # AsyncDiff's warm-up when --warmup is not given (capped at --steps)
+
+Model = Annotated[str, typer.Option(metavar="NAME|FOLDER", help="Embedded name (see `asyncvid models`), a local diffusers folder, or a hub id in the local HF cache.")]
 Steps = Annotated[int, typer.Option(help="Denoising steps.")]
 Frames = Annotated[Optional[int], typer.Option(help="Frames per video \\[default: the model's].")]
 Height = Annotated[Optional[int], typer.Option(help="Frame height, a multiple of 8 \\[default: the model's].")]
 Width = Annotated[Optional[int], typer.Option(help="Frame width, a multiple of 8 \\[default: the model's].")]
 Seed = Annotated[int, typer.Option(help="Random seed; the same seed and settings give the same frames.")]
-Out = Annotated[Path, typer.Option(help="Output folder (created if missing).")]
+Out = Annotated[Path, typer.Option(metavar="FOLDER", help="Output folder (created when the first video is written).")]
 Fmt = Annotated[Format, typer.Option("--format", help="mp4 (H.264), gif, or png (a folder of lossless frames).")]
-Overwrite = Annotated[bool, typer.Option(help="Replace outputs that already exist.")]
-Device = Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N \\[default: cuda if available, else cpu].")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that already exist.")]
+Device = Annotated[Optional[str], typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N \\[default: cuda if available, else cpu].")]
 DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="\\[default: float16 on CUDA, float32 on CPU]")]
-Debug = Annotated[bool, typer.Option(help="Show full tracebacks and library logs.")]
-AllowPickle = Annotated[bool, typer.Option(help="Also load weights stored as pickle files (.bin/.ckpt). A pickle can run code when loaded: only for weights you trust; sequential sampling and ParaTAA only.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Also load weights stored as pickle files (.bin/.ckpt). A pickle can run code when loaded: only for weights you trust; sequential sampling and ParaTAA only.")]
 
 
 class SchedulerName(str, Enum):
@@ -58,18 +61,18 @@ class Sampler(str, Enum):
     parataa = "parataa"
 
 
-SamplerOpt = Annotated[Sampler, typer.Option(help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel="Parallel sampling")]
-Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel="Parallel sampling")]
-Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel="Parallel sampling")]
-Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel="Parallel sampling")]
-Warmup = Annotated[int, typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling).", rich_help_panel="Parallel sampling")]
-TimeShift = Annotated[bool, typer.Option(help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel="Parallel sampling")]
-Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: the cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel="Parallel sampling")]
-CostOpt = Annotated[str, typer.Option("--cost", help="AsyncDiff: balance stages by unit times measured on rank 0 (measured) or by FLOPs (flops).", rich_help_panel="Parallel sampling")]
-WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's weights one stage may hold; 1 balances compute alone (fastest), lower saves memory.", rich_help_panel="Parallel sampling")]
-CfgParallel = Annotated[bool, typer.Option(help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel="Parallel sampling")]
-Oversubscribe = Annotated[bool, typer.Option(help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel="Parallel sampling")]
-Split = Annotated[Optional[str], typer.Option(help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (see `asyncvid plan`).", rich_help_panel="Parallel sampling")]
+SamplerOpt = Annotated[Sampler, typer.Option(help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel=PROCESSES)]
+Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel=PROCESSES)]
+Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel=ASYNCDIFF)]
+Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel=ASYNCDIFF)]
+Warmup = Annotated[Optional[int], typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling) \\[default: 3, or --steps when fewer].", rich_help_panel=ASYNCDIFF)]
+TimeShift = Annotated[bool, typer.Option("--time-shift", help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel=ASYNCDIFF)]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: the idle cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel=PROCESSES)]
+CostOpt = Annotated[Cost, typer.Option("--cost", help="AsyncDiff: balance stages by unit times measured on rank 0 (measured) or by FLOPs (flops).", rich_help_panel=ASYNCDIFF)]
+WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's weights one stage may hold; 1 balances compute alone (fastest), lower saves memory.", rich_help_panel=ASYNCDIFF)]
+CfgParallel = Annotated[bool, typer.Option("--cfg-parallel", help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel=ASYNCDIFF)]
+Oversubscribe = Annotated[bool, typer.Option("--oversubscribe", help="Allow more processes than CPU cores (slower; to try a layout).", rich_help_panel=PROCESSES)]
+Split = Annotated[Optional[str], typer.Option(metavar="UNIT,...", help="AsyncDiff: manual split, the first unit of each later stage, comma-separated (`asyncvid plan` lists the units).", rich_help_panel=ASYNCDIFF)]
 PARATAA = ParaTAAConfig()  # the defaults shown in --help
 Order = Annotated[Optional[int], typer.Option(help="ParaTAA: each step's equation unrolls this many sampler steps (1: Jacobi; >= window: Picard) \\[default: the window].", rich_help_panel="ParaTAA")]
 Window = Annotated[Optional[int], typer.Option(help="ParaTAA: steps evaluated per round, in one batch \\[default: all steps].", rich_help_panel="ParaTAA")]

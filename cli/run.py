@@ -5,72 +5,81 @@ typo in an option must not wait for torch and diffusers to import."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Optional
 
 import typer
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
-from asyncvid.cli.options import Sampler
+from asyncvid.cli.options import DEFAULT_WARMUP, Sampler
 from asyncvid.errors import UsageError
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.requests import UsageWarning
 
 
-def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int, time_shift: bool, split: Optional[str],
-                   cfg_parallel: bool, cost: str, weight_cap: float, parataa: dict):
-    """The sampler's config from the command's options (None: sequential); each config validates itself."""
+def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | None, time_shift: bool,
+                   split: Optional[str], cfg_parallel: bool, cost: str, weight_cap: float, parataa: dict, steps: int):
+    """The sampler's config from the command's options (None: sequential); each config validates itself, and
+    against the step count here (a --warmup above --steps is refused; the default warm-up is capped at it)."""
     if sampler is Sampler.sequential:
         return None
     if sampler is Sampler.parataa:
-        return ParaTAAConfig(**parataa)
-    return AsyncDiffConfig(stages=stages, stride=stride, warmup=warmup, time_shift=time_shift,
-                           split=tuple(s.strip() for s in split.split(",")) if split else None,
-                           cfg_parallel=cfg_parallel, cost=cost, weight_cap=weight_cap)
+        config = ParaTAAConfig(**parataa)
+        config.check_steps(steps)
+        return config
+    config = AsyncDiffConfig(stages=stages, stride=stride, warmup=min(DEFAULT_WARMUP, steps) if warmup is None
+                             else warmup, time_shift=time_shift,
+                             split=tuple(s.strip() for s in split.split(",")) if split else None,
+                             cfg_parallel=cfg_parallel, cost=getattr(cost, "value", cost), weight_cap=weight_cap)
+    config.check_steps(steps)
+    return config
 
 
 def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-        oversubscribe, scheduler, sampler, allow_pickle=False):
-    """Validate everything before the model loads or a process starts, then hand the job to the library."""
-    quiet_libraries(debug)
-    _show_usage_warnings()
-    try:
-        from asyncvid.models.devices import resolve_device, resolve_dtype  # torch, diffusers: see the module docstring
-        from asyncvid.runtime.batch import Job, run_job
-        from asyncvid.video.outputs import plan_targets, prepare_out_dir
+        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None):
+    """Check everything before the model loads or a process starts, then hand the batch to the library.
 
+    1. What needs neither torch nor the model (requests, sampler, layout, output folder): a typo fails at once.
+    2. The device and the model (its files, its task, each request against it), in this process, once.
+    3. The batch (asyncvid.runtime.batch); `finish(requests)` first fills in what the model decides (its guidance).
+    """
+    try:
         requests, stems = build()
         config = sampler()
-        if devices < 1:
-            raise UsageError(f"devices must be at least 1, got {devices}")
-        if threads is not None and threads < 1:
-            raise UsageError(f"threads must be at least 1, got {threads}")
-        if config is None and devices > 1 and not _external():
-            raise UsageError(f"--devices {devices} needs a parallel sampler; add --sampler asyncdiff or drop --devices")
-        if config is None and _external() and _external_world() > 1:
-            raise UsageError(
-                f"sequential sampling runs in one process, but the launcher started {_external_world()}; "
-                f"add --sampler asyncdiff (stages + stride - 1 = {_external_world()}) or launch one process"
-            )
-        if config is not None:
-            config.check_world_size(devices if not _external() else _external_world())
-        dtype_name = dtype.value if dtype else None
-        resolve_dtype(dtype_name, resolve_device(device))
-        from asyncvid.pipelines import preflight
-
+        _check_layout(config, devices, threads)
         if allow_pickle and isinstance(config, AsyncDiffConfig):
             raise UsageError("--allow-pickle works with --sampler sequential or parataa only (AsyncDiff reads each "
                              "stage's weights from safetensors); convert the weights to safetensors")
-        # In this process, before any worker starts.
-        preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle)
+        check_out_dir(out)  # the folder itself is made when the first video is written
+        quiet_libraries(debug)
+        _show_usage_warnings()
+        from asyncvid.models.devices import resolve_device, resolve_dtype  # torch, diffusers: see the module docstring
+        from asyncvid.pipelines import preflight
+        from asyncvid.runtime.batch import Job, run_job
+        from asyncvid.runtime.loaders import check_plan
+        from asyncvid.video.outputs import plan_targets
+
+        dtype_name = dtype.value if dtype else None
+        torch_device = resolve_device(device)
+        resolve_dtype(dtype_name, torch_device)
+        scheduler_name = scheduler.value if scheduler else None
+        preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle,
+                  scheduler=scheduler_name)
+        if isinstance(config, AsyncDiffConfig):  # a stage count or manual split this UNet cannot take
+            check_plan(model, config, requests[0], motion_adapter)
+        requests = finish(requests) if finish is not None else requests
         # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
-        targets = plan_targets(prepare_out_dir(out), stems, fmt, overwrite=True)
+        targets = plan_targets(out.resolve(), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
-                  threads=threads, oversubscribe=oversubscribe, scheduler=scheduler.value if scheduler else None,
+                  threads=threads, oversubscribe=oversubscribe, scheduler=scheduler_name,
                   allow_pickle=allow_pickle)
+        if torch_device.type == "cpu" and threads is None:
+            _warn_if_busy(_external_world() if _external() else devices)
         run_job(job)
     except UsageError as err:
         if debug:
@@ -90,6 +99,54 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1)
+
+
+def _check_layout(config, devices: int, threads: int | None) -> None:
+    """Processes and threads against the sampler, on every rank alike (under a launcher too)."""
+    if devices < 1:
+        raise UsageError(f"devices must be at least 1, got {devices}; use --devices 1 or more")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}; use --threads 1 or more")
+    if config is None and devices > 1 and not _external():
+        raise UsageError(f"--devices {devices} needs a parallel sampler; add --sampler asyncdiff or drop --devices")
+    if config is None and _external() and _external_world() > 1:
+        raise UsageError(
+            f"sequential sampling runs in one process, but the launcher started {_external_world()}; "
+            f"add --sampler asyncdiff (stages + stride - 1 = {_external_world()}) or launch one process"
+        )
+    if isinstance(config, AsyncDiffConfig):
+        config.check_world_size(_external_world() if _external() else devices, launched=_external())
+    elif config is not None:
+        config.check_world_size(_external_world() if _external() else devices)
+
+
+def check_out_dir(out: Path) -> None:
+    """`out` is, or can become, a writable folder; nothing is created (that waits for the first video)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out '{out}' is a file, not a folder; pass --out with a folder (created if missing)")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(f"--out '{out}' cannot be created: '{existing}' is a file; pass --out with another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder '{existing}' is not writable (permission denied); pass --out with a "
+                         f"writable folder")
+
+
+def _warn_if_busy(processes: int) -> None:
+    """The default threads share every core among the processes; if other work already holds some, each process
+    waits for its threads (on a 2-core machine one busy core made a video 14x slower). Say so once, to a person:
+    choosing fewer threads silently would change the output's rounding, so the choice stays the user's."""
+    if not sys.stderr.isatty():
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = os.getloadavg()[0]
+    free = max(1, cores - math.ceil(busy - 0.25))  # the cores others leave idle
+    if busy >= 1.0 and free < cores:
+        typer.echo(f"warning: other work keeps about {busy:.1f} of this machine's {cores} cores busy (load average); "
+                   f"{cores // max(processes, 1)} threads per process may run much slower: try --threads "
+                   f"{max(1, free // max(processes, 1))}", err=True)
 
 
 def _external() -> bool:

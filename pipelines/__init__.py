@@ -11,6 +11,7 @@ from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 
 from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
+from asyncvid.models.schedulers import check_scheduler
 from asyncvid.models.sources import check_components, check_weights, resolve_folder
 from asyncvid.pipelines import animatediff, motion_units, svd, svd_units
 from asyncvid.pipelines.embedded import EMBEDDED, materialize
@@ -73,10 +74,10 @@ def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motio
 
 
 def preflight(model: str, task: str | None, requests: list, *, motion_adapter: str | None = None,
-              allow_pickle: bool = False) -> Path:
+              allow_pickle: bool = False, scheduler: str | None = None) -> Path:
     """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
     in one line from one process: its source, components and weights, its task (unless None: any), and each request
-    (frames, and a warning for a prompt longer than the text encoder reads)."""
+    (frames, and a warning for a prompt longer than the text encoder reads), and a replacement scheduler."""
     folder = resolve_folder(model, EMBEDDED, materialize)
     check_components(folder, allow_pickle=allow_pickle)
     adapter = adapter_for(folder)
@@ -88,6 +89,9 @@ def preflight(model: str, task: str | None, requests: list, *, motion_adapter: s
         motion = resolve_folder(motion_adapter, (), materialize, marker="config.json")
         check_weights(motion, allow_pickle=allow_pickle)
     adapter.check_folder(folder, requests, motion_adapter=motion)
+    scheduler_config = folder / "scheduler" / "scheduler_config.json"
+    if scheduler is not None and scheduler_config.is_file():
+        check_scheduler(scheduler, json.loads(scheduler_config.read_text()))
     return folder
 
 

@@ -83,7 +83,7 @@ def check_folder(folder: Path, requests: list[TextToVideo], motion_adapter: Path
 def check(pipe: AnimateDiffPipeline, request: TextToVideo) -> None:
     """Limits that depend on the loaded model; a prompt past the text encoder's length is a warning, not an error."""
     _check_frames(request, pipe.unet.config.get("motion_max_seq_length", None))
-    # In a process group, the process that started it has checked the prompts (asyncvid.models.sources.preflight).
+    # In a process group, the process that started it has checked the prompts (asyncvid.pipelines.preflight).
     if not torch.distributed.is_initialized():
         _warn_if_truncated(pipe.tokenizer, request)
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
-from PIL import Image, UnidentifiedImageError
 
 from asyncvid.errors import UsageError
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import svd_parataa
 from asyncvid.requests import ImageToVideo
+from asyncvid.video.images import load_image
 
 TASK = "image-to-video"
 FRAME_DIM = 1  # latents are (batch, frames, channels, height, width)
@@ -33,25 +33,6 @@ def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None
 def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
     """The UNet with empty weights, and the folder its safetensors are in."""
     return skeleton(UNetSpatioTemporalConditionModel, folder / "unet"), folder / "unet"
-
-
-def load_image(path: Path) -> Image.Image:
-    """Open the conditioning image as RGB, with one-line errors for missing, unreadable, corrupt or non-image files."""
-    if path.is_dir():
-        raise UsageError(f"image '{path}' is a folder; pass a PNG or JPEG file")
-    if not path.is_file():
-        raise UsageError(f"image '{path}' does not exist; pass a PNG or JPEG file")
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # decodes every pixel, so a truncated file fails here and not mid-run
-    except PermissionError:
-        msg = f"image '{path}' is not readable (permission denied); chmod u+r it or pass another file"
-        raise UsageError(msg) from None
-    except UnidentifiedImageError:
-        raise UsageError(f"image '{path}' is not a readable image (unknown format); pass a PNG or JPEG file") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        # Pillow reports truncated or damaged data as OSError / SyntaxError with a reason worth showing.
-        raise UsageError(f"image '{path}' is corrupt or truncated ({err}); pass a complete PNG or JPEG file") from None
 
 
 def check_folder(folder: Path, requests: list[ImageToVideo], motion_adapter: Path | None = None) -> None:

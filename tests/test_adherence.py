@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from asyncvid.eval.adherence import implied_direction, read_video, score_image_video, score_video, summarize
 from asyncvid.eval.clips import Caption, all_captions, render
@@ -86,3 +87,27 @@ def test_evaluate_pools_several_folders_and_refuses_one_without_outputs(tmp_path
     result = CliRunner().invoke(app, [str(tmp_path / "a"), str(tmp_path / "empty"), "--json", str(report)])
     assert result.exit_code == 2 and "no outputs with sidecars" in result.output
     assert not report.exists()
+
+
+def test_evaluate_verbose_shows_what_each_video_was_scored_against(tmp_path, monkeypatch):
+    """Text-to-video against its prompt, image-to-video against its input image (found beside the output when the
+    recorded path is not there), and the summary says which kind it scored."""
+    from typer.testing import CliRunner
+
+    from asyncvid.evaluate import app
+
+    caption = all_captions()[0]
+    clip = render(caption, 0)
+    (tmp_path / "t2v").mkdir()
+    write_mp4(clip, 8, tmp_path / "t2v" / "000.mp4")
+    write_json_atomic({"output": "000.mp4", "task": "text-to-video", "prompt": caption.text}, tmp_path / "t2v" / "000.json")
+    (tmp_path / "i2v").mkdir()
+    write_mp4(clip, 8, tmp_path / "i2v" / "000.mp4")
+    Image.fromarray(clip[0]).save(tmp_path / "i2v" / "first.png")
+    write_json_atomic({"output": "000.mp4", "task": "image-to-video", "image": "elsewhere/first.png"},
+                      tmp_path / "i2v" / "000.json")
+    for folder, summary in (("t2v", "1 videos: colour"), ("i2v", "1 image-to-video clips: colour kept")):
+        result = CliRunner().invoke(app, [str(tmp_path / folder), "--verbose"])
+        assert result.exit_code == 0, result.output
+        first, last = result.output.strip().splitlines()
+        assert "wanted" in first and last.startswith(summary), result.output

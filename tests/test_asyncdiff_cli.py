@@ -71,7 +71,7 @@ def test_layout_mismatch_is_refused_before_any_process_starts(prompts, tmp_path)
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines() == [
         "error: AsyncDiff needs stages + stride - 1 = 2 + 1 - 1 = 2 processes, but 3 were started; use --devices 2 "
-        "or change --stages"
+        "or change --stages or --stride"
     ]
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

@@ -62,7 +62,7 @@ def test_unreadable_image(tmp_path, red_circle, monkeypatch):
     def deny(path, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr("asyncvid.pipelines.svd.Image.open", deny)
+    monkeypatch.setattr("asyncvid.video.images.Image.open", deny)
     result = invoke("i2v", red_circle, *FAST, "--out", tmp_path / "out")
     assert_one_line_error(result, str(red_circle), "permission denied", "chmod")
     assert_empty(tmp_path / "out")

@@ -147,7 +147,7 @@ def test_missing_matplotlib_is_refused_before_any_measuring(tmp_path, monkeypatc
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
     measured = []
     config = BenchConfig(models=("tiny-svd",), out=tmp_path / "out", adherence_only=True)
-    with pytest.raises(UsageError, match=r"matplotlib.*asyncvid\[bench\]"):
+    with pytest.raises(UsageError, match=r"matplotlib.*pip install -e '\.\[bench\]'"):
         run_bench(config, log=lambda *a: measured.append(a))
     assert measured == [] and not (tmp_path / "out").exists()
 
@@ -159,7 +159,7 @@ def test_the_benchmark_draws_the_sample_image_and_keeps_out_of_the_projects_docs
 
     from PIL import Image
 
-    from asyncvid.bench.config import sample_image
+    from asyncvid.bench.grid import sample_image
 
     monkeypatch.setenv("ASYNCVID_HOME", str(tmp_path))
     shipped = Path(__file__).parent.parent / "samples" / "red_circle.png"

@@ -25,6 +25,23 @@ def test_each_local_rank_gets_its_own_gpu_and_one_process_gets_the_gpu_asked_for
     assert rank_device(0, torch.device("cpu"), local_world=2) == torch.device("cpu")
 
 
+def test_a_launcher_that_shows_each_rank_one_gpu_is_trusted(monkeypatch):
+    """srun --gpus-per-task=1 and the like set CUDA_VISIBLE_DEVICES per rank and no LOCAL_WORLD_SIZE: each rank
+    sees one GPU, its own. Where ranks outnumber several visible GPUs, two would share one: refused."""
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert rank_device(3, torch.device("cuda"), local_world=None) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(UsageError, match="local rank 3 but 2 GPUs visible"):
+        rank_device(3, torch.device("cuda"), local_world=None)
+
+
+def test_a_launcher_with_the_wrong_process_count_is_told_to_launch_more():
+    from asyncvid.asyncdiff.config import AsyncDiffConfig
+
+    with pytest.raises(UsageError, match=r"launch 2 processes \(torchrun --nproc-per-node 2\)"):
+        AsyncDiffConfig(stages=2).check_world_size(3, launched=True)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_exchange_headers_carry_the_senders_dtype_and_shape(dtype):
     tensor = torch.zeros(2, 3, 4, 5, dtype=dtype)

@@ -45,7 +45,7 @@ def test_text_to_video_none_means_model_defaults():
         (dict(seed=-1), "seed must be in [0, 2**63), got -1"),
         (dict(seed=2**63), f"seed must be in [0, 2**63), got {2**63}"),
         (dict(fps=0), "fps must be at least 1, got 0"),
-        (dict(guidance_scale=-0.5), "guidance must be >= 0 (1 disables guidance), got -0.5"),
+        (dict(guidance_scale=-0.5), "guidance must be a number >= 0 (1 disables guidance), got -0.5"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

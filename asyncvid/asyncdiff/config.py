@@ -36,7 +36,7 @@ class AsyncDiffConfig:
             )
         if self.cost not in COSTS:
             raise UsageError(f"cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
-        if not 0 < self.weight_cap <= 1:
+        if not 0 < self.weight_cap <= 1:  # also refuses nan
             raise UsageError(f"weight cap is a share of the UNet's weights in (0, 1], got {self.weight_cap!r}")
         if self.split is not None:
             object.__setattr__(self, "split", tuple(self.split))
@@ -50,16 +50,25 @@ class AsyncDiffConfig:
     def world_size(self) -> int:
         return self.group_size * (2 if self.cfg_parallel else 1)
 
-    def check_world_size(self, world_size: int) -> None:
-        """Every rank calls this before any collective, so a mismatch fails everywhere instead of hanging."""
+    def check_world_size(self, world_size: int, *, launched: bool = False) -> None:
+        """Every rank calls this before any collective, so a mismatch fails everywhere instead of hanging;
+        `launched`: the processes came from an outside launcher (torchrun), not from --devices."""
         if world_size != self.world_size:
             formula = f"stages + stride - 1 = {self.stages} + {self.stride} - 1 = {self.group_size}"
             if self.cfg_parallel:
                 formula = f"(stages + stride - 1) x 2 = ({self.stages} + {self.stride} - 1) x 2 = {self.world_size}"
+            fix = (f"launch {self.world_size} processes (torchrun --nproc-per-node {self.world_size})" if launched
+                   else f"use --devices {self.world_size}")
             raise UsageError(
-                f"AsyncDiff needs {formula} processes, but {world_size} were started; use --devices "
-                f"{self.world_size} or change --stages"
+                f"AsyncDiff needs {formula} processes, but {world_size} were started; {fix} or change --stages or "
+                f"--stride"
             )
+
+    def check_steps(self, steps: int) -> None:
+        """Limits that depend on the request's number of steps."""
+        if self.warmup > steps:
+            raise UsageError(f"warm-up {self.warmup} is more than the {steps} steps; use --warmup {steps} or fewer "
+                             f"(--warmup equal to --steps reproduces sequential sampling)")
 
     def describe(self) -> dict:
         return {"name": "asyncdiff", **asdict(self)}

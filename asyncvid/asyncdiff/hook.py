@@ -34,6 +34,7 @@ class RunState:
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
     shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
     out_shape: torch.Size | None = None
+    out_dtype: torch.dtype | None = None  # of the noise prediction, from the last stage's header
     dtype: torch.dtype = torch.float32  # of the UNet input, learned at the first step (the noise prediction's)
     device: torch.device | None = None
     queued: dict[int, torch.Tensor] = field(default_factory=dict)  # noise predictions of later steps in a round
@@ -182,13 +183,13 @@ class AsyncDiffHook(ModelHook):
     def _broadcast_eps(self, out, *, src: int) -> torch.Tensor:
         """The last stage's noise prediction, to every rank (its shape is learned once per run)."""
         if self.state.out_shape is None:
-            # On the compute device: NCCL moves GPU tensors only.
-            shape = torch.tensor(_pad_shape(out[0].shape if out is not None else ()), dtype=torch.int64,
-                                 device=self.state.device)
-            dist.broadcast(shape, group=self.group, group_src=src)
-            self.state.out_shape = _unpad_shape(shape)
+            # Shape and dtype once per run, on the compute device (NCCL moves GPU tensors only).
+            header = _header(out[0]) if out is not None else torch.empty(_MAX_DIMS + 2, dtype=torch.int64,
+                                                                           device=self.state.device)
+            dist.broadcast(header, group=self.group, group_src=src)
+            self.state.out_shape, self.state.out_dtype = _parse_header(header)
         eps = out[0].contiguous() if out is not None else torch.empty(
-            self.state.out_shape, dtype=self.state.dtype, device=self.state.device
+            self.state.out_shape, dtype=self.state.out_dtype, device=self.state.device
         )
         dist.broadcast(eps, group=self.group, group_src=src)
         return eps

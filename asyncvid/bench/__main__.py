@@ -44,7 +44,3 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
-
-
-if __name__ == "__main__":
-    main()

@@ -27,7 +27,7 @@ from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.oracle import apply_oracle
 from asyncvid.asyncdiff.setup import flops_plan, setup_asyncdiff
 from asyncvid.bench.archs import ARCHS, cuda_unit_times
-from asyncvid.bench.config import sample_image
+from asyncvid.bench.grid import sample_image
 from asyncvid.bench.measure import asyncdiff_sample
 from asyncvid.eval.fidelity import psnr
 from asyncvid.parataa.config import ParaTAAConfig
@@ -156,17 +156,28 @@ def _killed_rank_ends_the_job() -> dict:
         prompts.write_text("a red circle moving left\n" * 4)
         cmd = [sys.executable, "-m", "asyncvid.cli.app", "generate", str(prompts), "--sampler", "asyncdiff",
                "--devices", "2", "--device", "cuda", "--steps", "200", "--out", str(Path(tmp) / "out")]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(40)  # the workers have loaded and are sampling
-        children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-        if children:
-            os.kill(int(children[-1]), signal.SIGKILL)
+        log = Path(tmp) / "stderr.txt"
+        with log.open("w") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        children = []
+        for _ in range(120):  # up to 2 minutes for the workers to start and load
+            time.sleep(1)
+            children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            if proc.poll() is not None or len(children) >= 2:
+                break
+        time.sleep(5)  # sampling has begun (4 videos of 200 steps take far longer)
+        if proc.poll() is not None or not children:
+            return {"check": "a rank killed mid-run: the run ended before a rank could be killed",
+                    "model": "tiny-animatediff", "value": None, "passed": False}
+        os.kill(int(children[-1]), signal.SIGKILL)
         start = time.monotonic()
         try:
-            _, err = proc.communicate(timeout=30)
-            ended, message = time.monotonic() - start, (err.strip().splitlines() or [""])[-1]
+            proc.wait(timeout=30)
+            ended = time.monotonic() - start
+            message = (log.read_text().strip().splitlines() or [""])[-1]
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
             ended, message = None, "still running after 30 s"
     return {"check": f"a rank killed mid-run: every rank ends ({message})", "model": "tiny-animatediff",
             "value": ended, "passed": ended is not None and "rank" in message}

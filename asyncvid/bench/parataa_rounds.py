@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from asyncvid.bench.config import sample_image
+from asyncvid.bench.grid import sample_image
 from asyncvid.eval.fidelity import psnr
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.pipelines import recommended_guidance

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
-from importlib.util import find_spec
 from pathlib import Path
 
 from asyncvid.errors import UsageError
@@ -233,9 +233,9 @@ def markdown(result: dict, plots: list[str]) -> str:
 
 def check_plotting() -> None:
     """Fail before any measuring, not after an hour of it, when the plots cannot be drawn."""
-    if find_spec("matplotlib") is None:
+    if importlib.util.find_spec("matplotlib") is None:
         raise UsageError("asyncvid bench draws its plots with matplotlib, which is not installed; "
-                         "pip install 'asyncvid[bench]' (or matplotlib)")
+                         "pip install matplotlib (in a checkout: pip install -e '.[bench]')")
 
 
 def _pyplot():

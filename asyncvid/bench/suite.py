@@ -24,7 +24,8 @@ from asyncvid.bench import costmodel
 from asyncvid.bench import runs as bench_runs
 from asyncvid.bench.adherence import adherence_section
 from asyncvid.bench.archs import ARCHS, cuda_unit_times, project
-from asyncvid.bench.config import STAGE_COUNTS, STRIDES, BenchConfig, grid, request_for
+from asyncvid.bench.config import STAGE_COUNTS, STRIDES, BenchConfig
+from asyncvid.bench.grid import grid, request_for
 from asyncvid.bench.report import check_plotting, write_report
 from asyncvid.bench.runs import Entry
 from asyncvid.errors import UsageError

@@ -18,13 +18,20 @@ def set_scheduler(pipe, name: str | None) -> None:
     """Replace `pipe.scheduler` by the named one (None keeps the pipeline's own)."""
     if name is None:
         return
+    check_scheduler(name, pipe.scheduler.config)
+    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)
+
+
+def check_scheduler(name: str | None, config: dict) -> None:
+    """Whether the named scheduler can replace one with `config` (read from the pipeline, or from its folder's
+    scheduler_config.json before anything loads)."""
+    if name is None:
+        return
     if name not in SCHEDULERS:
         raise UsageError(f"scheduler '{name}' is not supported; use one of {', '.join(SCHEDULERS)}")
-    continuous = pipe.scheduler.config.get("timestep_type") == "continuous"
-    if continuous and SCHEDULERS[name] is not EulerDiscreteScheduler:
+    if config.get("timestep_type") == "continuous" and SCHEDULERS[name] is not EulerDiscreteScheduler:
         # SVD's UNet is conditioned on continuous (EDM) noise levels, which only Euler here produces.
         raise UsageError(
             f"scheduler '{name}' gives discrete timesteps, but this model samples on continuous ones (as SVD does); "
             f"drop --scheduler or use --scheduler euler"
         )
-    pipe.scheduler = SCHEDULERS[name].from_config(pipe.scheduler.config)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Iterable
 
 from huggingface_hub import snapshot_download
+from safetensors import SafetensorError, safe_open
 
 from asyncvid.errors import UsageError
 from asyncvid.requests import UsageWarning
@@ -83,6 +84,9 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
     """Refuse pickle-only weights: loading a pickle can run arbitrary code. `allow_pickle` lets them through with a
     warning, for weights from a source the user trusts."""
     files = [p for p in folder.iterdir() if p.is_file()]
+    for path in files:
+        if path.suffix == ".safetensors":
+            check_safetensors(path)
     pickles = [p.name for p in files if p.suffix in PICKLE_SUFFIXES]
     if not pickles or any(p.suffix == ".safetensors" for p in files):
         return
@@ -96,3 +100,15 @@ def check_weights(folder: Path, *, allow_pickle: bool = False) -> None:
         f"loading pickle weights '{folder / pickles[0]}' (--allow-pickle): a pickle can run code when loaded; "
         f"convert them to safetensors once and drop --allow-pickle"
     ), stacklevel=2)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file whose header reads (a truncated or damaged download fails here, in one line, not as a
+    traceback from deep inside the loader); reads the header only, not the weights."""
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        reason = str(err).removeprefix("Error while deserializing header: ")
+        raise UsageError(f"weights file '{path}' is not a readable safetensors file ({reason}): it is truncated or "
+                         f"damaged; download or save the model again") from None

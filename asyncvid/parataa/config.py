@@ -34,8 +34,8 @@ class ParaTAAConfig:
             raise UsageError(f"window must be at least 1, got {self.window}; use --window 1 or more (default: all steps)")
         if self.history < 1:
             raise UsageError(f"history must be at least 1, got {self.history}; use --history 1 (no Anderson) or more")
-        if not self.tol > 0:
-            raise UsageError(f"tol must be positive, got {self.tol}; use e.g. --tol 0.05")
+        if not 0 < self.tol < float("inf"):
+            raise UsageError(f"tol must be positive, got {self.tol}; use e.g. --tol {ParaTAAConfig.tol} (the default)")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise UsageError(f"max rounds must be at least 1, got {self.max_rounds}; use --max-rounds 1 or more")
         if not 0 <= self.eta <= 1:

@@ -7,13 +7,15 @@ are skipped (asyncvid.video.resume).
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch.distributed as dist
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.errors import UsageError
@@ -46,9 +48,9 @@ class Job:
     allow_pickle: bool = False  # load pickle weights too (they can run code)
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
-    scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.schedulers
+    scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.models.schedulers
     failures: list[str] = field(default_factory=list)  # one line per video that failed
-    # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.resume).
+    # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.video.resume).
     make: list[bool] | None = None
 
     def spec(self) -> ModelSpec:
@@ -78,10 +80,13 @@ def run_job(job: Job) -> list[Path]:
         return launch.run(_rank_main, job.devices, device, job, threads=job.threads)
     if runs_in_process(job.sampler, job.devices):
         with launch.cpu_threads(job.threads, device):
-            loaded = load_sampler(None, job.spec())
+            with _status(f"loading {job.model}", show=True):
+                loaded = load_sampler(None, job.spec())
             _check_task(loaded, job)
             return _make_all(loaded.generate, job, write=True)
-    with WorkerPool(job.spec(), job.devices, device, threads=job.threads, oversubscribe=job.oversubscribe) as pool:
+    with _status(f"starting {job.devices} workers and loading {job.model} on each", show=True):
+        pool = WorkerPool(job.spec(), job.devices, device, threads=job.threads, oversubscribe=job.oversubscribe)
+    with pool:
         _check_task(pool, job)
         return _make_all(pool.generate, job, write=True)
 
@@ -96,14 +101,16 @@ def _rank_main(rank: Rank, job: Job) -> list[Path]:
         if rank.rank == 0:
             _print_skipped(job)
         return []
-    loaded = load_sampler(rank, job.spec())
+    with _status(f"loading {job.model} on {rank.world_size} ranks", show=rank.rank == 0):
+        loaded = load_sampler(rank, job.spec())
     _check_task(loaded, job)
     return _make_all(loaded.generate, job, write=rank.rank == 0, keep_going=False)
 
 
 def _make_all(sample: Callable, job: Job, *, write: bool, keep_going: bool = True) -> list[Path]:
     """Sample each request and write it as soon as it is done (only where `write`)."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn())
     written = []
     with Progress(*columns, transient=True, disable=not (write and sys.stderr.isatty())) as progress:
         for request, target, make in zip(job.requests, job.targets, job.make or [True] * len(job.requests)):
@@ -147,3 +154,11 @@ def _check_task(loaded, job: Job) -> None:
     if loaded.task != job.task:
         command = "generate" if loaded.task == "text-to-video" else "i2v"
         raise UsageError(f"model '{job.model}' does {loaded.task}, not {job.task}; use `asyncvid {command}` with it")
+
+
+def _status(text: str, *, show: bool):
+    """A spinner with `text` on a terminal while the model loads or workers start (rank 0 only): seconds pass
+    there before the first step."""
+    if not (show and sys.stderr.isatty()):
+        return contextlib.nullcontext()
+    return Console(stderr=True).status(text + " ...")

@@ -38,12 +38,18 @@ class Sampled:
         return self.loop_s + self.decode_s
 
     def video(self, request, metadata: dict) -> Video | None:
-        """The Video with its sidecar metadata (request, `metadata`, versions, timings); None where no frames."""
+        """The Video with its sidecar metadata (request, frames made, `metadata`, threads, versions, timings); None
+        where no frames."""
         if self.frames is None:
             return None
         timings = {"total_s": round(self.total_s, 4), "until_last_step_s": round(self.loop_s, 4),
                    "decode_s": round(self.decode_s, 4)}
-        meta = {**request.describe(), **metadata, "versions": package_versions(), "timings": timings, **self.record}
+        # The request may leave sizes to the model (None); the record holds what was made, and the CPU threads,
+        # which decide the float rounding (the settings compared on resume stay the request's own).
+        made = {"num_frames": int(self.frames.shape[0]), "height": int(self.frames.shape[1]),
+                "width": int(self.frames.shape[2])}
+        meta = {**request.describe(), **made, **metadata, "cpu_threads": torch.get_num_threads(),
+                "versions": package_versions(), "timings": timings, **self.record}
         return Video(frames=self.frames, fps=request.fps, metadata=meta)
 
 

@@ -44,19 +44,26 @@ def launched_externally() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def rank_device(local_rank: int, requested: torch.device, local_world: int = 1) -> torch.device:
+def rank_device(local_rank: int, requested: torch.device, local_world: int | None = 1) -> torch.device:
     """This rank's device: on CUDA one GPU per rank on this machine (NCCL cannot put two ranks on one GPU), or the
-    GPU asked for (`cuda:N`) when one process runs alone; on the CPU, the CPU."""
+    GPU asked for (`cuda:N`) when one process runs alone; on the CPU, the CPU. `local_world` is the number of ranks
+    on this machine, None where the launcher does not say (then a rank that sees one GPU is given it: launchers that
+    set CUDA_VISIBLE_DEVICES per rank show each rank its own)."""
     if requested.type != "cuda":
         return requested
     if local_world == 1 and requested.index is not None:
         return requested
     visible = torch.cuda.device_count()
-    if local_world > visible:
+    if local_world is not None and local_world > visible:
         # Every rank on this machine sees the same counts, so every one refuses here, before any collective.
         raise UsageError(f"{local_world} processes on this machine but {visible} GPU(s) visible: NCCL needs one GPU "
                          f"per rank; launch at most {visible} processes per machine (--nproc-per-node or --devices)")
-    return torch.device("cuda", local_rank)
+    if local_rank < visible:
+        return torch.device("cuda", local_rank)
+    if visible == 1:
+        return torch.device("cuda", 0)
+    raise UsageError(f"local rank {local_rank} but {visible} GPUs visible: NCCL needs one GPU per rank; launch at "
+                     f"most {visible} processes per machine, or set LOCAL_WORLD_SIZE")
 
 
 def threads_per_process(world_size: int) -> int:
@@ -132,7 +139,10 @@ def process_group(rank: int, world: int, local: int, device: torch.device, port:
     rank ends the job instead of hanging it) and yield this process's Rank; leave the group on exit."""
     if port is not None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    device = rank_device(local, device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    # Ranks on this machine: all of them when asyncvid started them (port given), else as the launcher says.
+    local_world = int(os.environ["LOCAL_WORLD_SIZE"]) if "LOCAL_WORLD_SIZE" in os.environ else (
+        world if port is not None else None)
+    device = rank_device(local, device, local_world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"

@@ -18,7 +18,7 @@ import diffusers
 import transformers
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
-from asyncvid.asyncdiff.setup import describe_split, setup_asyncdiff
+from asyncvid.asyncdiff.setup import describe_split, flops_plan, setup_asyncdiff
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_device, resolve_dtype
 from asyncvid.models.schedulers import set_scheduler
@@ -205,3 +205,15 @@ def describe_plan(model: str, stages: int, *, frames=None, height=None, width=No
     return describe_split(model, folder, adapter_for(folder), units_for, config, motion_adapter=motion,
                           shape={"frames": frames, "height": height, "width": width}, device=torch_device,
                           dtype=torch_dtype)
+
+
+def check_plan(model: str, config: AsyncDiffConfig, request, motion_adapter: str | None = None) -> None:
+    """Plan `model`'s split as every rank will (by FLOPs, on the UNet's empty skeleton), so a stage count or manual
+    split it cannot take fails in one process before any worker starts. A base model plus motion adapter assembles
+    its UNet only on load: that form is checked on the ranks."""
+    folder = resolve_model(model)
+    motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
+    unet, _ = adapter_for(folder).unet_skeleton(folder, motion)
+    if unet is not None:
+        shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
+        flops_plan(unet, units_for(unet), config, shape)

@@ -1,28 +1,16 @@
-"""Where videos go: the output folder, one target per video decided before any work, and the JSON sidecar."""
+"""Where videos go: one target per video decided before any work, the video and its JSON sidecar."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from asyncvid.errors import UsageError
 from asyncvid.video.frames import Video
 from asyncvid.video.naming import output_path, sidecar_path
 from asyncvid.video.writers import write_json_atomic
-
-
-def prepare_out_dir(out: Path) -> Path:
-    """Create `out` if needed and prove it is writable, so no sampling is wasted on an unwritable target."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as err:
-        raise UsageError(f"output folder '{out}' is not writable ({err.strerror}); pass --out with a writable folder")
-    return out.resolve()
 
 
 def plan_targets(out: Path, stems: list[str], fmt: str, *, overwrite: bool) -> list[Path]:
@@ -42,6 +30,7 @@ def save_with_sidecar(video: Video, target: Path, fmt: str, *, overwrite: bool) 
     video whose sidecar cannot be written is removed, so no output lacks its record.
     """
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # the output folder appears with its first video
         written = video.save(target, format=fmt, overwrite=overwrite)
     except OSError as err:
         if err.errno is None:

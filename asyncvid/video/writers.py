@@ -76,7 +76,8 @@ def _atomic_target(path: str | os.PathLike, *, overwrite: bool, is_dir: bool = F
 def write_mp4(
     frames: np.ndarray, fps: int, path: str | os.PathLike, *, overwrite: bool = False, crf: int = 18
 ) -> Path:
-    """Encode frames as H.264 yuv420p MP4 with PyAV; `crf` 18 is visually lossless, 0 is lossless after yuv420p."""
+    """Encode frames as H.264 yuv420p MP4 with PyAV; `crf` 18 is visually lossless, 0 is lossless after yuv420p; the
+    same frames give the same bytes."""
     import av  # Imported here so that reading prompts or PNGs does not need FFmpeg.
 
     frames, fps = check_frames(frames), check_fps(fps)
@@ -94,8 +95,15 @@ def write_mp4(
         with av.open(str(tmp), mode="w", format="mp4") as container:
             stream = container.add_stream("libx264", rate=Fraction(fps), options={"crf": str(crf)})
             stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+            stream.codec_context.thread_count = 1  # and no encoder threads whose scheduling could matter
+            for index, frame in enumerate(frames):
+                # Each frame converted to a picture of its own: left to `encode`, PyAV converts every frame into
+                # one reused buffer while the encoder may still hold the last few (its lookahead), so the end of
+                # a clip depended on timing and two runs of the same frames wrote different files (pixels up to
+                # 14/255 apart). Timestamps are explicit for the same reason: nothing is left to the encoder.
+                picture = av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
+                picture.pts, picture.time_base = index, Fraction(1, fps)
+                container.mux(stream.encode(picture))
             container.mux(stream.encode(None))  # flush the frames the encoder still holds
     return Path(path)
 
