@@ -110,12 +110,18 @@ def load_sampler(rank: Rank | None, spec: ModelSpec) -> Loaded:
 
 def load_sequential(rank: Rank | None, spec: ModelSpec) -> Loaded:
     """The whole pipeline, sampling with its own loop."""
+    pipe, adapter, folder, device, dtype = _whole_pipeline(rank, spec)
+    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, {"name": "sequential"}))
+
+
+def _whole_pipeline(rank: Rank | None, spec: ModelSpec):
+    """(pipeline, adapter, folder, device, dtype): every weight on this rank's device (or this process's)."""
     device = rank.device if rank is not None else resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
                                           allow_pickle=spec.allow_pickle)
     set_scheduler(pipe, spec.scheduler)
-    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, {"name": "sequential"}))
+    return pipe, adapter, folder, device, dtype
 
 
 def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
@@ -138,11 +144,7 @@ def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
 
 def load_parataa(rank: Rank | None, spec: ModelSpec) -> Loaded:
     """The whole pipeline on every rank; each ParaTAA round's batch is split across the ranks."""
-    device = rank.device if rank is not None else resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
-    pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
-                                          allow_pickle=spec.allow_pickle)
-    set_scheduler(pipe, spec.scheduler)
+    pipe, adapter, folder, device, dtype = _whole_pipeline(rank, spec)
     world = rank.world_size if rank is not None else 1
     sampler = {**spec.sampler.describe(), "devices": world}
     return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, sampler),
