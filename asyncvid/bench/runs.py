@@ -72,7 +72,7 @@ def _unit_costs(model, request, device, threads, stage_counts) -> dict:
     example = functools.partial(family.example_inputs, **shape)
     profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
     with launch.cpu_threads(threads, device):
-        # The split a run makes: balanced on the times asyncdiff_setup measures (or reuses from its cache).
+        # The split a run makes: balanced on the times asyncdiff.setup measures (or reuses from its cache).
         balance = measure_unit_costs(unet, family, example, device, torch.float32)
         batch2 = fresh_unit_times(unet, family, example, device)
         batch1 = fresh_unit_times(unet, family, functools.partial(example, batch=1), device)
