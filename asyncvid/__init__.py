@@ -27,3 +27,7 @@ def __getattr__(name: str):
     import importlib
 
     return getattr(importlib.import_module(_LAZY[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)  # the lazy names too, for tab completion

@@ -49,6 +49,8 @@ def _input_image(sidecar: Path, recorded: str) -> Path:
 def score_folder(folder: Path) -> tuple[list[dict], dict]:
     """Scores of every output in a folder that has a sidecar, and their summary (percentages)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"'{folder}' is not a folder; pass the --out folder of `asyncvid generate` or `asyncvid i2v`")
     sidecars = sorted(p for p in folder.glob("*.json") if "output" in json.loads(p.read_text()))
     if not sidecars:
         raise UsageError(f"no outputs with sidecars in '{folder}'; point at a folder written by `asyncvid generate`")
@@ -95,7 +97,7 @@ def _line(summary: dict, scores: list[dict]) -> str:
     direction: the clip should keep the image's colour and shape and move the way its first frame points."""
     kinds = {"image" in s for s in scores}
     if kinds == {True}:
-        return (f"{summary['videos']} image-to-video clips: colour kept {summary['colour']}%, shape kept "
+        return (f"{summary['videos']} image-to-video clip{'s' if summary['videos'] != 1 else ''}: colour kept {summary['colour']}%, shape kept "
                 f"{summary['shape']}%, moving the way the first frame points {summary['direction']}%")
     what = "videos" if kinds == {False} else "videos (text- and image-to-video)"
     return (f"{summary['videos']} {what}: colour {summary['colour']}%, shape {summary['shape']}%, "

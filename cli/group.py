@@ -49,7 +49,7 @@ class Group(TyperGroup):
 
 def _with_value(err, args) -> str:
     """The error's message, naming the value given when the message does not (typer's type errors do not)."""
-    message = err.format_message()
+    message = err.format_message().replace("Value error, ", "")  # pydantic's prefix, inside typer's message
     param = getattr(err, "param", None)
     names = getattr(param, "opts", None) or []
     given = None

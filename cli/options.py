@@ -41,7 +41,7 @@ Out = Annotated[Path, typer.Option(metavar="FOLDER", help="Output folder (create
 Fmt = Annotated[Format, typer.Option("--format", help="mp4 (H.264), gif, or png (a folder of lossless frames).")]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace outputs that already exist.")]
 Device = Annotated[Optional[str], typer.Option(metavar="DEVICE", help="cpu, cuda or cuda:N \\[default: cuda if available, else cpu].")]
-DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", help="\\[default: float16 on CUDA, float32 on CPU]")]
+DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", metavar="DTYPE", help="float32, float16 or bfloat16 \\[default: float16 on CUDA, float32 on CPU].")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Also load weights stored as pickle files (.bin/.ckpt). A pickle can run code when loaded: only for weights you trust; sequential sampling and ParaTAA only.")]
 
@@ -52,7 +52,7 @@ class SchedulerName(str, Enum):
     dpm_solver = "dpm-solver"
 
 
-SchedulerOpt = Annotated[Optional[SchedulerName], typer.Option("--scheduler", help="Replace the pipeline's own scheduler (Euler for SVD, DDIM for AnimateDiff), keeping its noise schedule.")]
+SchedulerOpt = Annotated[Optional[SchedulerName], typer.Option("--scheduler", metavar="NAME", help="euler, ddim or dpm-solver: replace the pipeline's own scheduler (Euler for SVD, DDIM for AnimateDiff), keeping its noise schedule.")]
 
 
 class Sampler(str, Enum):
@@ -61,13 +61,13 @@ class Sampler(str, Enum):
     parataa = "parataa"
 
 
-SamplerOpt = Annotated[Sampler, typer.Option(help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel=PROCESSES)]
+SamplerOpt = Annotated[Sampler, typer.Option(metavar="NAME", help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel=PROCESSES)]
 Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel=PROCESSES)]
 Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel=ASYNCDIFF)]
 Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel=ASYNCDIFF)]
 Warmup = Annotated[Optional[int], typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling) \\[default: 3, or --steps when fewer].", rich_help_panel=ASYNCDIFF)]
 TimeShift = Annotated[bool, typer.Option("--time-shift", help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel=ASYNCDIFF)]
-Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: the idle cores shared evenly by the processes]. The thread count changes float rounding on CPU.", rich_help_panel=PROCESSES)]
+Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: this machine's cores shared evenly by the processes; on a busy machine the CLI suggests fewer]. The thread count changes float rounding on CPU.", rich_help_panel=PROCESSES)]
 CostOpt = Annotated[Cost, typer.Option("--cost", help="AsyncDiff: balance stages by unit times measured on rank 0 (measured) or by FLOPs (flops).", rich_help_panel=ASYNCDIFF)]
 WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's weights one stage may hold; 1 balances compute alone (fastest), lower saves memory.", rich_help_panel=ASYNCDIFF)]
 CfgParallel = Annotated[bool, typer.Option("--cfg-parallel", help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel=ASYNCDIFF)]

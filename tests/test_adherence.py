@@ -106,7 +106,7 @@ def test_evaluate_verbose_shows_what_each_video_was_scored_against(tmp_path, mon
     Image.fromarray(clip[0]).save(tmp_path / "i2v" / "first.png")
     write_json_atomic({"output": "000.mp4", "task": "image-to-video", "image": "elsewhere/first.png"},
                       tmp_path / "i2v" / "000.json")
-    for folder, summary in (("t2v", "1 videos: colour"), ("i2v", "1 image-to-video clips: colour kept")):
+    for folder, summary in (("t2v", "1 videos: colour"), ("i2v", "1 image-to-video clip: colour kept")):
         result = CliRunner().invoke(app, [str(tmp_path / folder), "--verbose"])
         assert result.exit_code == 0, result.output
         first, last = result.output.strip().splitlines()
