@@ -59,7 +59,7 @@ class VideoPipeline:
         else:
             # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI).
             preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler)
-            if isinstance(sampler, AsyncDiffConfig):
+            if isinstance(sampler, AsyncDiffConfig) and sampler.split:
                 frames, height, width = plan_shape
                 check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),
                            motion_adapter)

@@ -69,7 +69,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         scheduler_name = scheduler.value if scheduler else None
         preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle,
                   scheduler=scheduler_name)
-        if isinstance(config, AsyncDiffConfig):  # a stage count or manual split this UNet cannot take
+        if isinstance(config, AsyncDiffConfig) and config.split:  # a manual split this UNet cannot take: once, here
             check_plan(model, config, requests[0], motion_adapter)
         requests = finish(requests) if finish is not None else requests
         # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
