@@ -35,7 +35,6 @@ class RunState:
     shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
     out_shape: torch.Size | None = None
     out_dtype: torch.dtype | None = None  # of the noise prediction, from the last stage's header
-    dtype: torch.dtype = torch.float32  # of the UNet input, learned at the first step (the noise prediction's)
     device: torch.device | None = None
     queued: dict[int, torch.Tensor] = field(default_factory=dict)  # noise predictions of later steps in a round
     bytes_sent: int = 0
@@ -98,7 +97,7 @@ class AsyncDiffHook(ModelHook):
     def _relay(self, args, kwargs) -> torch.Tensor:
         ctx, x = self.program.prologue(*args, **kwargs)
         first_time = self.state.out_shape is None
-        self.state.dtype, self.state.device = x.dtype, x.device
+        self.state.device = x.device
         received = self._receive(headers=first_time)
         self.state.inputs = dict(received)
         computes = self.layout.replica(self.rank) == 0

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from asyncvid.eval.fidelity import psnr  # noqa: F401  (re-exported: the tests compare frames through it)
+from asyncvid.models.devices import synchronize
 from asyncvid.runtime.generate import Sampled
 from asyncvid.runtime.loaders import ModelSpec, load_sampler
 
@@ -52,21 +53,16 @@ class UNetClock:
         self._handles = [unet.register_forward_pre_hook(self._pre), unet.register_forward_hook(self._post)]
 
     def _pre(self, module, args):
-        _sync(self.device)
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def _post(self, module, args, out):
-        _sync(self.device)
+        synchronize(self.device)
         self.total += time.perf_counter() - self._start
 
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def sequential_sample(model: str, request, *, device=None, dtype=torch.float32, repeats: int = 1,
