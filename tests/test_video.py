@@ -1,6 +1,12 @@
 """Tests for asyncvid.video: exact round trips, atomic writes, and one-line errors."""
 
+import contextlib
 import json
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -200,3 +206,35 @@ def test_repr_html_embeds_an_mp4_even_for_odd_sizes():
     html = Video(random_frames(2, height=15, width=9), fps=8)._repr_html_()
     assert html.startswith("<video") and "data:video/mp4;base64," in html
 
+
+
+CLIP = Path(__file__).parent / "data" / "blue-square-moving-up"  # the quick start's second video, as PNG frames
+ENCODE_25 = """
+import hashlib, sys
+from asyncvid.video.writers import read_png_frames, write_mp4
+digests = []
+for i in range(25):
+    frames = read_png_frames(sys.argv[1])
+    write_mp4(frames, 8, sys.argv[2], overwrite=True)
+    digests.append(hashlib.md5(open(sys.argv[2], "rb").read()).hexdigest())
+print(*digests)
+"""
+
+
+def test_mp4_bytes_do_not_depend_on_where_buffers_land(tmp_path):
+    """The same frames encode to the same bytes every time. x264's AVX-512 code did not: read and encoded 25 times in
+    a fresh process on a terminal, these frames (whose MP4 differed between two CI runs) came out 2 or 3 ways, every
+    time; where the buffers land in memory decides which encodes differ (with stdout a pipe it did not show)."""
+    # A child on a terminal of its own, as a user runs it (pty.fork, like `script`): with stdout a pipe or a bare
+    # pseudo-terminal the buffers landed elsewhere and the old encoder agreed with itself.
+    pid, terminal = pty.fork()
+    if pid == 0:
+        os.execv(sys.executable, [sys.executable, "-c", ENCODE_25, str(CLIP), str(tmp_path / "clip.mp4")])
+    output = b""
+    with contextlib.suppress(OSError):  # EIO once the child has exited and the terminal is drained
+        while chunk := os.read(terminal, 4096):
+            output += chunk
+    os.close(terminal)
+    assert os.waitpid(pid, 0)[1] == 0, output.decode()
+    digests = output.decode().split()
+    assert len(digests) == 25 and len(set(digests)) == 1, f"{len(set(digests))} different files from 25 encodes"
