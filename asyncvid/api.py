@@ -1,7 +1,9 @@
 """The library API for scripts and notebooks: load a model once, then make videos with diffusers' argument names.
 
 With `devices` > 1 the model loads on worker processes (asyncvid.runtime.pool) that stay alive until `close()`, the end
-of a `with` block, or interpreter exit; with one device and sequential sampling it loads in this process.
+of a `with` block, or interpreter exit; with one device and sequential sampling it loads in this process. With
+`data_parallel` D the workers form D groups, each making whole videos: pass a list of prompts (or images) to make
+D videos at once; the videos come back in the list's order.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.pipelines import preflight, recommended_guidance
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
+from asyncvid.runtime.layout import RankLayout
 from asyncvid.runtime.loaders import ModelSpec, check_plan, load_sampler, runs_in_process
 from asyncvid.runtime.pool import WorkerPool
 from asyncvid.video.frames import Video
@@ -30,30 +33,34 @@ from asyncvid.video.images import load_image
 SAMPLERS = (AsyncDiffConfig, ParaTAAConfig)  # config types a `sampler` may be, besides None (sequential)
 
 
-def load(model: str, *, devices: int = 1, sampler: AsyncDiffConfig | None = None, device: str | None = None,
+def load(model: str, *, devices: int | None = None, sampler: AsyncDiffConfig | None = None, device: str | None = None,
          dtype: str | None = None, motion_adapter: str | None = None, scheduler: str | None = None,
          threads: int | None = None, oversubscribe: bool = False, num_frames: int | None = None,
-         height: int | None = None, width: int | None = None, quiet: bool = True) -> VideoPipeline:
+         height: int | None = None, width: int | None = None, quiet: bool = True,
+         data_parallel: int = 1) -> VideoPipeline:
     """Load `model` (an embedded name, a diffusers folder or a cached hub id) for sampling with `sampler` on
-    `devices` processes. `num_frames`, `height` and `width` are the sizes a stage-parallel sampler balances its
-    split for (default: the model's); any size can be asked for afterwards."""
+    `devices` processes in all (default: 1, or what `data_parallel` groups of the sampler need). `num_frames`,
+    `height` and `width` are the sizes a stage-parallel sampler balances its split for (default: the model's); any
+    size can be asked for afterwards."""
     return VideoPipeline(model, devices=devices, sampler=sampler, device=device, dtype=dtype,
                          motion_adapter=motion_adapter, scheduler=scheduler, threads=threads,
-                         oversubscribe=oversubscribe, plan_shape=(num_frames, height, width), quiet=quiet)
+                         oversubscribe=oversubscribe, plan_shape=(num_frames, height, width), quiet=quiet,
+                         data_parallel=data_parallel)
 
 
 class VideoPipeline:
     """A loaded model: `text_to_video` / `image_to_video` return a Video; `close()` ends its worker processes."""
 
-    def __init__(self, model: str, *, devices: int, sampler, device, dtype, motion_adapter, scheduler, threads,
-                 oversubscribe, plan_shape, quiet):
-        _check_layout(devices, sampler, threads)
+    def __init__(self, model: str, *, devices: int | None, sampler, device, dtype, motion_adapter, scheduler,
+                 threads, oversubscribe, plan_shape, quiet, data_parallel: int = 1):
+        self.layout = _check_layout(devices, sampler, threads, data_parallel)
+        devices = self.layout.world_size
         torch_device = resolve_device(device)
         resolve_dtype(dtype, torch_device)  # fail here, not on every worker
         self.spec = ModelSpec(model, sampler, motion_adapter, device, dtype, scheduler, plan_shape, quiet)
         self.devices, self.threads, self._device = devices, threads, torch_device
         self._pool = self._loaded = None
-        if runs_in_process(sampler, devices):
+        if runs_in_process(sampler, devices) and self.layout.data_parallel == 1:
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:
@@ -63,7 +70,8 @@ class VideoPipeline:
                 frames, height, width = plan_shape
                 check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),
                            motion_adapter)
-            self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe)
+            self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe,
+                                    layout=self.layout)
         self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers
 
     @property
@@ -81,30 +89,32 @@ class VideoPipeline:
         """The model's recommended guidance scale, read once (its folder's sampling.json; else 7.5)."""
         return recommended_guidance(self.spec.model)
 
-    def text_to_video(self, prompt: str, *, negative_prompt: str = "", num_frames: int | None = None,
+    def text_to_video(self, prompt: str | list[str], *, negative_prompt: str = "", num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int | None = None,
-                      generator: torch.Generator | None = None, fps: int = 8) -> Video:
-        """A video of `prompt` (AnimateDiff); `None` sizes and frames mean the model's defaults, `None` guidance
-        the model's recommended scale (its folder's sampling.json; else 7.5)."""
-        request = TextToVideo(prompt, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
-                              width=width, num_inference_steps=num_inference_steps,
-                              guidance_scale=self._guidance if guidance_scale is None else guidance_scale,
-                              seed=_seed(seed, generator), fps=fps)
-        return self._generate(request)
+                      generator: torch.Generator | None = None, fps: int = 8) -> Video | list[Video]:
+        """A video of `prompt` (AnimateDiff), or one per prompt of a list (made by the data-parallel groups at
+        once, returned in order); `None` sizes and frames mean the model's defaults, `None` guidance the model's
+        recommended scale (its folder's sampling.json; else 7.5)."""
+        requests = [TextToVideo(p, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
+                                width=width, num_inference_steps=num_inference_steps,
+                                guidance_scale=self._guidance if guidance_scale is None else guidance_scale,
+                                seed=_seed(seed, generator), fps=fps) for p in _listed(prompt)]
+        return self._generate(requests) if isinstance(prompt, list) else self._generate(requests)[0]
 
     def image_to_video(self, image, *, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, num_inference_steps: int = 25, min_guidance_scale: float = 1.0,
                        max_guidance_scale: float = 3.0, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
                        decode_chunk_size: int | None = None, seed: int | None = None,
-                       generator: torch.Generator | None = None, fps: int = 7) -> Video:
-        """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion)."""
-        request = ImageToVideo(self._image_path(image), num_frames=num_frames, height=height, width=width,
-                               num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
-                               max_guidance_scale=max_guidance_scale, motion_bucket_id=motion_bucket_id,
-                               noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
-                               seed=_seed(seed, generator), fps=fps)
-        return self._generate(request)
+                       generator: torch.Generator | None = None, fps: int = 7) -> Video | list[Video]:
+        """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion), or one per image of a
+        list (made by the data-parallel groups at once, returned in order)."""
+        requests = [ImageToVideo(self._image_path(i), num_frames=num_frames, height=height, width=width,
+                                 num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
+                                 max_guidance_scale=max_guidance_scale, motion_bucket_id=motion_bucket_id,
+                                 noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
+                                 seed=_seed(seed, generator), fps=fps) for i in _listed(image)]
+        return self._generate(requests) if isinstance(image, list) else self._generate(requests)[0]
 
     def close(self) -> None:
         """End the worker processes (if any) and free the model; safe to call more than once."""
@@ -131,16 +141,31 @@ class VideoPipeline:
     def _closed(self) -> bool:
         return self._pool.closed if self._pool is not None else self._loaded is None
 
-    def _generate(self, request) -> Video:
+    def _generate(self, requests: list) -> list[Video]:
         if self._closed:
             raise RuntimeError("this pipeline is closed (or was interrupted); call asyncvid.load again")
-        if request.describe()["task"] != self.task:
+        if requests and requests[0].describe()["task"] != self.task:
             method = "text_to_video" if self.task == "text-to-video" else "image_to_video"
             raise UsageError(f"model '{self.spec.model}' does {self.task}; call {method} instead")
-        if self._pool is not None:
-            return self._pool.generate(request)
-        with launch.cpu_threads(self.threads, self._device):
-            return self._loaded.generate(request)
+        if self._pool is None:
+            with launch.cpu_threads(self.threads, self._device):
+                return [self._loaded.generate(request) for request in requests]
+        videos = [None] * len(requests)
+        errors = []
+        for index, group, result in self._pool.imap(requests):
+            if isinstance(result, Exception):
+                errors.append((index, result))
+                continue
+            if self.layout.data_parallel > 1:
+                result.metadata["layout"] = self.layout.describe(group)
+            videos[index] = result
+        if errors:
+            index, first = min(errors, key=lambda e: e[0])
+            if len(requests) == 1:
+                raise first
+            raise BatchFailed(f"{len(errors)} of {len(requests)} videos failed (the first, #{index}: {first}); "
+                              f"the others are in this error's .videos", videos) from first
+        return videos
 
     def _image_path(self, image) -> Path:
         if isinstance(image, Image.Image):  # the workers read files: hand them a lossless copy
@@ -153,9 +178,38 @@ class VideoPipeline:
         return Path(image).resolve()
 
 
-def _check_layout(devices, sampler, threads) -> None:
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+class BatchFailed(RuntimeError):
+    """Some videos of a list failed; `.videos` holds the others in order (None where one failed)."""
+
+    def __init__(self, message: str, videos: list):
+        super().__init__(message)
+        self.videos = videos
+
+
+def _listed(value) -> list:
+    if isinstance(value, list):
+        if not value:
+            raise UsageError("the list is empty; pass at least one prompt or image")
+        return value
+    return [value]
+
+
+def _check_layout(devices, sampler, threads, data_parallel: int = 1) -> RankLayout:
+    """The rank layout the arguments describe; bad values fail here, before any worker starts."""
+    if isinstance(data_parallel, bool) or not isinstance(data_parallel, int) or data_parallel < 1:
+        raise UsageError(f"data_parallel must be a whole number >= 1, got {data_parallel!r}")
+    if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise UsageError(f"devices must be a whole number >= 1, got {devices!r}")
+    if data_parallel > 1:
+        if sampler is not None and not isinstance(sampler, SAMPLERS):
+            raise TypeError(f"sampler must be None (sequential) or one of "
+                            f"{', '.join(s.__name__ for s in SAMPLERS)}, got {type(sampler).__name__}")
+        if threads is not None and (not isinstance(threads, int) or threads < 1):
+            raise UsageError(f"threads must be a whole number >= 1 or None, got {threads!r}")
+        layout = RankLayout.of(sampler, data_parallel, devices)
+        layout.check_world_size(devices or layout.world_size)
+        return layout
+    devices = 1 if devices is None else devices
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a whole number >= 1 or None, got {threads!r}")
     if sampler is not None and not isinstance(sampler, SAMPLERS):
@@ -165,6 +219,7 @@ def _check_layout(devices, sampler, threads) -> None:
         raise UsageError(f"devices={devices} needs a parallel sampler; pass sampler=AsyncDiffConfig(stages={devices})")
     if sampler is not None:
         sampler.check_world_size(devices)
+    return RankLayout(1, devices)
 
 
 def _seed(seed: int | None, generator: torch.Generator | None) -> int:

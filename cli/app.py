@@ -11,9 +11,9 @@ import typer
 
 from asyncvid import __version__
 from asyncvid.cli.options import (
-    PARATAA, AllowPickle, CfgParallel, Cost, CostOpt, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format, Frames,
-    Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Sampler, SamplerOpt, SchedulerOpt, Seed,
-    Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width, Window
+    PARATAA, AllowPickle, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
+    Frames, Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, ParallelOpt, Sampler, SamplerOpt,
+    SchedulerOpt, Seed, Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.bench.config import BenchConfig
@@ -69,7 +69,9 @@ def generate(
     dtype: DTypeOpt = None,
     scheduler: SchedulerOpt = None,
     sampler: SamplerOpt = Sampler.sequential,
-    devices: Devices = 1,
+    devices: Devices = None,
+    data_parallel: DataParallel = 1,
+    parallel: ParallelOpt = None,
     stages: Stages = 2,
     stride: Stride = 1,
     warmup: Warmup = None,
@@ -112,7 +114,8 @@ def generate(
         return [dataclasses.replace(r, guidance_scale=scale) for r in requests]
 
     run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value, finish=finish,
-         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
+         parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta), steps))
@@ -140,7 +143,9 @@ def i2v(
     dtype: DTypeOpt = None,
     scheduler: SchedulerOpt = None,
     sampler: SamplerOpt = Sampler.sequential,
-    devices: Devices = 1,
+    devices: Devices = None,
+    data_parallel: DataParallel = 1,
+    parallel: ParallelOpt = None,
     stages: Stages = 2,
     stride: Stride = 1,
     warmup: Warmup = None,
@@ -176,7 +181,8 @@ def i2v(
         return requests, [output_stem(i, image.stem) for i, image in enumerate(images)]
 
     run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
-         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, threads=threads,
+         overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
+         parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds), steps))

@@ -62,7 +62,15 @@ class Sampler(str, Enum):
 
 
 SamplerOpt = Annotated[Sampler, typer.Option(metavar="NAME", help="sequential; asyncdiff (UNet stages on --devices, all computing at once); or parataa (many steps per batched round, solved by fixed-point iteration, the batch split across --devices).", rich_help_panel=PROCESSES)]
-Devices = Annotated[int, typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides).", rich_help_panel=PROCESSES)]
+Devices = Annotated[Optional[int], typer.Option(help="Processes to run (local workers started by asyncvid; under torchrun the launcher decides) \\[default: 1, or what --data-parallel needs; with --parallel auto, the GPUs or CPU cores here].", rich_help_panel=PROCESSES)]
+DataParallel = Annotated[int, typer.Option("--data-parallel", metavar="D", help="Groups of the sampler's processes, each making whole videos of the batch (D videos at once): D x the sampler's processes in all.", rich_help_panel=PROCESSES)]
+
+
+class Parallel(str, Enum):
+    auto = "auto"
+
+
+ParallelOpt = Annotated[Optional[Parallel], typer.Option("--parallel", metavar="auto", help="auto: the sampler and --data-parallel that finish this batch soonest on --devices, by the cost model (for one video, the fastest per video); `asyncvid plan --parallel auto` shows the choice.", rich_help_panel=PROCESSES)]
 Stages = Annotated[int, typer.Option(help="AsyncDiff: UNet stages, one per device.", rich_help_panel=ASYNCDIFF)]
 Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; needs stages + stride - 1 devices.", rich_help_panel=ASYNCDIFF)]
 Warmup = Annotated[Optional[int], typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling) \\[default: 3, or --steps when fewer].", rich_help_panel=ASYNCDIFF)]

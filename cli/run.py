@@ -40,7 +40,7 @@ def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | Non
 
 
 def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None):
+        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None, data_parallel=1, parallel=None):
     """Check everything before the model loads or a process starts, then hand the batch to the library.
 
     1. What needs neither torch nor the model (requests, sampler, layout, output folder): a typo fails at once.
@@ -50,7 +50,10 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
     try:
         requests, stems = build()
         config = sampler()
-        _check_layout(config, devices, threads)
+        if parallel is None:
+            devices = _check_layout(config, devices, threads, data_parallel)
+        else:
+            _check_auto(devices, threads, data_parallel)
         if allow_pickle and isinstance(config, AsyncDiffConfig):
             raise UsageError("--allow-pickle works with --sampler sequential or parataa only (AsyncDiff reads each "
                              "stage's weights from safetensors); convert the weights to safetensors")
@@ -72,12 +75,19 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         if isinstance(config, AsyncDiffConfig) and config.split:  # a manual split this UNet cannot take: once, here
             check_plan(model, config, requests[0], motion_adapter)
         requests = finish(requests) if finish is not None else requests
-        # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
+        if parallel is not None:  # the cost model picks the sampler and the groups for this batch on these devices
+            from asyncvid.runtime.auto import choose
+
+            choice = choose(model, requests, devices=devices, device=torch_device, dtype=dtype_name,
+                            motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP)
+            typer.echo(f"parallel auto: {choice.describe(len(requests))}", err=True)
+            config, data_parallel, devices = choice.sampler, choice.data_parallel, choice.processes
+            threads = threads or choice.threads        # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
         targets = plan_targets(out.resolve(), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
                   threads=threads, oversubscribe=oversubscribe, scheduler=scheduler_name,
-                  allow_pickle=allow_pickle)
+                  allow_pickle=allow_pickle, data_parallel=data_parallel)
         if torch_device.type == "cpu" and threads is None:
             _warn_if_busy(_external_world() if _external() else devices)
         run_job(job)
@@ -101,23 +111,51 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         raise typer.Exit(1)
 
 
-def _check_layout(config, devices: int, threads: int | None) -> None:
-    """Processes and threads against the sampler, on every rank alike (under a launcher too)."""
-    if devices < 1:
+def _check_layout(config, devices: int | None, threads: int | None, data_parallel: int = 1) -> int:
+    """Processes and threads against the sampler and the data-parallel groups, on every rank alike (under a
+    launcher too); returns the processes to start (--devices, or what the groups need when it is left out)."""
+    if devices is not None and devices < 1:
         raise UsageError(f"devices must be at least 1, got {devices}; use --devices 1 or more")
     if threads is not None and threads < 1:
         raise UsageError(f"threads must be at least 1, got {threads}; use --threads 1 or more")
+    if data_parallel < 1:
+        raise UsageError(f"--data-parallel must be at least 1, got {data_parallel}; use --data-parallel 1 or more")
+    if data_parallel > 1:
+        from asyncvid.runtime.layout import RankLayout  # no torch: checked at once
+
+        layout = RankLayout.of(config, data_parallel, _external_world() if _external() else devices)
+        world = _external_world() if _external() else (devices or layout.world_size)
+        layout.check_world_size(world, launched=_external())
+        return world
+    devices = 1 if devices is None else devices
     if config is None and devices > 1 and not _external():
-        raise UsageError(f"--devices {devices} needs a parallel sampler; add --sampler asyncdiff or drop --devices")
+        raise UsageError(f"--devices {devices} needs a parallel sampler or groups; add --sampler asyncdiff, or "
+                         f"--data-parallel {devices} for {devices} videos at once, or drop --devices")
     if config is None and _external() and _external_world() > 1:
         raise UsageError(
             f"sequential sampling runs in one process, but the launcher started {_external_world()}; "
-            f"add --sampler asyncdiff (stages + stride - 1 = {_external_world()}) or launch one process"
+            f"add --sampler asyncdiff (stages + stride - 1 = {_external_world()}), or --data-parallel "
+            f"{_external_world()} for {_external_world()} videos at once, or launch one process"
         )
     if isinstance(config, AsyncDiffConfig):
         config.check_world_size(_external_world() if _external() else devices, launched=_external())
     elif config is not None:
         config.check_world_size(_external_world() if _external() else devices)
+    return devices
+
+
+def _check_auto(devices: int | None, threads: int | None, data_parallel: int) -> None:
+    """--parallel auto chooses the sampler and the groups itself, in one process that sees the devices."""
+    if _external():
+        raise UsageError("--parallel auto chooses how many processes to start, but a launcher has started them; "
+                         "pass --sampler and --data-parallel yourself (`asyncvid plan --parallel auto` suggests them)")
+    if data_parallel != 1:
+        raise UsageError(f"--parallel auto chooses --data-parallel itself, got --data-parallel {data_parallel}; "
+                         f"drop one of them")
+    if devices is not None and devices < 1:
+        raise UsageError(f"devices must be at least 1, got {devices}; use --devices 1 or more")
+    if threads is not None and threads < 1:
+        raise UsageError(f"threads must be at least 1, got {threads}; use --threads 1 or more")
 
 
 def check_out_dir(out: Path) -> None:

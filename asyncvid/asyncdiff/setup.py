@@ -98,14 +98,19 @@ def _groups(config: AsyncDiffConfig, rank: int, world: int, group):
     """The group that runs this rank's copy of the staged UNet, and with --cfg-parallel the guidance split.
 
     Ranks [0, G) take the unconditional half of the guidance batch, ranks [G, 2G) the conditional half; rank r
-    and r + G exchange their halves. Every rank creates every group, in the same order, as torch requires.
+    and r + G exchange their halves. Every rank creates every group, in the same order, as torch requires: with
+    data-parallel groups (consecutive blocks of `world` ranks, asyncvid.runtime.layout) those of every block.
     """
     if not config.cfg_parallel:
         return group, None
     size = config.group_size
-    halves = [dist.new_group(list(range(i * size, (i + 1) * size))) for i in range(2)]
-    pairs = [dist.new_group([r, r + size]) for r in range(size)]
-    return halves[rank // size], CfgSplit(rank // size, pairs[rank % size])
+    mine = 0 if group is None else dist.get_global_rank(group, 0)
+    for base in range(0, dist.get_world_size(), world):
+        halves = [dist.new_group([base + r for r in range(i * size, (i + 1) * size)]) for i in range(2)]
+        pairs = [dist.new_group([base + r, base + r + size]) for r in range(size)]
+        if base == mine:
+            chosen = halves[rank // size], CfgSplit(rank // size, pairs[rank % size])
+    return chosen
 
 
 def _check_agreement(settings: dict, group) -> None:
@@ -138,7 +143,7 @@ def _measured_costs(unet, family, example, device, dtype, rank, group, units: in
     if rank == 0:
         costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64,
                              device=device)  # NCCL moves GPU tensors only
-    dist.broadcast(costs, 0, group=group)
+    dist.broadcast(costs, group=group, group_src=0)
     return costs.tolist()
 
 

@@ -37,7 +37,7 @@ def sample(pipe, adapter, request, config: ParaTAAConfig, *, rank=None, group=No
 
 def _agree(device, group, lo: int) -> int:
     value = torch.tensor([lo], device=device)
-    dist.broadcast(value, src=0, group=group)
+    dist.broadcast(value, group=group, group_src=0)
     return int(value)
 
 

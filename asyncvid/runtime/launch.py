@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from asyncvid.errors import UsageError
+from asyncvid.runtime.layout import RankLayout
 
 TIMEOUT_S = float(os.environ.get("ASYNCVID_COLLECTIVE_TIMEOUT", "300"))
 USAGE_EXIT = 2
@@ -27,12 +28,19 @@ USAGE_GRACE_S = 10.0  # bad input fails on every rank: give rank 0 time to repor
 
 @dataclass(frozen=True)
 class Rank:
-    """Where this process stands: its rank, the world size, its rank on this machine, and its torch device."""
+    """Where this process stands: its rank, the world size, its rank on this machine, and its torch device. Within
+    a data-parallel group (asyncvid.runtime.layout), `rank` and `world_size` count the group's ranks and `group` is
+    its process group (None: the whole world)."""
 
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    group: object = None
+
+    def within(self, group, rank: int, world_size: int) -> Rank:
+        """This process as rank `rank` of `world_size` in `group`."""
+        return Rank(rank, world_size, self.local_rank, self.device, group)
 
 
 class RankFailed(RuntimeError):
@@ -164,6 +172,15 @@ def _worker(fn, rank, world, device, port, errors, args, parent_pid, threads):
         errors.put((rank, f"{type(err).__name__}: {err}", traceback.format_exc()))
         sys.stderr.flush()
         os._exit(USAGE_EXIT if isinstance(err, UsageError) else 1)
+
+
+def place(rank: Rank, layout: RankLayout) -> Rank:
+    """`rank` (of the whole world) as a rank of its data-parallel group, with the group's torch process group;
+    unchanged when the world is one group. Every rank creates every group, in the same order, as torch requires."""
+    if layout.data_parallel == 1:
+        return rank
+    groups = [dist.new_group(layout.ranks_of(g)) for g in range(layout.data_parallel)]
+    return rank.within(groups[layout.group_of(rank.rank)], rank.rank % layout.group_size, layout.group_size)
 
 
 def watch_parent(parent_pid: int) -> None:

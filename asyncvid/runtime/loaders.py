@@ -136,10 +136,11 @@ def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
     staged = setup_asyncdiff(folder, adapter, units_for, spec.sampler,
                              shape={"frames": frames, "height": height, "width": width}, device=rank.device,
                              dtype=dtype, motion_adapter=motion, settings={**spec.describe(), "shape": spec.plan_shape},
-                             scheduler=spec.scheduler)
+                             group=rank.group, scheduler=spec.scheduler)
     sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
     return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
-                  decoder=parallel_decode, hook=staged.hook, weight_share=staged.weight_share)
+                  decoder=functools.partial(parallel_decode, group=rank.group), hook=staged.hook,
+                  weight_share=staged.weight_share)
 
 
 def load_parataa(rank: Rank | None, spec: ModelSpec) -> Loaded:
@@ -148,7 +149,8 @@ def load_parataa(rank: Rank | None, spec: ModelSpec) -> Loaded:
     world = rank.world_size if rank is not None else 1
     sampler = {**spec.sampler.describe(), "devices": world}
     return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, sampler),
-                  decoder=parallel_decode if world > 1 else None, run=functools.partial(_solve, rank))
+                  decoder=functools.partial(parallel_decode, group=rank.group) if world > 1 else None,
+                  run=functools.partial(_solve, rank))
 
 
 def _solve(rank: Rank | None, loaded: Loaded, request, on_step: StepCallback | None = None) -> Sampled:
@@ -162,7 +164,8 @@ def _solve(rank: Rank | None, loaded: Loaded, request, on_step: StepCallback | N
 
     start = time.perf_counter()
     latents, solution, branches = parataa_sample(loaded.pipe, loaded.adapter, request, loaded.spec.sampler,
-                                                 rank=rank, on_round=on_round)
+                                                 rank=rank, group=rank.group if rank is not None else None,
+                                                 on_round=on_round)
     loop_end = time.perf_counter()
     frames = decode(loaded.pipe, loaded.adapter, latents, request, loaded.decoder)
     end = time.perf_counter()

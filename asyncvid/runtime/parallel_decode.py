@@ -23,7 +23,7 @@ def parallel_decode(pipe, adapter, latents: torch.Tensor, request, group=None) -
     with torch.inference_mode():
         decoded = [(a, adapter.decode(pipe, latents, request, a, b)) for a, b in mine]
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object(decoded, gathered, dst=0, group=group)
+    dist.gather_object(decoded, gathered, group=group, group_dst=0)
     if rank != 0:
         return None
     parts = sorted((a, f) for part in gathered for a, f in part)

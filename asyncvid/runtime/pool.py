@@ -1,7 +1,8 @@
 """Worker processes, one per rank, that load a model once and then sample request after request.
 
 The caller (a notebook kernel or the CLI) coordinates from outside the process group: it sends each request to
-every rank over a pipe and takes the video from rank 0. Outside, because a coordinator inside the group would sit in
+every rank of one group over a pipe and takes the video from the group's first rank. With data-parallel groups
+(asyncvid.runtime.layout) each idle group is handed the next request, so the groups make different videos at once. Outside, because a coordinator inside the group would sit in
 collectives where it can neither be interrupted nor notice a dead rank, would own the process's one default group
 for as long as the kernel lives, and would change the kernel's thread count. Its cost is one idle process.
 """
@@ -25,6 +26,7 @@ from asyncvid.errors import UsageError
 from asyncvid.pipelines import resolve_model
 from asyncvid.runtime import launch
 from asyncvid.runtime.launch import RankFailed
+from asyncvid.runtime.layout import RankLayout
 from asyncvid.runtime.loaders import load_sampler
 
 __all__ = ["RankFailed", "RequestFailed", "WorkerPool"]
@@ -41,7 +43,9 @@ class WorkerPool:
     """`world_size` ranks that each load `spec` once (loaders.load_sampler) and sample every request sent to them."""
 
     def __init__(self, spec, world_size: int, device: torch.device, *, threads: int | None = None,
-                 oversubscribe: bool = False):
+                 oversubscribe: bool = False, layout: RankLayout | None = None):
+        self.layout = layout or RankLayout(1, world_size)
+        self.layout.check_world_size(world_size)
         launch.check_device_count(world_size, device, oversubscribe)
         resolve_model(spec.model)  # build an embedded model once, here, rather than on every rank at once
         ctx = mp.get_context("spawn")  # fork would copy the caller's threads and CUDA state
@@ -54,7 +58,7 @@ class WorkerPool:
             for rank in range(world_size):
                 ours, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_serve, name=f"asyncvid-rank{rank}", daemon=True,
-                                   args=(theirs, spec, rank, world_size, device, port, os.getpid(), threads))
+                                   args=(theirs, spec, rank, self.layout, device, port, os.getpid(), threads))
                 self._conns.append(ours)
                 proc.start()
                 self._procs.append(proc)
@@ -74,17 +78,90 @@ class WorkerPool:
         return not self._finalizer.alive
 
     def generate(self, request, on_step=None):
-        """The video of `request` from rank 0; raises RankFailed (and closes the pool) if a rank dies or hangs."""
+        """The video of `request` from the first group; raises RankFailed (and closes the pool) if a rank dies or
+        hangs."""
+        ((_, _, result),) = self.imap([request], None if on_step is None else lambda i, *step: on_step(*step))
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def imap(self, requests, on_step=None):
+        """Yield (index, group, video or the exception that request raised) as each request is done, each handed
+        to the next idle group; `on_step(index, done, total, note)` reports progress. RankFailed (a dead or hung
+        rank) is raised, and closes the pool; stopping the iteration early closes it too (the ranks cannot be
+        stopped half-way through a video)."""
         if self.closed:
             raise RankFailed("this pool of workers is closed (a rank failed, or a call was interrupted); load the model "
                              "again")
-        for rank, conn in enumerate(self._conns):
-            try:
-                conn.send(("generate", request))
-            except (BrokenPipeError, ConnectionResetError, EOFError):
-                self._fail(rank, self._exit_reason(rank))
-        self.calls += 1
-        return self._collect(on_step)[0]
+        pending = list(enumerate(requests))[::-1]
+        busy: dict[int, list] = {}  # group -> [request index, replies, errors, time of the first error]
+        layout = self.layout
+
+        def start(group: int) -> None:
+            index, request = pending.pop()
+            for rank in layout.ranks_of(group):
+                try:
+                    self._conns[rank].send(("generate", request))
+                except (BrokenPipeError, ConnectionResetError, EOFError):
+                    self._fail(rank, self._exit_reason(rank))
+            busy[group] = [index, {}, {}, None]
+            self.calls += 1
+
+        try:
+            for group in range(layout.data_parallel):
+                if pending:
+                    start(group)
+            while busy:
+                waiting = [r for g, entry in busy.items() for r in layout.ranks_of(g) if r not in entry[1]]
+                ready = wait([self._conns[r] for r in waiting] + [self._procs[r].sentinel for r in waiting],
+                             timeout=0.2)
+                for rank in waiting:
+                    entry = busy[layout.group_of(rank)]
+                    conn, proc = self._conns[rank], self._procs[rank]
+                    if conn in ready or (proc.sentinel in ready and conn.poll()):
+                        try:
+                            kind, payload = conn.recv()
+                        except (EOFError, ConnectionResetError):
+                            self._fail(rank, self._exit_reason(rank))
+                        if kind == "step":
+                            if on_step is not None:
+                                on_step(entry[0], *payload)
+                        elif kind == "ok":
+                            entry[1][rank] = payload
+                        else:
+                            entry[1][rank] = entry[2][rank] = payload
+                            entry[3] = entry[3] or time.monotonic()
+                    elif proc.sentinel in ready:
+                        self._fail(rank, self._exit_reason(rank))
+                for group, (index, replies, errors, first_error) in list(busy.items()):
+                    ranks = layout.ranks_of(group)
+                    if len(replies) == len(ranks):  # the group is still in step, even if this request failed
+                        del busy[group]
+                        yield index, group, self._result(replies, errors, ranks[0])
+                        if pending:
+                            start(group)
+                    elif first_error and time.monotonic() - first_error > ERROR_GRACE_S:
+                        # The silent ranks wait in a collective (for the failed rank) or are stuck themselves.
+                        silent = min(r for r in ranks if r not in replies)
+                        failed = min(errors)
+                        self._fail(silent, f"stopped answering; rank {failed} failed: {errors[failed][1]}")
+        except GeneratorExit:  # the caller stopped asking: only groups still at work must be stopped
+            if busy and not self.closed:
+                self.kill()
+            raise
+        except BaseException:
+            if not self.closed:
+                self.kill()  # an interrupt in the middle of a call: the ranks cannot be stopped half-way
+            raise
+
+    @staticmethod
+    def _result(replies: dict, errors: dict, leader: int):
+        """The leader's video, or the error of the lowest failed rank as an exception."""
+        if not errors:
+            return replies[leader]
+        rank = min(errors)
+        usage, message, _ = errors[rank]
+        return UsageError(message) if usage else RequestFailed(f"rank {rank} failed: {message}")
 
     def close(self) -> None:
         """Ask the workers to leave, then end any that do not; safe to call more than once."""
@@ -162,7 +239,7 @@ class WorkerPool:
         return f"exit code {code}"
 
 
-def _serve(conn, spec, rank: int, world: int, device, port: int, parent_pid: int, threads: int | None) -> None:
+def _serve(conn, spec, rank: int, layout: RankLayout, device, port: int, parent_pid: int, threads: int | None) -> None:
     """A worker: join the group, load once, then sample each request until told to stop or the caller is gone."""
     # Ctrl-C reaches the whole process group; the coordinator decides what an interrupt ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -172,11 +249,12 @@ def _serve(conn, spec, rank: int, world: int, device, port: int, parent_pid: int
     tqdm.set_lock(threading.RLock())
 
     try:
-        with launch.process_group(rank, world, rank, device, port, threads) as here:
+        with launch.process_group(rank, layout.world_size, rank, device, port, threads) as here:
+            here = launch.place(here, layout)
             start = time.perf_counter()
             loaded = load_sampler(here, spec)
             conn.send(("ok", {"pid": os.getpid(), "load_s": time.perf_counter() - start, "task": loaded.task}))
-            _loop(conn, loaded, rank)
+            _loop(conn, loaded, here.rank)
     except BaseException as err:  # report anything, then leave
         _report(conn, err)
         code = launch.USAGE_EXIT if isinstance(err, UsageError) else 1
