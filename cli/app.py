@@ -11,9 +11,10 @@ import typer
 
 from asyncvid import __version__
 from asyncvid.cli.options import (
-    PARATAA, AllowPickle, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
-    Frames, Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, ParallelOpt, Sampler, SamplerOpt,
-    SchedulerOpt, Seed, Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width, Window
+    DEFAULT_WARMUP, PARATAA, AllowPickle, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
+    Frames, Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Sampler,
+    SamplerOpt, SchedulerOpt, Seed, Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width,
+    Window
 )
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.bench.config import BenchConfig
@@ -201,10 +202,17 @@ def plan(
     motion_adapter: Annotated[Optional[str], typer.Option(help="Motion adapter, with a Stable Diffusion base model.")] = None,
     device: Device = None,
     dtype: DTypeOpt = None,
+    parallel: Annotated[Optional[Parallel], typer.Option("--parallel", metavar="auto", help="auto: instead of the split, every layout of --videos on --devices with its predicted time per video and for the batch, best first (what `generate --parallel auto` would run).")] = None,
+    videos: Annotated[int, typer.Option(help="With --parallel auto: videos in the batch.")] = 1,
+    devices: Annotated[Optional[int], typer.Option(help="With --parallel auto: devices to lay out \\[default: the GPUs, or CPU cores, here].")] = None,
+    steps: Annotated[int, typer.Option(help="With --parallel auto: denoising steps per video.")] = 25,
     debug: Debug = False,
 ):
     """Print how AsyncDiff splits a model's UNet: each stage's units, cost share, weights, and the tensors that cross."""
     try:
+        if parallel is not None:
+            return _plan_layouts(model, videos, devices, steps, frames, height, width, motion_adapter, device,
+                                 dtype.value if dtype else None, debug)
         units = tuple(s.strip() for s in split.split(",")) if split else None
         AsyncDiffConfig(stages=stages, cost=cost.value, weight_cap=weight_cap, split=units)  # checked before torch
         quiet_libraries(debug)
@@ -218,6 +226,26 @@ def plan(
             raise
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
+
+
+def _plan_layouts(model, videos, devices, steps, frames, height, width, motion_adapter, device, dtype, debug) -> None:
+    """`asyncvid plan --parallel auto`: the cost model's table of layouts."""
+    from types import SimpleNamespace
+
+    for name, value in (("videos", videos), ("steps", steps), ("devices", devices or 1)):
+        if value < 1:
+            raise UsageError(f"--{name} must be at least 1, got {value}")
+    quiet_libraries(debug)
+    from asyncvid.models.devices import resolve_device  # torch, diffusers: not at --help time
+    from asyncvid.runtime.auto import table
+
+    request = SimpleNamespace(num_frames=frames, height=height, width=width, num_inference_steps=steps)
+    choices = table(model, [request] * videos, devices=devices, device=resolve_device(device), dtype=dtype,
+                    motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP)
+    typer.echo(f"{model}: {videos} video{'s' * (videos != 1)} of {steps} steps, predicted denoising loops "
+               f"(transfers, decoding and encoding left out), best first:")
+    for i, choice in enumerate(choices):
+        typer.echo(f"  {'*' if i == 0 else ' '} {choice.describe(videos)}")
 
 
 @app.command(cls=Command)

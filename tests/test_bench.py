@@ -167,3 +167,16 @@ def test_the_benchmark_draws_the_sample_image_and_keeps_out_of_the_projects_docs
         assert np.array_equal(np.asarray(drawn.convert("RGB")), np.asarray(original.convert("RGB")))
     assert sample_image().parent == tmp_path / "bench"
     assert BenchConfig().out.parts[0] != "docs"
+
+
+def test_the_report_keeps_sections_other_benchmarks_wrote(tmp_path):
+    from asyncvid.bench.report import _kept_sections, replace_kept_section
+
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# Benchmarks\n\ntables\n")
+    replace_kept_section(page, "batch", "## Many prompts\nfirst")
+    replace_kept_section(page, "batch", "## Many prompts\nsecond")  # replaced, not appended twice
+    text = page.read_text()
+    assert text.count("## Many prompts") == 1 and "second" in text and "first" not in text
+    assert text.startswith("# Benchmarks\n\ntables\n")
+    assert _kept_sections(text) == "\n<!-- kept: batch -->\n## Many prompts\nsecond\n<!-- /kept: batch -->\n"

@@ -115,17 +115,23 @@ def test_two_sequential_groups_write_what_one_process_writes_and_record_the_layo
     assert again.exit_code == 0 and again.output.count("skipped") == 3, again.output
 
 
+ASYNCDIFF = ["--steps", "3", "--sampler", "asyncdiff", "--warmup", "1", "--cost", "flops"]
+
+
 @pytest.mark.slow
-def test_two_asyncdiff_groups_write_what_one_asyncdiff_group_writes(prompts, tmp_path):
-    # --warmup 1 < --steps: stale activations, so the split and the groups' process groups really matter.
-    asyncdiff = ["--steps", "3", "--sampler", "asyncdiff", "--warmup", "1", "--cost", "flops", "--threads", "1",
-                 "--oversubscribe"]
-    one = invoke("generate", prompts, *FAST, *asyncdiff, "--devices", "2", "--out", tmp_path / "one")
+@pytest.mark.parametrize("sampler, group", [
+    (ASYNCDIFF, 2),  # --warmup 1 < --steps: stale activations, so each group's own process group really matters
+    ([*ASYNCDIFF, "--cfg-parallel"], 4),  # the guidance halves' groups, made for every data-parallel group
+    (["--steps", "4", "--sampler", "parataa"], 2),
+], ids=["asyncdiff", "cfg-parallel", "parataa"])
+def test_two_groups_of_a_parallel_sampler_write_what_one_group_writes(prompts, tmp_path, sampler, group):
+    common = [*FAST, *sampler, "--threads", "1", "--oversubscribe"]
+    one = invoke("generate", prompts, *common, "--devices", group, "--out", tmp_path / "one")
     assert one.exit_code == 0, one.output
-    two = invoke("generate", prompts, *FAST, *asyncdiff, "--data-parallel", "2", "--out", tmp_path / "two")
+    two = invoke("generate", prompts, *common, "--devices", 2 * group, "--data-parallel", "2", "--out", tmp_path / "two")
     assert two.exit_code == 0, two.output
     assert outputs(tmp_path / "two") == outputs(tmp_path / "one")
-    assert {m["layout"]["group_size"] for m in sidecars(tmp_path / "two").values()} == {2}
+    assert {m["layout"]["group_size"] for m in sidecars(tmp_path / "two").values()} == {group}
 
 
 # --- the pool and the notebook API ---------------------------------------------------------------------------------

@@ -21,8 +21,10 @@ def cli() -> str:
 
 
 def children(pid: int) -> list[int]:
-    """Live worker processes started by `pid` (multiprocessing spawn children), oldest first."""
+    """Live worker processes started by `pid` (spawned, or forked: then with the CLI's own command line), oldest
+    first."""
     found = []
+    parent = (Path("/proc") / str(pid) / "cmdline").read_bytes()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -31,7 +33,7 @@ def children(pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if int(stat[1]) == pid and stat[0] != "Z" and b"spawn_main" in cmdline:
+        if int(stat[1]) == pid and stat[0] != "Z" and (b"spawn_main" in cmdline or cmdline == parent):
             found.append((int(stat[19]), int(entry.name)))  # field 22: start time
     return [p for _, p in sorted(found)]
 

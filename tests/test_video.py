@@ -4,7 +4,6 @@ import contextlib
 import json
 import os
 import pty
-import subprocess
 import sys
 from pathlib import Path
 

@@ -21,7 +21,36 @@ def write_report(result: dict, config) -> None:
     plots = []
     if config.plots:
         plots = [plot_speedup(result, out / SPEEDUP_PLOT), plot_warmup(result, out / WARMUP_PLOT)]
-    (out / "BENCHMARKS.md").write_text(markdown(result, [p.name for p in plots if p is not None]))
+    page = out / "BENCHMARKS.md"
+    kept = _kept_sections(page.read_text()) if page.is_file() else ""
+    page.write_text(markdown(result, [p.name for p in plots if p is not None]) + kept)
+
+
+KEPT = "<!-- kept: {name} -->", "<!-- /kept: {name} -->"  # sections other benchmarks write; this one keeps them
+
+
+def replace_kept_section(page: Path, name: str, text: str) -> None:
+    """Put `text` into `page` as the kept section `name`, replacing its previous version (or appended)."""
+    start, end = (mark.format(name=name) for mark in KEPT)
+    old = page.read_text() if page.is_file() else ""
+    if start in old and end in old:
+        old = old[:old.index(start)].rstrip("\n") + "\n" + old[old.index(end) + len(end):].lstrip("\n")
+    page.write_text(old.rstrip("\n") + f"\n\n{start}\n{text.rstrip()}\n{end}\n")
+
+
+def _kept_sections(text: str) -> str:
+    """Every kept section of `text`, in order, as they would be appended."""
+    kept, prefix = "", KEPT[0].split("{")[0]
+    while prefix in text:
+        text = text[text.index(prefix):]
+        end = text.index(" -->\n") if " -->\n" in text else len(text)
+        name = text[len(prefix):end]
+        close = KEPT[1].format(name=name)
+        if close not in text:
+            break
+        kept += "\n" + text[:text.index(close) + len(close)] + "\n"
+        text = text[text.index(close) + len(close):]
+    return kept
 
 
 def _fmt(value, spec=".2f", none="—") -> str:

@@ -9,6 +9,7 @@ they are the same for every layout or small beside the UNet (docs/BENCHMARKS.md 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
+from asyncvid.asyncdiff.cost_cache import cache_dir
 from asyncvid.asyncdiff.plan import make_plan
 from asyncvid.asyncdiff.setup import measure_unit_costs
 from asyncvid.errors import UsageError
@@ -36,6 +38,7 @@ class Choice:
     warmup: int
     video_s: float  # predicted denoising loop of one video
     batch_s: float  # predicted for the batch
+    measured_here: bool = False  # unit times were measured in this process (not all read from the cache)
 
     @property
     def processes(self) -> int:
@@ -91,10 +94,16 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
     """Every layout's prediction for `requests`, best first (what `asyncvid plan --parallel auto` prints)."""
     cpu = device.type == "cpu"
     devices = devices or (launch.threads_per_process(1) if cpu else torch.cuda.device_count())
+    if cpu and devices > launch.threads_per_process(1):
+        raise UsageError(f"--devices {devices} exceeds the {launch.threads_per_process(1)} CPU cores here; on the "
+                         f"CPU a device is a core: use --devices {launch.threads_per_process(1)} or fewer")
     first = requests[0]
+    cached = set(cache_dir().glob("*.json"))
     unit_s_at = _unit_times(model, motion_adapter, device, resolve_dtype(dtype, device), cpu, devices,
                             {"frames": first.num_frames, "height": first.height, "width": first.width})
-    return candidates(unit_s_at, devices, len(requests), first.num_inference_steps, warmup, cpu)
+    measured = set(cache_dir().glob("*.json")) != cached or not cached
+    return [dataclasses.replace(c, measured_here=measured)
+            for c in candidates(unit_s_at, devices, len(requests), first.num_inference_steps, warmup, cpu)]
 
 
 def _unit_times(model, motion_adapter, device, dtype, cpu: bool, cores: int, shape: dict):

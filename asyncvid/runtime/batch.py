@@ -60,6 +60,9 @@ class Job:
     # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.video.resume).
     make: list[bool] | None = None
     data_parallel: int = 1  # groups of the sampler's ranks, each making whole videos (asyncvid.runtime.layout)
+    # How local workers start (asyncvid.runtime.pool.WorkerPool): "fork" skips their ~4 s of imports, for a
+    # caller that has run no tensor work yet (the CLI).
+    start_method: str = "spawn"
 
     def rank_layout(self, world_size: int | None = None) -> RankLayout:
         """The groups on `world_size` processes (default: --devices)."""
@@ -97,9 +100,11 @@ def run_job(job: Job) -> list[Path]:
                 loaded = load_sampler(None, job.spec())
             _check_task(loaded, job)
             return _make_all(_one_by_one(loaded.generate), job)
-    with _status(f"starting {layout.world_size} workers and loading {job.model} on each", show=True):
+    # A forked worker copies this process: no spinner thread may be running then.
+    with _status(f"starting {layout.world_size} workers and loading {job.model} on each",
+                 show=job.start_method != "fork"):
         pool = WorkerPool(job.spec(), layout.world_size, device, threads=job.threads,
-                          oversubscribe=job.oversubscribe, layout=layout)
+                          oversubscribe=job.oversubscribe, layout=layout, start_method=job.start_method)
     with pool:
         _check_task(pool, job)
         return _make_all(pool.imap, job, layout=layout)
