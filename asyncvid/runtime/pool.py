@@ -67,7 +67,7 @@ class WorkerPool:
                 proc.start()
                 self._procs.append(proc)
                 theirs.close()
-            self.workers = self._collect(None)  # per rank: pid, load time, task
+            self.workers = self._collect()  # per rank: pid, load time, task
         except BaseException:
             self.kill()  # a rank that failed to start or load has left: the others cannot sample without it
             raise
@@ -117,26 +117,18 @@ class WorkerPool:
                     start(group)
             while busy:
                 waiting = [r for g, entry in busy.items() for r in layout.ranks_of(g) if r not in entry[1]]
-                ready = wait([self._conns[r] for r in waiting] + [self._procs[r].sentinel for r in waiting],
-                             timeout=0.2)
+                ready = self._ready(waiting)
                 for rank in waiting:
                     entry = busy[layout.group_of(rank)]
-                    conn, proc = self._conns[rank], self._procs[rank]
-                    if conn in ready or (proc.sentinel in ready and conn.poll()):
-                        try:
-                            kind, payload = conn.recv()
-                        except (EOFError, ConnectionResetError):
-                            self._fail(rank, self._exit_reason(rank))
-                        if kind == "step":
-                            if on_step is not None:
-                                on_step(entry[0], *payload)
-                        elif kind == "ok":
-                            entry[1][rank] = payload
-                        else:
-                            entry[1][rank] = entry[2][rank] = payload
-                            entry[3] = entry[3] or time.monotonic()
-                    elif proc.sentinel in ready:
-                        self._fail(rank, self._exit_reason(rank))
+                    kind, payload = self._message(rank, ready)
+                    if kind == "step":
+                        if on_step is not None:
+                            on_step(entry[0], *payload)
+                    elif kind == "ok":
+                        entry[1][rank] = payload
+                    elif kind == "error":
+                        entry[1][rank] = entry[2][rank] = payload
+                        entry[3] = entry[3] or time.monotonic()
                 for group, (index, replies, errors, first_error) in list(busy.items()):
                     ranks = layout.ranks_of(group)
                     if len(replies) == len(ranks):  # the group is still in step, even if this request failed
@@ -184,33 +176,38 @@ class WorkerPool:
         _terminate(self._procs)
         self._finalizer()
 
-    def _collect(self, on_step) -> list:
-        """Every rank's reply to the last command; a dead rank, or one error with the others silent, fails."""
+    def _ready(self, ranks: list[int]) -> list:
+        """The pipes and process sentinels of `ranks` that have something to say (within 0.2 s)."""
+        return wait([self._conns[r] for r in ranks] + [self._procs[r].sentinel for r in ranks], timeout=0.2)
+
+    def _message(self, rank: int, ready: list) -> tuple:
+        """`rank`'s next (kind, payload) if it sent one, else (None, None); a rank that died fails the pool."""
+        conn, proc = self._conns[rank], self._procs[rank]
+        if conn in ready or (proc.sentinel in ready and conn.poll()):
+            try:
+                return conn.recv()
+            except (EOFError, ConnectionResetError):
+                self._fail(rank, self._exit_reason(rank))
+        elif proc.sentinel in ready:
+            self._fail(rank, self._exit_reason(rank))
+        return None, None
+
+    def _collect(self) -> list:
+        """Every rank's reply to loading; a dead rank, or one error with the others silent, fails."""
         replies: dict[int, object] = {}
         errors: dict[int, tuple] = {}
         first_error = None
         try:
             while len(replies) < len(self._procs):
                 waiting = [r for r in range(len(self._procs)) if r not in replies]
-                ready = wait([self._conns[r] for r in waiting] + [self._procs[r].sentinel for r in waiting],
-                             timeout=0.2)
+                ready = self._ready(waiting)
                 for rank in waiting:
-                    conn, proc = self._conns[rank], self._procs[rank]
-                    if conn in ready or (proc.sentinel in ready and conn.poll()):
-                        try:
-                            kind, payload = conn.recv()
-                        except (EOFError, ConnectionResetError):
-                            self._fail(rank, self._exit_reason(rank))
-                        if kind == "step":
-                            if on_step is not None:
-                                on_step(*payload)
-                        elif kind == "ok":
-                            replies[rank] = payload
-                        else:
-                            replies[rank] = errors[rank] = payload
-                            first_error = first_error or time.monotonic()
-                    elif proc.sentinel in ready:
-                        self._fail(rank, self._exit_reason(rank))
+                    kind, payload = self._message(rank, ready)
+                    if kind == "ok":
+                        replies[rank] = payload
+                    elif kind == "error":
+                        replies[rank] = errors[rank] = payload
+                        first_error = first_error or time.monotonic()
                 if first_error and len(replies) < len(self._procs) and time.monotonic() - first_error > ERROR_GRACE_S:
                     # The silent ranks wait in a collective (for the failed rank) or are stuck themselves.
                     silent = min(r for r in range(len(self._procs)) if r not in replies)
