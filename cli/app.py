@@ -232,7 +232,7 @@ def _plan_layouts(model, videos, devices, steps, frames, height, width, motion_a
     """`asyncvid plan --parallel auto`: the cost model's table of layouts."""
     from types import SimpleNamespace
 
-    for name, value in (("videos", videos), ("steps", steps), ("devices", devices or 1)):
+    for name, value in (("videos", videos), ("steps", steps), ("devices", 1 if devices is None else devices)):
         if value < 1:
             raise UsageError(f"--{name} must be at least 1, got {value}")
     quiet_libraries(debug)

@@ -53,7 +53,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         if parallel is None:
             devices = _check_layout(config, devices, threads, data_parallel)
         else:
-            _check_auto(devices, threads, data_parallel)
+            _check_auto(config, devices, threads, data_parallel)
         if allow_pickle and isinstance(config, AsyncDiffConfig):
             raise UsageError("--allow-pickle works with --sampler sequential or parataa only (AsyncDiff reads each "
                              "stage's weights from safetensors); convert the weights to safetensors")
@@ -84,7 +84,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
             typer.echo(f"parallel auto: {choice.describe(len(requests))}", err=True)
             config, data_parallel, devices = choice.sampler, choice.data_parallel, choice.processes
             threads = threads or choice.threads
-            computed = choice.measured_here
+            computed = True  # timing the units builds a UNet at every core's threads (even from the cache)
         # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
         targets = plan_targets(out.resolve(), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
@@ -148,8 +148,11 @@ def _check_layout(config, devices: int | None, threads: int | None, data_paralle
     return devices
 
 
-def _check_auto(devices: int | None, threads: int | None, data_parallel: int) -> None:
+def _check_auto(config, devices: int | None, threads: int | None, data_parallel: int) -> None:
     """--parallel auto chooses the sampler and the groups itself, in one process that sees the devices."""
+    if config is not None:
+        name = "asyncdiff" if isinstance(config, AsyncDiffConfig) else "parataa"
+        raise UsageError(f"--parallel auto chooses the sampler itself, got --sampler {name}; drop one of them")
     if _external():
         raise UsageError("--parallel auto chooses how many processes to start, but a launcher has started them; "
                          "pass --sampler and --data-parallel yourself (`asyncvid plan --parallel auto` suggests them)")
@@ -166,7 +169,8 @@ def _start_method(device, computed: bool) -> str:
     """Fork the local workers where that is safe, so that they start in under a second instead of importing torch
     and diffusers again for ~4 s each (on 8 prompts of the embedded model that is the difference between 1.1x
     and 1.3x for two data-parallel groups): on the CPU, on Linux, and only while this process has run no tensor
-    work (nothing so far has: the checks read files and headers, and plans use fake tensors)."""
+    work (the checks read files and headers, and plans use fake tensors; --parallel auto's timing does run some,
+    and a fork after OpenMP has started its threads leaves a child that hangs in its first parallel op)."""
     import multiprocessing
 
     fork = device.type == "cpu" and not computed and "fork" in multiprocessing.get_all_start_methods()

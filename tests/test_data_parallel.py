@@ -25,6 +25,7 @@ from asyncvid.runtime.loaders import ModelSpec
 from asyncvid.runtime.pool import WorkerPool
 
 FAST = ["--steps", "2", "--frames", "4", "--format", "png"]
+CORES = len(os.sched_getaffinity(0))
 PROMPTS = "a red circle moving left\na blue square moving up\na green triangle moving right\n"
 
 
@@ -89,6 +90,9 @@ def test_groups_are_consecutive_ranks_and_videos_are_dealt_in_turn():
     (["--data-parallel", "2", "--sampler", "asyncdiff", "--devices", "2"],
      r"data-parallel 2 x \(stages 2 \+ stride 1 - 1\) 2 = 4 processes, but 2"),
     (["--parallel", "auto", "--data-parallel", "2"], "chooses --data-parallel itself"),
+    (["--parallel", "auto", "--sampler", "parataa"], "chooses the sampler itself, got --sampler parataa"),
+    (["--data-parallel", str(CORES + 1)], rf"= {CORES + 1} processes, but there are {CORES} CPU cores here; use "
+                                          rf"--data-parallel {CORES} or fewer \(or --oversubscribe\)"),
     (["--devices", "2"], "--data-parallel 2 for 2 videos at once"),
 ])
 def test_bad_layouts_fail_in_one_line_with_exit_2_and_write_nothing(prompts, tmp_path, args, match):

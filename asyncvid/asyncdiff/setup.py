@@ -55,7 +55,9 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
     if config.cost == "measured" and config.stages > 1 and not config.split:
         example = functools.partial(family.example_inputs, **shape)
-        costs = _measured_costs(unet, family, example, device, dtype, rank, group, len(profiles))
+        # Over the whole world, not this group: data-parallel groups must split alike, or a video's bytes would
+        # depend on which group made it. Every rank of every group loads here at once.
+        costs = _measured_costs(unet, family, example, device, dtype, dist.get_rank(), None, len(profiles))
         plan = make_plan(list(plan.names), costs, config.stages, config.split,
                          [float(p.param_bytes) for p in profiles], config.weight_cap)
     names = plan.names

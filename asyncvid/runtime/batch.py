@@ -169,15 +169,21 @@ def _send(mail, index: int, group: int, result) -> None:
 
 
 def _receive(mail, count: int, delivery: _Delivery) -> None:
-    """Rank 0: write the `count` videos the other groups send, in whatever order they finish."""
+    """Rank 0: write the `count` videos the other groups send, in whatever order they finish. Whatever goes wrong
+    here (a shared error such as UsageError, or a sender gone) is kept for the main thread to raise."""
     for _ in range(count):
-        size = torch.zeros(1, dtype=torch.int64)
-        sender = dist.recv(size, group=mail, tag=_SIZE)  # from whichever group is done first
-        data = torch.empty(int(size), dtype=torch.uint8)
-        dist.recv(data, src=sender, group=mail, tag=_DATA)
         try:
-            delivery(*pickle.loads(data.numpy().tobytes()))
-        except Exception as err:  # a shared error (UsageError): the main thread raises it at the end
+            size = torch.zeros(1, dtype=torch.int64)
+            sender = dist.recv(size, group=mail, tag=_SIZE)  # from whichever group is done first
+            data = torch.empty(int(size), dtype=torch.uint8)
+            dist.recv(data, src=sender, group=mail, tag=_DATA)
+            message = pickle.loads(data.numpy().tobytes())
+        except Exception as err:
+            delivery.error = RankFailed(f"receiving the other groups' videos failed ({type(err).__name__}: {err})")
+            return
+        try:
+            delivery(*message)
+        except Exception as err:
             delivery.error = err
             return
 

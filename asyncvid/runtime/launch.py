@@ -81,8 +81,18 @@ def threads_per_process(world_size: int) -> int:
     return max(1, cores // local)
 
 
-def check_device_count(world_size: int, device: torch.device, oversubscribe: bool = False) -> None:
-    """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing)."""
+def check_device_count(world_size: int, device: torch.device, oversubscribe: bool = False,
+                       layout: RankLayout | None = None) -> None:
+    """One GPU per rank on CUDA; on CPU, at most one rank per core unless `oversubscribe` (slower; for testing).
+    With data-parallel groups the error names the layout's factors instead of --devices."""
+    if layout is not None and layout.data_parallel > 1:
+        there = torch.cuda.device_count() if device.type == "cuda" else _cores()
+        if world_size > there and not (device.type == "cpu" and oversubscribe):
+            kind = "GPUs visible" if device.type == "cuda" else "CPU cores here"
+            fewer = max(1, there // layout.group_size)
+            raise UsageError(f"{layout.formula()} processes, but there are {there} {kind}; use --data-parallel "
+                             f"{fewer} or fewer" + ("" if device.type == "cuda" else " (or --oversubscribe)"))
+        return
     if device.type == "cuda" and world_size > torch.cuda.device_count():
         visible = torch.cuda.device_count()
         raise UsageError(f"--devices {world_size} needs {world_size} GPUs but {visible} are visible; use --devices "

@@ -50,7 +50,7 @@ class WorkerPool:
         """
         self.layout = layout or RankLayout(1, world_size)
         self.layout.check_world_size(world_size)
-        launch.check_device_count(world_size, device, oversubscribe)
+        launch.check_device_count(world_size, device, oversubscribe, self.layout)
         resolve_model(spec.model)  # build an embedded model once, here, rather than on every rank at once
         ctx = mp.get_context(start_method)
         port = launch.free_port()
@@ -92,8 +92,8 @@ class WorkerPool:
     def imap(self, requests, on_step=None):
         """Yield (index, group, video or the exception that request raised) as each request is done, each handed
         to the next idle group; `on_step(index, done, total, note)` reports progress. RankFailed (a dead or hung
-        rank) is raised, and closes the pool; stopping the iteration early closes it too (the ranks cannot be
-        stopped half-way through a video)."""
+        rank) is raised, and closes the pool; stopping the iteration while a group is still at work closes it too
+        (the ranks cannot be stopped half-way through a video)."""
         if self.closed:
             raise RankFailed("this pool of workers is closed (a rank failed, or a call was interrupted); load the model "
                              "again")
@@ -129,14 +129,17 @@ class WorkerPool:
                     elif kind == "error":
                         entry[1][rank] = entry[2][rank] = payload
                         entry[3] = entry[3] or time.monotonic()
-                for group, (index, replies, errors, first_error) in list(busy.items()):
+                done = [g for g, entry in busy.items() if len(entry[1]) == layout.group_size]
+                for group in done:  # each group is still in step, even if its request failed
+                    index, replies, errors, _ = busy.pop(group)
+                    yield index, group, self._result(replies, errors, layout.ranks_of(group)[0])
+                    if pending:
+                        start(group)
+                if done:
+                    continue  # the caller may have taken long: read the pipes again before judging silence
+                for group, (index, replies, errors, first_error) in busy.items():
                     ranks = layout.ranks_of(group)
-                    if len(replies) == len(ranks):  # the group is still in step, even if this request failed
-                        del busy[group]
-                        yield index, group, self._result(replies, errors, ranks[0])
-                        if pending:
-                            start(group)
-                    elif first_error and time.monotonic() - first_error > ERROR_GRACE_S:
+                    if first_error and time.monotonic() - first_error > ERROR_GRACE_S:
                         # The silent ranks wait in a collective (for the failed rank) or are stuck themselves.
                         silent = min(r for r in ranks if r not in replies)
                         failed = min(errors)
