@@ -84,7 +84,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
             typer.echo(f"parallel auto: {choice.describe(len(requests))}", err=True)
             config, data_parallel, devices = choice.sampler, choice.data_parallel, choice.processes
             threads = threads or choice.threads
-            computed = True  # timing the units builds a UNet at every core's threads (even from the cache)
+            computed = choice.measured_here  # timing units ran tensor work here; the cache alone runs none
         # Existing outputs are not refused here: run_job skips those whose sidecar has the same settings.
         targets = plan_targets(out.resolve(), stems, fmt, overwrite=True)
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,

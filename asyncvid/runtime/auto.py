@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -101,7 +102,9 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
     cached = set(cache_dir().glob("*.json"))
     unit_s_at = _unit_times(model, motion_adapter, device, resolve_dtype(dtype, device), cpu, devices,
                             {"frames": first.num_frames, "height": first.height, "width": first.width})
-    measured = set(cache_dir().glob("*.json")) != cached or not cached
+    # Timed here (not all from the cache): an unwritable cache times on every run without a trace.
+    writable = os.access(next(p for p in (cache_dir(), *cache_dir().parents) if p.exists()), os.W_OK)
+    measured = set(cache_dir().glob("*.json")) != cached or not writable
     return [dataclasses.replace(c, measured_here=measured)
             for c in candidates(unit_s_at, devices, len(requests), first.num_inference_steps, warmup, cpu)]
 
