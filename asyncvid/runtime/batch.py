@@ -209,7 +209,8 @@ def _one_by_one(generate: Callable, group: int = 0):
 
 class _Delivery:
     """Write each finished video with its sidecar as soon as it is done, or record its failure; say so in one line
-    (with several groups, each line also counts the batch). Called from one thread at a time."""
+    (with several groups, each line also counts the batch). Under torchrun rank 0 calls it from two threads (its own
+    group's videos, and the others' as they arrive): one video at a time is written."""
 
     def __init__(self, job: Job, layout: RankLayout | None, total: int, say: Callable, keep_going: bool):
         self.job, self.layout, self.total, self.say, self.keep_going = job, layout, total, say, keep_going
