@@ -39,4 +39,5 @@ def test_devices_without_a_parallel_sampler_is_refused(tmp_path):
     prompts.write_text("a red circle\n")
     result = invoke("generate", prompts, "--devices", "2", "--out", tmp_path / "out")
     assert result.exit_code == 2
-    assert result.stderr.strip() == "error: --devices 2 needs a parallel sampler; add --sampler asyncdiff or drop --devices"
+    assert result.stderr.strip() == ("error: --devices 2 needs a parallel sampler or groups; add --sampler asyncdiff, or "
+                                     "--data-parallel 2 for 2 videos at once, or drop --devices")
