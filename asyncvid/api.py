@@ -200,21 +200,16 @@ def _check_layout(devices, sampler, threads, data_parallel: int = 1) -> RankLayo
         raise UsageError(f"data_parallel must be a whole number >= 1, got {data_parallel!r}")
     if devices is not None and (isinstance(devices, bool) or not isinstance(devices, int) or devices < 1):
         raise UsageError(f"devices must be a whole number >= 1, got {devices!r}")
-    if data_parallel > 1:
-        if sampler is not None and not isinstance(sampler, SAMPLERS):
-            raise TypeError(f"sampler must be None (sequential) or one of "
-                            f"{', '.join(s.__name__ for s in SAMPLERS)}, got {type(sampler).__name__}")
-        if threads is not None and (not isinstance(threads, int) or threads < 1):
-            raise UsageError(f"threads must be a whole number >= 1 or None, got {threads!r}")
-        layout = RankLayout.of(sampler, data_parallel, devices)
-        layout.check_world_size(devices or layout.world_size)
-        return layout
-    devices = 1 if devices is None else devices
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UsageError(f"threads must be a whole number >= 1 or None, got {threads!r}")
     if sampler is not None and not isinstance(sampler, SAMPLERS):
         raise TypeError(f"sampler must be None (sequential) or one of {', '.join(s.__name__ for s in SAMPLERS)}, "
                         f"got {type(sampler).__name__}")
+    if data_parallel > 1:
+        layout = RankLayout.of(sampler, data_parallel, devices)
+        layout.check_world_size(devices or layout.world_size)
+        return layout
+    devices = 1 if devices is None else devices
     if sampler is None and devices > 1:
         raise UsageError(f"devices={devices} needs a parallel sampler; pass sampler=AsyncDiffConfig(stages={devices})")
     if sampler is not None:
