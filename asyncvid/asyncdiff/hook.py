@@ -3,7 +3,8 @@
 Each rank runs the pipeline's own loop; the hook replaces the UNet's forward. Warm-up steps relay the stages across
 ranks one after another (exact). After warm-up, every stage runs at once in each round on the tensors that the
 other stages produced one round earlier; the last stage's noise prediction is broadcast, so every rank takes the
-same scheduler step. With stride S a round covers S steps: the S last-stage ranks each predict one of them.
+same scheduler step. With stride S a round covers S steps: the S last-stage ranks each predict one of them. A stage
+computes on its one-round-old inputs as they are or extrapolated from the round before (asyncvid.asyncdiff.stale).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
 from asyncvid.asyncdiff.plan import HIDDEN, Plan, Transfer, transfers
+from asyncvid.asyncdiff.stale import predicted
 from asyncvid.asyncdiff.units import Program, run_units
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import Stopwatch
@@ -32,6 +34,7 @@ class RunState:
 
     step: int = 0
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
+    before: dict[int, torch.Tensor] = field(default_factory=dict)  # and from the round before that
     shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
     out_shape: torch.Size | None = None
     out_dtype: torch.dtype | None = None  # of the noise prediction, from the last stage's header
@@ -99,7 +102,7 @@ class AsyncDiffHook(ModelHook):
         first_time = self.state.out_shape is None
         self.state.device = x.device
         received = self._receive(headers=first_time)
-        self.state.inputs = dict(received)
+        self.state.before, self.state.inputs = self.state.inputs, dict(received)
         computes = self.layout.replica(self.rank) == 0
         out = self._run_stage(ctx, x, received) if computes else None
         sends = self._exchange_out(out, headers=first_time) if computes else []
@@ -121,12 +124,12 @@ class AsyncDiffHook(ModelHook):
             offset = width - 1 if self.stage < self.config.stages - 1 else replica
             args, kwargs = _with_timestep(args, kwargs, self._timestep(step + offset))
             ctx, x = self.program.prologue(*args, **kwargs)
-            out = self._run_stage(ctx, x, dict(self.state.inputs))
+            out = self._run_stage(ctx, x, predicted(self.state.inputs, self.state.before, self.config.stale))
         sends = self._exchange_out(out, headers=False) if (more and computes) else []
         last = self.layout.ranks_of(self.config.stages - 1)
         eps = [self._broadcast_eps(out if self.rank == last[j] else None, src=last[j]) for j in range(width)]
         _wait(receiving)
-        self.state.inputs = pending
+        self.state.before, self.state.inputs = self.state.inputs, pending
         _wait(sends)
         return eps  # the noise predictions of steps step .. step + width - 1
 

@@ -4,7 +4,8 @@ Chen et al. (NeurIPS 2024), as asyncvid runs it. Warm-up steps run the stages on
 forward). From then on each round covers `stride` steps: every stage computes once, on what the stages before it
 produced in the previous round; stages 0..N-2 use the timestep of the round's last step, and the last stage runs
 once per step of the round (its replicas), each on the same inputs. With time shift, a round's stages take the
-timestep one step earlier. With CFG-parallel, each half of the guidance batch runs this schedule on its own.
+timestep one step earlier. Stages compute on their inputs as they are or extrapolated from the round before
+(asyncvid.asyncdiff.stale). With CFG-parallel, each half of the guidance batch runs this schedule on its own.
 No process group, no tags, no buffers: only the schedule.
 """
 
@@ -17,6 +18,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.plan import HIDDEN, Plan, transfers
+from asyncvid.asyncdiff.stale import predicted
 from asyncvid.asyncdiff.units import Program, run_units
 
 ORACLE_HOOK = "asyncvid.asyncdiff.oracle"
@@ -27,6 +29,7 @@ class Copy:
     """One copy of the staged UNet (one half of the guidance batch with CFG-parallel): each stage's inputs."""
 
     inputs: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per stage, from the last round
+    before: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per stage, from the round before that
 
 
 class OracleHook(ModelHook):
@@ -65,7 +68,7 @@ class OracleHook(ModelHook):
     def _sequential(self, copy: Copy, args, kwargs) -> torch.Tensor:
         """A warm-up step: stage k runs on what stages < k produced this step; the inputs are kept for round one."""
         ctx, x = self.program.prologue(*args, **kwargs)
-        copy.inputs = [{} for _ in range(self.plan.num_stages)]
+        copy.before, copy.inputs = copy.inputs, [{} for _ in range(self.plan.num_stages)]
         out = None
         for k in range(self.plan.num_stages):
             out = self._stage(k, ctx, x, copy.inputs[k])
@@ -77,18 +80,20 @@ class OracleHook(ModelHook):
         total, last = len(self.scheduler.timesteps), self.plan.num_stages - 1
         width = min(self.config.stride, total - step)
         fresh = [{} for _ in range(self.plan.num_stages)]
+        used = [predicted(copy.inputs[k], copy.before[k] if copy.before else {}, self.config.stale)
+                for k in range(self.plan.num_stages)]
         eps = []
         for k in range(self.plan.num_stages):
             offsets = range(width) if k == last else [width - 1]
             for offset in offsets:
                 shifted_args, shifted_kwargs = _with_timestep(args, kwargs, self._timestep(step + offset))
                 ctx, x = self.program.prologue(*shifted_args, **shifted_kwargs)
-                out = self._stage(k, ctx, x, copy.inputs[k])
+                out = self._stage(k, ctx, x, used[k])
                 if k == last:
                     eps.append(out[0])
                 elif offset == width - 1:
                     self._deliver(k, out, fresh)
-        copy.inputs = fresh
+        copy.before, copy.inputs = copy.inputs, fresh
         return eps
 
     def _stage(self, k: int, ctx, x: torch.Tensor, inputs: dict[int, torch.Tensor]):
