@@ -128,7 +128,7 @@ CASES = {
                                   ["--devices 4"]),
     "allow-pickle with asyncdiff": (lambda f: [G, f["prompts"], *FAST, *PARALLEL, "--allow-pickle"],
                                     ["--allow-pickle"]),
-    "tol 0": (lambda f: [G, f["prompts"], *FAST, *PARATAA, "--tol", "0"], ["tol", "0.02"]),
+    "tol 0": (lambda f: [G, f["prompts"], *FAST, *PARATAA, "--tol", "0"], ["tol", "0.001"]),
     "tol nan": (lambda f: [G, f["prompts"], *FAST, *PARATAA, "--tol", "nan"], ["tol", "nan"]),
     "history 0": (lambda f: [G, f["prompts"], *FAST, *PARATAA, "--history", "0"], ["history"]),
     "window 0": (lambda f: [G, f["prompts"], *FAST, *PARATAA, "--window", "0"], ["window"]),

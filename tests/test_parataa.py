@@ -10,6 +10,8 @@ from asyncvid.parataa.solver import solve
 from asyncvid.parataa.trajectory import from_scheduler, sample_sequential
 
 SHAPE = (4, 3, 5, 5)  # channels, frames, height, width: a video latent without the batch dimension
+# The paper's iteration alone: the noise copied as the first trajectory, only the relative per-step rule to stop.
+PLAIN = dict(start="noise", sample_tol=None, atol=0.0)
 
 
 def ddim(prediction_type="epsilon"):
@@ -102,7 +104,7 @@ def test_order_one_without_history_is_jacobi(rounds):
     n = 10
     traj = from_scheduler(ddim(), n)
     x0 = start()
-    config = ParaTAAConfig(order=1, history=1, tol=1e-12, max_rounds=rounds)
+    config = ParaTAAConfig(order=1, history=1, tol=1e-12, max_rounds=rounds, **PLAIN)
     got = solve(x0, traj, Toy(traj), config).trajectory
     want = jacobi(x0, traj, Toy(traj), rounds)
     assert torch.allclose(got, want, rtol=0, atol=1e-12)
@@ -115,11 +117,11 @@ def test_converges_to_the_sequential_sample_in_fewer_rounds(make):
     traj = from_scheduler(make(), n)
     x0 = start(scale=float(traj.noise_scale.max()) if make is euler else 1.0)
     want = sample_sequential(x0, traj, Toy(traj))
-    got = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-3))
+    got = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-3, **PLAIN))
     assert got.converged
     assert len(got.rounds) < n * 3 // 4
     assert rel_error(got.x, want) < 1e-3
-    loose = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=0.1))  # a looser tolerance: fewer rounds, farther off
+    loose = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=0.1, **PLAIN))  # a looser tolerance: fewer rounds, farther off
     assert len(loose.rounds) < len(got.rounds) and rel_error(loose.x, want) > rel_error(got.x, want)
     assert got.evaluations == sum(r.hi - r.lo for r in got.rounds)
 
@@ -128,8 +130,8 @@ def test_anderson_acceleration_needs_fewer_rounds_than_fixed_point():
     n = 25
     traj = from_scheduler(ddim(), n)
     x0 = start()
-    plain = solve(x0, traj, Toy(traj), ParaTAAConfig(history=1))
-    accelerated = solve(x0, traj, Toy(traj), ParaTAAConfig(history=3))
+    plain = solve(x0, traj, Toy(traj), ParaTAAConfig(history=1, tol=0.02, **PLAIN))
+    accelerated = solve(x0, traj, Toy(traj), ParaTAAConfig(history=3, tol=0.02, **PLAIN))
     assert accelerated.converged and plain.converged
     assert len(accelerated.rounds) < len(plain.rounds)
 
@@ -139,7 +141,7 @@ def test_exact_with_a_window_of_one():
     n = 8
     traj = from_scheduler(ddim(), n)
     x0 = start()
-    got = solve(x0, traj, Toy(traj), ParaTAAConfig(window=1))
+    got = solve(x0, traj, Toy(traj), ParaTAAConfig(window=1, **PLAIN))
     assert len(got.rounds) == n
     assert rel_error(got.x, sample_sequential(x0, traj, Toy(traj))) < 1e-12
 
@@ -149,7 +151,7 @@ def test_stochastic_sampling_converges_with_noise_drawn_up_front():
     traj = from_scheduler(ddim(), n, eta=1.0)
     noise = torch.randn((n, *SHAPE), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     x0 = start()
-    got = solve(x0, traj, Toy(traj), ParaTAAConfig(eta=1.0, tol=1e-3), noise=noise)
+    got = solve(x0, traj, Toy(traj), ParaTAAConfig(eta=1.0, tol=1e-3, **PLAIN), noise=noise)
     assert got.converged
     assert rel_error(got.x, sample_sequential(x0, traj, Toy(traj), noise)) < 1e-3
 
@@ -158,25 +160,26 @@ def test_a_stored_trajectory_starts_converged():
     n = 20
     traj = from_scheduler(ddim(), n)
     x0 = start()
-    first = solve(x0, traj, Toy(traj), ParaTAAConfig())
-    again = solve(x0, traj, Toy(traj), ParaTAAConfig(), init=first.trajectory)
+    first = solve(x0, traj, Toy(traj), ParaTAAConfig(**PLAIN))
+    again = solve(x0, traj, Toy(traj), ParaTAAConfig(**PLAIN), init=first.trajectory)
     assert len(again.rounds) == 1 and again.converged
     # A variation (other conditioning) solves only the last steps, starting from the stored ones.
     other = Toy(traj, seed=9)
-    variation = solve(x0, traj, other, ParaTAAConfig(variation_steps=5), init=first.trajectory)
+    variation = solve(x0, traj, other, ParaTAAConfig(variation_steps=5, **PLAIN), init=first.trajectory)
     assert variation.rounds[0].lo == n - 5
     assert torch.equal(variation.trajectory[: n - 5 + 1], first.trajectory[: n - 5 + 1])
 
 
 def test_max_rounds_stops_unconverged():
     traj = from_scheduler(ddim(), 20)
-    got = solve(start(), traj, Toy(traj), ParaTAAConfig(max_rounds=2, tol=1e-9))
+    got = solve(start(), traj, Toy(traj), ParaTAAConfig(max_rounds=2, tol=1e-9, **PLAIN))
     assert len(got.rounds) == 2 and not got.converged
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"order": 0}, "--order 1"), ({"window": 0}, "--window 1"), ({"history": 0}, "--history 1"),
-    ({"tol": 0}, "--tol"), ({"max_rounds": 0}, "--max-rounds 1"), ({"eta": 2}, "--eta 0"),
+    ({"tol": 0}, "--tol"), ({"max_rounds": 0}, "--max-rounds 1"), ({"eta": 2}, "--eta 0"), ({"atol": -1}, "--atol"),
+    ({"sample_tol": 0}, "--sample-tol"), ({"start": "zeros"}, "jump, noise"),
 ])
 def test_config_validates_itself(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment):
@@ -186,3 +189,68 @@ def test_config_validates_itself(kwargs, fragment):
 def test_euler_refuses_eta():
     with pytest.raises(UsageError, match="drop --eta"):
         from_scheduler(euler(), 10, eta=0.5)
+
+
+class ConstantClean:
+    """A denoiser that predicts the same clean sample at every step: the trajectory the jump start assumes."""
+
+    def __init__(self, traj, clean):
+        self.traj, self.clean, self.calls = traj, clean, 0
+
+    def __call__(self, x, steps):
+        self.calls += len(steps)
+        shape = (-1, *[1] * len(SHAPE))
+        return (self.clean - self.traj.clean_x[steps].view(shape) * x) / self.traj.clean_d[steps].view(shape)
+
+
+@pytest.mark.parametrize("make, kind", [(ddim, "epsilon"), (ddim_zero_snr, "v_prediction"), (euler, "v_prediction"),
+                                        (euler, "epsilon")])
+def test_the_jump_start_is_exact_when_the_clean_prediction_does_not_change(make, kind):
+    """x̂ = clean_x x + clean_d D for every sampler form; with a model whose x̂ is constant, the first trajectory is
+    already the sequential one, so the second round finds every step converged. The paper's start needs more."""
+    n = 12
+    traj = from_scheduler(make(kind), n)
+    x0 = start(scale=float(traj.noise_scale.max()) if make is euler else 1.0)
+    model = ConstantClean(traj, start(seed=4))
+    want = sample_sequential(x0, traj, model)
+    config = ParaTAAConfig(tol=1e-9, atol=0.0, sample_tol=None)
+    got = solve(x0, traj, model, config)
+    assert got.rounds[0].hi - got.rounds[0].lo == 1 and got.evaluations == 1 + (n - 1)  # one row, then the rest
+    assert len(got.rounds) == 2 and got.converged
+    assert rel_error(got.x, want) < 1e-9
+    assert len(solve(x0, traj, model, ParaTAAConfig(tol=1e-9, atol=0.0, sample_tol=None, start="noise")).rounds) > 2
+
+
+def test_the_jump_start_converges_to_the_sequential_sample():
+    n = 25
+    for make in (ddim, euler):
+        traj = from_scheduler(make(), n)
+        x0 = start(scale=float(traj.noise_scale.max()) if make is euler else 1.0)
+        got = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-6, atol=0.0, sample_tol=None))
+        assert got.converged and rel_error(got.x, sample_sequential(x0, traj, Toy(traj))) < 1e-5
+
+
+def test_sample_tol_stops_once_the_sample_settles():
+    """The solve ends at the first round that moves x_n by at most sample_tol (rms), before every step is final."""
+    n = 25
+    traj = from_scheduler(ddim(), n)
+    x0 = start()
+    want = sample_sequential(x0, traj, Toy(traj))
+    strict = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-9, atol=0.0, sample_tol=None))
+    got = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-9, atol=0.0, sample_tol=1e-3))
+    changes = [r.change for r in got.rounds]
+    assert changes[-1] <= 1e-3 < min(changes[:-1]), changes
+    assert got.converged and got.rounds[-1].final == n
+    assert len(got.rounds) < len(strict.rounds)
+    assert rel_error(got.x, want) < 1e-2  # close, not exact: that is the trade
+
+
+def test_a_step_is_final_within_either_tolerance():
+    """The paper's rule: within atol (absolute) or tol x the step's noise scale; a huge atol ends the solve at once."""
+    n = 10
+    traj = from_scheduler(ddim(), n)
+    x0 = start()
+    relative_only = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-9, atol=0.0, sample_tol=None))
+    either = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-9, atol=1e9, sample_tol=None))
+    assert len(either.rounds) == 2 and either.converged  # the jump, then one round in which every step is final
+    assert len(relative_only.rounds) > 2

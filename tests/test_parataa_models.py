@@ -127,3 +127,13 @@ def test_same_seed_same_result(model):
     request = request_for(name, steps=6)
     first = sample(pipe, adapter, request, ParaTAAConfig())[0]
     assert torch.equal(first, sample(pipe, adapter, request, ParaTAAConfig())[0])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-animatediff", "tiny-svd"])
+def test_defaults_reach_40_db_in_7_rounds_at_50_steps(name):
+    """The target of the fidelity work, on the CLI's default request (docs/PARATAA.md has 25, 50 and 100 steps)."""
+    from asyncvid.bench.parataa_rounds import measure
+
+    (row,) = measure(name, 50, {"defaults": ParaTAAConfig()})
+    assert row["converged"] and row["rounds"] <= 7 and row["psnr"] >= 40, row

@@ -65,7 +65,7 @@ def table(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50])
+    parser.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
     parser.add_argument("--models", nargs="+", default=["tiny-animatediff", "tiny-svd"])
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--doc", type=Path, help="a markdown file whose rounds table to replace (the project's: "
@@ -76,8 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     default = ParaTAAConfig()
-    configs = {"defaults (TAA, m=2)": default, "m=1 (no TAA)": replace(default, history=1),
-               "order 4, m=2": replace(default, order=4)}
+    configs = {"defaults": default,
+               "the paper's (noise start, no sample tol)": replace(default, start="noise", sample_tol=None),
+               "m=1 (no TAA)": replace(default, history=1),
+               "before (noise start, tol 0.02 relative)": replace(default, start="noise", sample_tol=None, tol=0.02,
+                                                                 atol=0.0)}
     rows = [row for model in args.models for steps in args.steps for row in measure(model, steps, configs)]
     text = table(rows)
     print(text)
@@ -85,8 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         doc = args.doc.read_text()
         head, rest = doc.split(BEGIN)
         _, tail = rest.split(END)
-        stamp = f"Measured {time.strftime('%Y-%m-%d')} by `python -m asyncvid.bench.parataa_rounds --doc docs/PARATAA.md` (default settings: " \
-                f"window = all steps, order = window, history {default.history}, tol {default.tol})."
+        stamp = (f"Measured {time.strftime('%Y-%m-%d')} by `python -m asyncvid.bench.parataa_rounds --doc docs/PARATAA.md` "
+                 f"(default settings: window = all steps, order = window, history {default.history}, start "
+                 f"{default.start}, tol {default.tol} + atol {default.atol}, sample tol {default.sample_tol}).")
         args.doc.write_text(f"{head}{BEGIN}\n{stamp}\n\n{text}\n{END}{tail}")
 
 

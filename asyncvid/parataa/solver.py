@@ -5,6 +5,11 @@ Vocabulary: step i maps x_i to x_{i+1} (asyncvid.parataa.trajectory); a round ev
 sampler from x_j, j = max(i + 1 - k, lo), with this round's model outputs; its residual R_i is how far x_{i+1} is from
 it. Triangular Anderson acceleration (TAA) combines the last m iterates of step i using the residual differences of
 step i and every noisier step of the window (Algorithm 1 of the paper).
+
+Beyond the paper: the first trajectory can come from one model call at x_0 instead of copies of the noise
+(`start="jump"`), and the solve can stop once a round no longer moves the sample x_n (`sample_tol`): the per-step
+rule alone either freezes steps early at a loose tolerance (and the sample drifts from sequential sampling's) or waits
+for the last, least important steps at a strict one.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from typing import Callable
 import torch
 
 from asyncvid.parataa.config import ParaTAAConfig
-from asyncvid.parataa.trajectory import Direction, Trajectory
+from asyncvid.parataa.trajectory import Direction, Trajectory, step
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,7 @@ class Round:
     hi: int
     residual: float  # max over the window of rms(one-step residual) / the step's noise scale
     final: int
+    change: float = float("inf")  # rms of this round's change of the sample x_n (inf: not in the window)
 
 
 @dataclass
@@ -62,6 +68,18 @@ def solve(x0: torch.Tensor, traj: Trajectory, direction: Direction, config: Para
     z = None if noise is None or not traj.stochastic else noise.to(xs)
     history: dict[int, deque] = {}  # step -> the last m (x_{i+1}, R_i) before each update
     solution = Solution(xs[n], xs)
+
+    def record(r: Round) -> None:
+        solution.rounds.append(r)
+        if on_round is not None:
+            on_round(r)
+
+    if init is None and config.start == "jump" and rounds_left > 0:
+        d0 = direction(xs[:1], torch.arange(1)).to(xs)[0]
+        solution.evaluations += 1
+        _jump(traj, xs, d0, z)
+        lo, filled, rounds_left = 1, n, rounds_left - 1  # x_1 came from the exact model output at x_0
+        record(Round(0, 1, 0.0, lo))
     while lo < n and rounds_left > 0:
         hi = min(lo + window, n)
         if filled < hi:  # steps entering the window start from the last iterate (the paper's initialisation)
@@ -70,27 +88,40 @@ def solve(x0: torch.Tensor, traj: Trajectory, direction: Direction, config: Para
         steps = torch.arange(lo, hi)
         d = direction(xs[lo:hi], steps).to(xs)
         solution.evaluations += hi - lo
-        one_step = _unrolled(traj, lo, hi, 1, xs, d, z) - xs[lo + 1: hi + 1]
-        residual = _rms(one_step) / traj.noise_scale[lo:hi].to(xs)
-        late = torch.nonzero(residual > config.tol).flatten()
+        one_step = _rms(_unrolled(traj, lo, hi, 1, xs, d, z) - xs[lo + 1: hi + 1])
+        residual = one_step / traj.noise_scale[lo:hi].to(xs)
+        # The paper's rule: a step converged when its residual is within the absolute or the relative tolerance.
+        late = torch.nonzero((residual > config.tol) & (one_step > config.atol)).flatten()
         # The first step that has not converged is exact after this update (its input x_lo … is final).
         first_open = lo + int(late[0]) if len(late) else hi - 1
         r = _unrolled(traj, lo, hi, order, xs, d, z) - xs[lo + 1: hi + 1]
         for i in range(lo, hi):
             history.setdefault(i, deque(maxlen=config.history)).append((xs[i + 1].clone(), r[i - lo]))
         correction = _anderson(history, lo, hi, first_open + 1, config.regularization)
+        sample_before = xs[n].clone() if hi == n else None
         xs[lo + 1: hi + 1] += r - correction
+        change = float(_rms((xs[n] - sample_before)[None])) if sample_before is not None else float("inf")
         lo = first_open + 1
+        if config.sample_tol is not None and change <= config.sample_tol:
+            lo = n  # the sample has stopped moving: what is left would not change the video
         if agree is not None:
             lo = agree(lo)
         for i in [s for s in history if s < lo]:
             del history[i]
         rounds_left -= 1
-        solution.rounds.append(Round(int(steps[0]), hi, float(residual.max()), lo))
-        if on_round is not None:
-            on_round(solution.rounds[-1])
+        record(Round(int(steps[0]), hi, float(residual.max()), lo, change))
     solution.x, solution.converged = xs[n], lo >= n
     return solution
+
+
+def _jump(traj: Trajectory, xs: torch.Tensor, d0: torch.Tensor, z: torch.Tensor | None) -> None:
+    """The first trajectory: every step sampled as if the model kept predicting x_0's clean sample (a one-step
+    coarse pass, interpolated by the sampler's own steps); the paper copies the noise instead."""
+    clean = traj.clean_x[0] * xs[0] + traj.clean_d[0] * d0
+    xs[1] = step(traj, 0, xs[0], d0, None if z is None else z[0])
+    for i in range(1, traj.steps):  # D_i = (x̂ - clean_x_i x_i) / clean_d_i, with x̂ held fixed
+        d = (clean - traj.clean_x[i] * xs[i]) / traj.clean_d[i]
+        xs[i + 1] = step(traj, i, xs[i], d, None if z is None else z[i])
 
 
 def _rms(r: torch.Tensor) -> torch.Tensor:

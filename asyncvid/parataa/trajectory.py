@@ -29,6 +29,9 @@ class Trajectory:
     e: torch.Tensor  # weight of the noise z_i (0: deterministic)
     input_scale: torch.Tensor  # c_i: the model sees c_i x_i (the scheduler's scale_model_input)
     noise_scale: torch.Tensor  # the ancestral (eta = 1) noise std of step i: ParaTAA's tolerances are relative to it
+    # The clean sample the model predicts at step i: x̂_i = clean_x_i x_i + clean_d_i D_i (x_0-prediction)
+    clean_x: torch.Tensor
+    clean_d: torch.Tensor
 
     @property
     def steps(self) -> int:
@@ -68,16 +71,18 @@ def ddim(scheduler: DDIMScheduler, n: int, *, eta: float = 0.0, device=None) -> 
     ancestral = ((1 - alpha_p) / (1 - alpha_t) * (1 - alpha_t / alpha_p)).clamp(min=0).sqrt()
     sigma = eta * ancestral
     keep = (1 - alpha_p - sigma**2).clamp(min=0).sqrt()  # weight of the predicted noise in x_{i+1}
-    if config.prediction_type == "epsilon":
+    if config.prediction_type == "epsilon":  # x̂ = (x - sqrt(1 - alpha) eps) / sqrt(alpha)
         a = (alpha_p / alpha_t).sqrt()
         b = keep - (alpha_p * (1 - alpha_t) / alpha_t).sqrt()
-    elif config.prediction_type == "v_prediction":
+        clean_x, clean_d = 1 / alpha_t.sqrt(), -((1 - alpha_t) / alpha_t).sqrt()
+    elif config.prediction_type == "v_prediction":  # x̂ = sqrt(alpha) x - sqrt(1 - alpha) v
         a = (alpha_p * alpha_t).sqrt() + keep * (1 - alpha_t).sqrt()
         b = keep * alpha_t.sqrt() - (alpha_p * (1 - alpha_t)).sqrt()
+        clean_x, clean_d = alpha_t.sqrt(), -(1 - alpha_t).sqrt()
     else:
         raise UsageError(f"ParaTAA's DDIM supports epsilon and v_prediction models, not {config.prediction_type}")
     ones = torch.ones(n, dtype=torch.float64)
-    return Trajectory(scheduler.timesteps, a, b, sigma, ones, _floored(ancestral))
+    return Trajectory(scheduler.timesteps, a, b, sigma, ones, _floored(ancestral), clean_x, clean_d)
 
 
 def euler(scheduler: EulerDiscreteScheduler, n: int, *, device=None) -> Trajectory:
@@ -90,14 +95,17 @@ def euler(scheduler: EulerDiscreteScheduler, n: int, *, device=None) -> Trajecto
     if kind == "v_prediction":  # x_0 = x / (s^2 + 1) - v s / sqrt(s^2 + 1)
         a = 1 + dt * s / (s**2 + 1)
         b = dt / (s**2 + 1).sqrt()
+        clean_x, clean_d = 1 / (s**2 + 1), -s / (s**2 + 1).sqrt()
     elif kind == "epsilon":  # x_0 = x - s eps
         a = torch.ones_like(s)
         b = dt
+        clean_x, clean_d = torch.ones_like(s), -s
     else:
         raise UsageError(f"ParaTAA's Euler supports epsilon and v_prediction models, not {kind}")
     scale = 1 / (s**2 + 1).sqrt()  # scale_model_input
     ancestral = (s_next**2 * (s**2 - s_next**2) / s**2).clamp(min=0).sqrt()  # k-diffusion's sigma_up
-    return Trajectory(scheduler.timesteps, a, b, torch.zeros(n, dtype=torch.float64), scale, _floored(ancestral))
+    return Trajectory(scheduler.timesteps, a, b, torch.zeros(n, dtype=torch.float64), scale, _floored(ancestral),
+                      clean_x, clean_d)
 
 
 def _floored(scale: torch.Tensor) -> torch.Tensor:
