@@ -11,10 +11,10 @@ import typer
 
 from asyncvid import __version__
 from asyncvid.cli.options import (
-    DEFAULT_WARMUP, PARATAA, AllowPickle, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
+    DEFAULT_WARMUP, PARATAA, AllowPickle, Atol, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
     Frames, Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Sampler,
-    SamplerOpt, SchedulerOpt, Seed, Split, Stages, Steps, Stride, Threads, TimeShift, Tol, Warmup, WeightCap, Width,
-    Window
+    SampleTol, SamplerOpt, SchedulerOpt, Seed, Split, Stages, Stale, StaleOpt, Start, StartOpt, Steps, Stride, Threads,
+    TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.bench.config import BenchConfig
@@ -77,6 +77,7 @@ def generate(
     stride: Stride = 1,
     warmup: Warmup = None,
     time_shift: TimeShift = False,
+    stale: StaleOpt = Stale.extrapolate,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
     cost: CostOpt = Cost.measured,
@@ -85,6 +86,9 @@ def generate(
     window: Window = None,
     history: History = PARATAA.history,
     tol: Tol = PARATAA.tol,
+    atol: Atol = PARATAA.atol,
+    sample_tol: SampleTol = PARATAA.sample_tol,
+    start: StartOpt = Start(PARATAA.start),
     max_rounds: MaxRounds = None,
     eta: Eta = 0.0,
     threads: Threads = None,
@@ -119,7 +123,8 @@ def generate(
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds, eta=eta), steps))
+                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
+                                      start=start.value, max_rounds=max_rounds, eta=eta), steps, stale=stale.value))
 
 
 @app.command(cls=Command)
@@ -151,6 +156,7 @@ def i2v(
     stride: Stride = 1,
     warmup: Warmup = None,
     time_shift: TimeShift = False,
+    stale: StaleOpt = Stale.extrapolate,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
     cost: CostOpt = Cost.measured,
@@ -159,6 +165,9 @@ def i2v(
     window: Window = None,
     history: History = PARATAA.history,
     tol: Tol = PARATAA.tol,
+    atol: Atol = PARATAA.atol,
+    sample_tol: SampleTol = PARATAA.sample_tol,
+    start: StartOpt = Start(PARATAA.start),
     max_rounds: MaxRounds = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
@@ -186,7 +195,8 @@ def i2v(
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, max_rounds=max_rounds), steps))
+                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
+                                      start=start.value, max_rounds=max_rounds), steps, stale=stale.value))
 
 
 @app.command(cls=Command)

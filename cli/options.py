@@ -28,6 +28,16 @@ class Cost(str, Enum):
     measured = "measured"
 
 
+class Stale(str, Enum):
+    extrapolate = "extrapolate"
+    reuse = "reuse"
+
+
+class Start(str, Enum):
+    jump = "jump"
+    noise = "noise"
+
+
 PROCESSES, ASYNCDIFF = "Sampler and processes", "AsyncDiff"
 DEFAULT_WARMUP = 3  # AsyncDiff's warm-up when --warmup is not given (capped at --steps)
 
@@ -76,6 +86,7 @@ Stride = Annotated[int, typer.Option(help="AsyncDiff: steps per parallel round; 
 Warmup = Annotated[Optional[int], typer.Option(help="AsyncDiff: exact sequential steps first (= --steps reproduces sequential sampling) \\[default: 3, or --steps when fewer].", rich_help_panel=ASYNCDIFF)]
 TimeShift = Annotated[bool, typer.Option("--time-shift", help="AsyncDiff: feed the stages the previous step's timestep after warm-up.", rich_help_panel=ASYNCDIFF)]
 Threads = Annotated[Optional[int], typer.Option(help="CPU threads per process \\[default: this machine's cores shared evenly by the processes; on a busy machine the CLI suggests fewer]. The thread count changes float rounding on CPU.", rich_help_panel=PROCESSES)]
+StaleOpt = Annotated[Stale, typer.Option("--stale", help="AsyncDiff: after warm-up each stage's inputs are one round old; extrapolate predicts them from the last two rounds (closer to sequential sampling), reuse takes them as they are (the paper's method).", rich_help_panel=ASYNCDIFF)]
 CostOpt = Annotated[Cost, typer.Option("--cost", help="AsyncDiff: balance stages by unit times measured on rank 0 (measured) or by FLOPs (flops).", rich_help_panel=ASYNCDIFF)]
 WeightCap = Annotated[float, typer.Option(help="AsyncDiff: most of the UNet's weights one stage may hold; 1 balances compute alone (fastest), lower saves memory.", rich_help_panel=ASYNCDIFF)]
 CfgParallel = Annotated[bool, typer.Option("--cfg-parallel", help="AsyncDiff: the two halves of the guidance batch on two groups of ranks; needs (stages + stride - 1) x 2 devices.", rich_help_panel=ASYNCDIFF)]
@@ -85,6 +96,9 @@ PARATAA = ParaTAAConfig()  # the defaults shown in --help
 Order = Annotated[Optional[int], typer.Option(help="ParaTAA: each step's equation unrolls this many sampler steps (1: Jacobi; >= window: Picard) \\[default: the window].", rich_help_panel="ParaTAA")]
 Window = Annotated[Optional[int], typer.Option(help="ParaTAA: steps evaluated per round, in one batch \\[default: all steps].", rich_help_panel="ParaTAA")]
 History = Annotated[int, typer.Option(help="ParaTAA: iterates kept per step for triangular Anderson acceleration (1: plain fixed-point iteration).", rich_help_panel="ParaTAA")]
-Tol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its residual is below this fraction of the sampler's noise scale at that step.", rich_help_panel="ParaTAA")]
+Tol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its residual is below this fraction of the sampler's noise scale at that step, or below --atol.", rich_help_panel="ParaTAA")]
+Atol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its residual (rms, latent units) is below this, or below --tol x its noise scale.", rich_help_panel="ParaTAA")]
+SampleTol = Annotated[Optional[float], typer.Option(help="ParaTAA: stop once a round moves the sample by at most this (rms, latent units); 0 waits for every step to be final.", rich_help_panel="ParaTAA")]
+StartOpt = Annotated[Start, typer.Option("--start", help="ParaTAA: the first trajectory: jump (every step from the first step's clean prediction; that round evaluates one step) or noise (every step a copy of the noise, the paper's).", rich_help_panel="ParaTAA")]
 MaxRounds = Annotated[Optional[int], typer.Option(help="ParaTAA: stop after this many rounds, converged or not \\[default: --steps].", rich_help_panel="ParaTAA")]
 Eta = Annotated[float, typer.Option(help="ParaTAA with DDIM: 0 is deterministic; > 0 samples stochastically with all noise drawn up front.", rich_help_panel="ParaTAA")]
