@@ -12,7 +12,7 @@ import typer
 from asyncvid import __version__
 from asyncvid.cli.options import (
     DEFAULT_WARMUP, PARATAA, AllowPickle, Atol, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
-    Frames, Height, History, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Sampler,
+    Frames, Height, History, MaxBatch, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Sampler,
     SampleTol, SamplerOpt, SchedulerOpt, Seed, Split, Stages, Stale, StaleOpt, Start, StartOpt, Steps, Stride, Threads,
     TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
@@ -90,6 +90,7 @@ def generate(
     sample_tol: SampleTol = PARATAA.sample_tol,
     start: StartOpt = Start(PARATAA.start),
     max_rounds: MaxRounds = None,
+    max_batch: MaxBatch = None,
     eta: Eta = 0.0,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
@@ -124,7 +125,7 @@ def generate(
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
-                                      start=start.value, max_rounds=max_rounds, eta=eta), steps, stale=stale.value))
+                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch, eta=eta), steps, stale=stale.value))
 
 
 @app.command(cls=Command)
@@ -169,6 +170,7 @@ def i2v(
     sample_tol: SampleTol = PARATAA.sample_tol,
     start: StartOpt = Start(PARATAA.start),
     max_rounds: MaxRounds = None,
+    max_batch: MaxBatch = None,
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     allow_pickle: AllowPickle = False,
@@ -196,7 +198,7 @@ def i2v(
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
-                                      start=start.value, max_rounds=max_rounds), steps, stale=stale.value))
+                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch), steps, stale=stale.value))
 
 
 @app.command(cls=Command)

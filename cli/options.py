@@ -100,5 +100,6 @@ Tol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its resi
 Atol = Annotated[float, typer.Option(help="ParaTAA: a step is final when its residual (rms, latent units) is below this, or below --tol x its noise scale.", rich_help_panel="ParaTAA")]
 SampleTol = Annotated[Optional[float], typer.Option(help="ParaTAA: stop once a round moves the sample by at most this (rms, latent units); 0 waits for every step to be final.", rich_help_panel="ParaTAA")]
 StartOpt = Annotated[Start, typer.Option("--start", help="ParaTAA: the first trajectory: jump (every step from the first step's clean prediction; that round evaluates one step) or noise (every step a copy of the noise, the paper's).", rich_help_panel="ParaTAA")]
+MaxBatch = Annotated[Optional[int], typer.Option(help="ParaTAA: model rows per call on each device, when a round's share does not fit in memory at once (more calls; the same result up to float rounding) \\[default: the whole share].", rich_help_panel="ParaTAA")]
 MaxRounds = Annotated[Optional[int], typer.Option(help="ParaTAA: stop after this many rounds, converged or not \\[default: --steps].", rich_help_panel="ParaTAA")]
 Eta = Annotated[float, typer.Option(help="ParaTAA with DDIM: 0 is deterministic; > 0 samples stochastically with all noise drawn up front.", rich_help_panel="ParaTAA")]

@@ -179,7 +179,7 @@ def test_max_rounds_stops_unconverged():
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"order": 0}, "--order 1"), ({"window": 0}, "--window 1"), ({"history": 0}, "--history 1"),
     ({"tol": 0}, "--tol"), ({"max_rounds": 0}, "--max-rounds 1"), ({"eta": 2}, "--eta 0"), ({"atol": -1}, "--atol"),
-    ({"sample_tol": 0}, "--sample-tol"), ({"start": "zeros"}, "jump, noise"),
+    ({"sample_tol": 0}, "--sample-tol"), ({"start": "zeros"}, "jump, noise"), ({"max_batch": 0}, "--max-batch 1"),
 ])
 def test_config_validates_itself(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment):
@@ -254,3 +254,24 @@ def test_a_step_is_final_within_either_tolerance():
     either = solve(x0, traj, Toy(traj), ParaTAAConfig(tol=1e-9, atol=1e9, sample_tol=None))
     assert len(either.rounds) == 2 and either.converged  # the jump, then one round in which every step is final
     assert len(relative_only.rounds) > 2
+
+
+def test_micro_batches_give_the_whole_batch_result():
+    """A round's rows in calls of at most max_batch rows: every row once, the same outputs (a row-wise model)."""
+    from asyncvid.parataa.problem import Problem
+
+    n = 7
+    traj = from_scheduler(ddim(), n)
+    toy, calls = Toy(traj), []
+
+    def model(x, steps, branch):
+        calls.append(len(steps))
+        return toy(x, steps) * (1 + branch.to(x.dtype).view(-1, *[1] * len(SHAPE)))
+
+    problem = Problem(start(), traj, 2, model, lambda out, steps: out[0] + 2 * (out[1] - out[0]), torch.float64)
+    x, steps = start(seed=3).expand(n, *SHAPE).clone(), torch.arange(n)
+    whole = problem.direction()(x, steps)
+    assert calls == [2 * n]
+    calls.clear()
+    parts = problem.direction(max_batch=3)(x, steps)
+    assert calls == [3, 3, 3, 3, 2] and torch.equal(parts, whole)

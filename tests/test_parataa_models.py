@@ -137,3 +137,14 @@ def test_defaults_reach_40_db_in_7_rounds_at_50_steps(name):
 
     (row,) = measure(name, 50, {"defaults": ParaTAAConfig()})
     assert row["converged"] and row["rounds"] <= 7 and row["psnr"] >= 40, row
+
+
+def test_micro_batches_match_the_whole_window(model):
+    """--max-batch splits each round's rows into model calls of at most that many rows: the same rounds, and the
+    same sample up to the float rounding of other batch sizes."""
+    name, pipe, adapter = model
+    request = request_for(name, steps=6)
+    whole, first, _ = sample(pipe, adapter, request, ParaTAAConfig())
+    parts, second, _ = sample(pipe, adapter, request, ParaTAAConfig(max_batch=3))
+    assert [(r.lo, r.hi, r.final) for r in first.rounds] == [(r.lo, r.hi, r.final) for r in second.rounds]
+    assert torch.allclose(whole, parts, rtol=1e-4, atol=1e-4)

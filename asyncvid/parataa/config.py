@@ -32,6 +32,7 @@ class ParaTAAConfig:
     sample_tol: float | None = 0.06  # rms, in latent units; None: wait until every step is final
     start: str = "jump"
     max_rounds: int | None = None  # None: as many as steps (ParaTAA never needs more)
+    max_batch: int | None = None  # model rows per call on a rank (micro-batches; None: its whole share at once)
     eta: float = 0.0  # DDIM's eta; > 0 samples stochastically with noise drawn up front
     regularization: float = 1e-3  # ridge weight of Anderson's least squares, relative to its Gram matrix's scale
     variation_steps: int | None = None  # with an initial trajectory: solve only its last steps (None: all)
@@ -52,6 +53,9 @@ class ParaTAAConfig:
                              f"{ParaTAAConfig.sample_tol} (the default), or 0 to wait for every step")
         if self.start not in STARTS:
             raise UsageError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
+        if self.max_batch is not None and self.max_batch < 1:
+            raise UsageError(f"max batch must be at least 1, got {self.max_batch}; use --max-batch 1 or more "
+                             f"(default: a rank's whole share of the window at once)")
         if self.max_rounds is not None and self.max_rounds < 1:
             raise UsageError(f"max rounds must be at least 1, got {self.max_rounds}; use --max-rounds 1 or more")
         if not 0 <= self.eta <= 1:

@@ -32,8 +32,9 @@ class Problem:
     dtype: torch.dtype = torch.float32  # the model's
     noise: torch.Tensor | None = None  # (steps, ...) drawn up front for stochastic sampling
 
-    def direction(self, rank: int = 0, world_size: int = 1, group=None) -> Direction:
-        """The batched model call of a round, this rank computing rows [its share] of branches x steps."""
+    def direction(self, rank: int = 0, world_size: int = 1, group=None, max_batch: int | None = None) -> Direction:
+        """The batched model call of a round, this rank computing rows [its share] of branches x steps, at most
+        `max_batch` rows per model call (None: its whole share in one call)."""
 
         def evaluate(x: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
             n = len(steps)
@@ -42,8 +43,10 @@ class Problem:
             rows = torch.arange(rank * share, min((rank + 1) * share, total))
             branch, position = rows // n, rows % n
             padded = torch.zeros((share, *x.shape[1:]), dtype=self.dtype, device=x.device)
-            if len(rows):  # with more ranks than rows, a rank may have none and only pads
-                padded[: len(rows)] = self.model(x[position], steps[position], branch)
+            chunk = max_batch or max(len(rows), 1)  # micro-batches, for a window whose share does not fit at once
+            for start in range(0, len(rows), chunk):  # with more ranks than rows, a rank may have none and only pads
+                part = slice(start, start + chunk)
+                padded[part] = self.model(x[position[part]], steps[position[part]], branch[part])
             out = padded
             if world_size > 1:
                 parts = [torch.empty_like(padded) for _ in range(world_size)]

@@ -6,6 +6,7 @@ steps are final is broadcast as well, so all ranks run the same rounds and stop 
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import torch
@@ -28,7 +29,7 @@ def sample(pipe, adapter, request, config: ParaTAAConfig, *, rank=None, group=No
     generator = torch.Generator("cpu").manual_seed(request.seed)
     with torch.inference_mode():
         problem = adapter.parataa_problem(pipe, request, generator=generator, eta=config.eta)
-        direction = problem.direction(rank.rank if rank is not None else 0, world, group)
+        direction = problem.direction(rank.rank if rank is not None else 0, world, group, config.max_batch)
         agree = partial(_agree, problem.x0.device, group) if world > 1 else None
         solution = solve(problem.x0, problem.trajectory, direction, config, noise=problem.noise, init=init,
                          on_round=on_round, agree=agree)
@@ -50,6 +51,7 @@ def report(solution: Solution, steps: int, branches: int = 1) -> dict:
         "model_evaluations": solution.evaluations * branches,
         "sequential_evaluations": steps * branches,
         "branches": branches,
-        "per_round": [{"window": [r.lo, r.hi], "residual": float(f"{r.residual:.4g}"), "final": r.final}
+        "per_round": [{"window": [r.lo, r.hi], "residual": float(f"{r.residual:.4g}"), "final": r.final,
+                       "change": float(f"{r.change:.4g}") if math.isfinite(r.change) else None}
                       for r in solution.rounds],
     }

@@ -8,6 +8,7 @@ notebook API (asyncvid.api), the worker pool, the tests and the benchmark all go
 from __future__ import annotations
 
 import functools
+import math
 import os
 import sys
 import time
@@ -160,7 +161,8 @@ def _solve(rank: Rank | None, loaded: Loaded, request, on_step: StepCallback | N
     def on_round(r: Round) -> None:
         rounds.append(r)
         if on_step is not None:
-            on_step(r.final, steps, f"round {len(rounds)}, residual {r.residual:.2g}")
+            moved = f", sample moved {r.change:.2g}" if math.isfinite(r.change) else ""
+            on_step(r.final, steps, f"round {len(rounds)}, residual {r.residual:.2g}{moved}")
 
     start = time.perf_counter()
     latents, solution, branches = parataa_sample(loaded.pipe, loaded.adapter, request, loaded.spec.sampler,
