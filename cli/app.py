@@ -12,7 +12,7 @@ import typer
 from asyncvid import __version__
 from asyncvid.cli.options import (
     DEFAULT_WARMUP, PARATAA, AllowPickle, Atol, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
-    Frames, Height, History, MaxBatch, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Sampler,
+    Frames, Height, History, MaxBatch, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Refresh, Sampler,
     SampleTol, SamplerOpt, SchedulerOpt, Seed, Split, Stages, Stale, StaleOpt, Start, StartOpt, Steps, Stride, Threads,
     TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
@@ -78,6 +78,7 @@ def generate(
     warmup: Warmup = None,
     time_shift: TimeShift = False,
     stale: StaleOpt = Stale.extrapolate,
+    refresh: Refresh = 0,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
     cost: CostOpt = Cost.measured,
@@ -125,7 +126,8 @@ def generate(
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
-                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch, eta=eta), steps, stale=stale.value))
+                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch, eta=eta), steps, stale=stale.value,
+                                 refresh=refresh))
 
 
 @app.command(cls=Command)
@@ -158,6 +160,7 @@ def i2v(
     warmup: Warmup = None,
     time_shift: TimeShift = False,
     stale: StaleOpt = Stale.extrapolate,
+    refresh: Refresh = 0,
     cfg_parallel: CfgParallel = False,
     split: Split = None,
     cost: CostOpt = Cost.measured,
@@ -198,7 +201,8 @@ def i2v(
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
-                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch), steps, stale=stale.value))
+                                      start=start.value, max_rounds=max_rounds, max_batch=max_batch), steps, stale=stale.value,
+                                 refresh=refresh))
 
 
 @app.command(cls=Command)

@@ -23,7 +23,7 @@ from asyncvid.requests import UsageWarning
 
 def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | None, time_shift: bool,
                    split: Optional[str], cfg_parallel: bool, cost: str, weight_cap: float, parataa: dict, steps: int,
-                   stale: str = "extrapolate"):
+                   stale: str = "extrapolate", refresh: int = 0):
     """The sampler's config from the command's options (None: sequential); each config validates itself, and
     against the step count here (a --warmup above --steps is refused; the default warm-up is capped at it)."""
     if sampler is Sampler.sequential:
@@ -36,7 +36,7 @@ def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | Non
                              else warmup, time_shift=time_shift,
                              split=tuple(s.strip() for s in split.split(",")) if split else None,
                              cfg_parallel=cfg_parallel, cost=getattr(cost, "value", cost), weight_cap=weight_cap,
-                             stale=stale)
+                             stale=stale, refresh=refresh)
     config.check_steps(steps)
     return config
 

@@ -69,6 +69,9 @@ CASES = {
     "svd-n2-w2-reuse": ("svd", None, dict(stages=2, warmup=2, stale="reuse")),
     "animatediff-n3-s2-w1-reuse": ("animatediff", None, dict(stages=3, stride=2, warmup=1, stale="reuse")),
     "svd-cfg-n2-w1-reuse": ("svd", None, dict(stages=2, warmup=1, cfg_parallel=True, stale="reuse")),
+    # A synchronous refresh step every 2 (steps 2 and 4) or 3 (step 3) steps after warm-up.
+    "svd-n2-w1-refresh2": ("svd", None, dict(stages=2, warmup=1, refresh=2)),
+    "animatediff-n3-w1-refresh3": ("animatediff", None, dict(stages=3, warmup=1, refresh=3)),
 }
 
 
@@ -87,6 +90,15 @@ def test_the_oracle_is_sequential_sampling_when_warmup_covers_every_step(red_cir
     with launch.cpu_threads(1, CPU):
         reference = load_sampler(None, ModelSpec(model, device="cpu", dtype="float32")).sample(request).latents
     assert torch.equal(oracle_latents(model, request, AsyncDiffConfig(stages=3, warmup=3)), reference)
+
+
+def test_refresh_every_step_is_sequential_sampling_on_real_ranks(red_circle):
+    """refresh=1 makes every step after warm-up a relay: the run is sequential sampling, bit for bit."""
+    model, request = _request("svd", red_circle, steps=4)
+    with launch.cpu_threads(1, CPU):
+        reference = load_sampler(None, ModelSpec(model, device="cpu", dtype="float32")).sample(request).latents
+    config = AsyncDiffConfig(stages=2, warmup=1, refresh=1, cost="flops")
+    assert torch.equal(distributed_latents(model, request, config), reference)
 
 
 def test_the_oracle_past_warmup_is_not_sequential_sampling(red_circle):

@@ -88,7 +88,7 @@ class AsyncDiffHook(ModelHook):
         if step not in self.state.queued:
             if self.cfg is not None:
                 args, kwargs = self.cfg.take_half(args, kwargs)
-            found = [self._relay(args, kwargs)] if step < self.config.warmup else self._round(args, kwargs, step)
+            found = [self._relay(args, kwargs)] if self.config.synchronous(step) else self._round(args, kwargs, step)
             if self.cfg is not None:
                 found = [self.cfg.join_halves(eps) for eps in found]
             self.state.queued.update({step + j: eps for j, eps in enumerate(found)})
@@ -96,7 +96,7 @@ class AsyncDiffHook(ModelHook):
         self.state.hook_clock.stop(start)
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
-    # 1. Warm-up: the stages one after another, each rank waiting for its inputs (exactly the sequential forward).
+    # 1. Warm-up and refresh: the stages one after another, each rank waiting for its inputs (the sequential forward).
     def _relay(self, args, kwargs) -> torch.Tensor:
         ctx, x = self.program.prologue(*args, **kwargs)
         first_time = self.state.out_shape is None
@@ -115,7 +115,8 @@ class AsyncDiffHook(ModelHook):
     def _round(self, args, kwargs, step: int) -> list[torch.Tensor]:
         total = len(self.scheduler.timesteps)
         width = min(self.config.stride, total - step)  # steps in this round
-        more = step + width < total  # whether a later round consumes what this one sends
+        # Whether a later round consumes what this one sends (a relay next computes its own inputs).
+        more = step + width < total and not self.config.synchronous(step + width)
         replica = self.layout.replica(self.rank)
         computes = self.stage < self.config.stages - 1 or replica < width
         pending, receiving = self._post_receives() if more else ({}, [])

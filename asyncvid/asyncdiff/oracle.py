@@ -1,7 +1,7 @@
 """AsyncDiff's schedule in one process: the specification that the distributed hook (hook.py) must equal bit for bit.
 
-Chen et al. (NeurIPS 2024), as asyncvid runs it. Warm-up steps run the stages one after another (the sequential
-forward). From then on each round covers `stride` steps: every stage computes once, on what the stages before it
+Chen et al. (NeurIPS 2024), as asyncvid runs it. Warm-up steps (and refresh steps) run the stages one after another
+(the sequential forward). From then on each round covers `stride` steps: every stage computes once, on what the stages before it
 produced in the previous round; stages 0..N-2 use the timestep of the round's last step, and the last stage runs
 once per step of the round (its replicas), each on the same inputs. With time shift, a round's stages take the
 timestep one step earlier. Stages compute on their inputs as they are or extrapolated from the round before
@@ -61,7 +61,7 @@ class OracleHook(ModelHook):
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
     def _schedule(self, copy: Copy, args, kwargs, step: int) -> list[torch.Tensor]:
-        if step < self.config.warmup:
+        if self.config.synchronous(step):
             return [self._sequential(copy, args, kwargs)]
         return self._round(copy, args, kwargs, step)
 
@@ -93,6 +93,8 @@ class OracleHook(ModelHook):
                     eps.append(out[0])
                 elif offset == width - 1:
                     self._deliver(k, out, fresh)
+        if step + width < total and self.config.synchronous(step + width):
+            fresh = [{} for _ in range(self.plan.num_stages)]  # a relay comes next: nothing is sent ahead to it
         copy.before, copy.inputs = copy.inputs, fresh
         return eps
 
