@@ -115,6 +115,15 @@ def test_manual_split_is_followed_and_checked(tiny):
 def test_config_checks_world_size_and_values():
     with pytest.raises(UsageError, match=r"2 \+ 2 - 1 = 3 processes, but 2"):
         AsyncDiffConfig(stages=2, stride=2).check_world_size(2)
-    for bad in (dict(stages=0), dict(stride=0), dict(warmup=0), dict(cost="guess"), dict(weight_cap=0)):
+    for bad in (dict(stages=0), dict(stride=0), dict(warmup=0), dict(cost="guess"), dict(weight_cap=0),
+                dict(stale="guess"), dict(refresh=-1)):
         with pytest.raises(UsageError, match=str(list(bad.values())[0])):
             AsyncDiffConfig(**bad)
+    with pytest.raises(UsageError, match="refresh works with stride 1 only, got stride 2"):
+        AsyncDiffConfig(stride=2, refresh=4)
+
+
+def test_refresh_steps_are_synchronous():
+    config = AsyncDiffConfig(warmup=2, refresh=3)
+    assert [s for s in range(12) if config.synchronous(s)] == [0, 1, 4, 7, 10]
+    assert [s for s in range(5) if AsyncDiffConfig(warmup=2).synchronous(s)] == [0, 1]
