@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -58,6 +59,39 @@ def asyncdiff_rows(model: str, steps: int, repeats: int, log=print) -> list[dict
     for row in rows:
         row["vs_paper"] = row["loop_s"] / paper
     return rows
+
+
+def paired_timing(model: str, steps: int, pairs: int, repeats: int, log=print) -> dict:
+    """The loop of `--stale extrapolate` against `--stale reuse`, interleaved (the order alternating pair by pair,
+    each a fresh pair of processes timing `repeats` calls): the ratio of each pair, and their median."""
+    request = requests(model, steps)
+    loops = {"reuse": [], "extrapolate": []}
+    for i in range(pairs):
+        for stale in (("reuse", "extrapolate") if i % 2 == 0 else ("extrapolate", "reuse")):
+            got = launch.run(asyncdiff_sample, 2, torch.device("cpu"), model, request, AsyncDiffConfig(stale=stale),
+                             torch.float32, repeats, threads=1)
+            loops[stale].append(got.loop_s)
+    ratios = [e / r for e, r in zip(loops["extrapolate"], loops["reuse"])]
+    row = {"model": model, "steps": steps, "reuse_s": statistics.median(loops["reuse"]),
+           "extrapolate_s": statistics.median(loops["extrapolate"]), "ratios": ratios,
+           "median_ratio": statistics.median(ratios)}
+    log(f"{model} {steps} steps: extrapolate / reuse loop, pair by pair: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)} (median {row['median_ratio']:.3f})")
+    return row
+
+
+def timing_table(rows: list[dict], pairs: int, repeats: int, date: str, load: tuple[float, float]) -> str:
+    lines = ["## Fidelity options: the cost of extrapolation", "",
+             f"Measured {date} by `python -m asyncvid.bench.fidelity --pairs {pairs} --out docs` (load average "
+             f"{load[0]:.1f} before, {load[1]:.1f} after, on {os.cpu_count()} cores). AsyncDiff N=2 at the CLI's "
+             f"default request, `--stale extrapolate` against `--stale reuse`: {pairs} pairs of runs, the order "
+             f"alternating, each run a fresh pair of processes timing {repeats} calls after a warm-up call (median).",
+             "", "| model | steps | reuse loop (s) | extrapolate loop (s) | extrapolate / reuse, pair by pair | median |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['steps']} | {r['reuse_s']:.2f} | {r['extrapolate_s']:.2f} | "
+                     f"{', '.join(f'{x:.3f}' for x in r['ratios'])} | {r['median_ratio']:.3f}x |")
+    return "\n".join(lines)
 
 
 def parataa_rows(model: str, steps: int, log=print) -> list[dict]:
@@ -152,13 +186,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--samplers", nargs="+", default=["asyncdiff", "parataa"], choices=["asyncdiff", "parataa"])
     parser.add_argument("--repeats", type=int, default=3, help="timed AsyncDiff calls after a warm-up call")
+    parser.add_argument("--pairs", type=int, default=0, help="instead of the sweep: time extrapolation against "
+                        "reuse in this many interleaved pairs of runs per model (at the first of --steps)")
     parser.add_argument("--out", type=Path, help="a folder whose BENCHMARKS.md gets the table (the project's: docs)")
     args = parser.parse_args(argv)
 
-    if args.out:
-        check_plotting()
     quiet_libraries()
     start, load_before = time.perf_counter(), os.getloadavg()[0]
+    if args.pairs:
+        rows = [paired_timing(model, args.steps[0], args.pairs, 5) for model in args.models]
+        text = timing_table(rows, args.pairs, 5, time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                            (load_before, os.getloadavg()[0]))
+        print(text)
+        if args.out:
+            replace_kept_section(args.out / "BENCHMARKS.md", "fidelity-timing", text)
+        return
+    if args.out:
+        check_plotting()
     rows = []
     for model in args.models:
         for steps in args.steps:
