@@ -179,7 +179,7 @@ def test_max_rounds_stops_unconverged():
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"order": 0}, "--order 1"), ({"window": 0}, "--window 1"), ({"history": 0}, "--history 1"),
     ({"tol": 0}, "--tol"), ({"max_rounds": 0}, "--max-rounds 1"), ({"eta": 2}, "--eta 0"), ({"atol": -1}, "--atol"),
-    ({"sample_tol": 0}, "--sample-tol"), ({"start": "zeros"}, "jump, noise"), ({"max_batch": 0}, "--max-batch 1"),
+    ({"sample_tol": -1}, "--sample-tol"), ({"start": "zeros"}, "jump, noise"), ({"max_batch": 0}, "--max-batch 1"),
 ])
 def test_config_validates_itself(kwargs, fragment):
     with pytest.raises(UsageError, match=fragment):
@@ -275,3 +275,15 @@ def test_micro_batches_give_the_whole_batch_result():
     calls.clear()
     parts = problem.direction(max_batch=3)(x, steps)
     assert calls == [3, 3, 3, 3, 2] and torch.equal(parts, whole)
+
+
+def test_the_sample_rule_waits_for_an_estimate_of_the_sample():
+    """With a window shorter than the run, x_n first holds a copy of an earlier step: its change against that copy
+    says nothing, so the solve must not stop on it (the noise start, where no jump fills the trajectory)."""
+    n = 20
+    traj = from_scheduler(ddim(), n)
+    x0 = start()
+    got = solve(x0, traj, Toy(traj), ParaTAAConfig(window=5, start="noise", sample_tol=1e9))
+    reaching = next(i for i, r in enumerate(got.rounds) if r.hi == n)
+    assert got.rounds[reaching].change == float("inf") and len(got.rounds) == reaching + 2
+    assert ParaTAAConfig(sample_tol=0).sample_tol is None  # 0 is off, from Python as on the command line

@@ -27,10 +27,10 @@ class AsyncDiffConfig:
     weight_cap: float = 1.0
     cfg_parallel: bool = False  # the two halves of the guidance batch on two groups of ranks
     # How stages use their one-round-old inputs (asyncvid.asyncdiff.stale): "reuse" is the paper's method;
-    # "extrapolate" (the default) predicts them from the last two rounds, 5-9 dB closer to sequential sampling.
+    # "extrapolate" (the default) predicts them from the last two rounds (docs/ASYNCDIFF.md has where it helps).
     stale: str = "extrapolate"
     # A synchronous step (a relay, like warm-up) every `refresh` steps after warm-up, which brings every stage's inputs
-    # back to the present; 0: never. Each costs about one stage forward more than a round (stride 1 only).
+    # back to the present; 0: never. Each costs about stages - 1 stage forwards more than a round (stride 1 only).
     refresh: int = 0
 
     def __post_init__(self):
@@ -46,11 +46,12 @@ class AsyncDiffConfig:
             raise UsageError(f"cost must be one of {', '.join(COSTS)}, got {self.cost!r}")
         if not 0 < self.weight_cap <= 1:  # also refuses nan
             raise UsageError(f"weight cap is a share of the UNet's weights in (0, 1], got {self.weight_cap!r}")
-        if not isinstance(self.refresh, int) or self.refresh < 0:
-            raise UsageError(f"refresh must be a whole number >= 0 (0: never), got {self.refresh!r}")
+        if not isinstance(self.refresh, int) or isinstance(self.refresh, bool) or self.refresh < 0:
+            raise UsageError(f"refresh must be a whole number >= 0 (0: never), got {self.refresh!r}; use e.g. "
+                             f"--refresh 10")
         if self.refresh and self.stride > 1:
-            raise UsageError(f"refresh works with stride 1 only, got stride {self.stride}; drop --refresh or use "
-                             f"--stride 1")
+            raise UsageError(f"refresh works with stride 1 only, got stride {self.stride}; drop --refresh "
+                             f"{self.refresh} or use --stride 1")
         if self.stale not in STALE:
             raise UsageError(f"stale must be one of {', '.join(STALE)}, got {self.stale!r}")
         if self.split is not None:

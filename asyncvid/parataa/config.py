@@ -29,7 +29,9 @@ class ParaTAAConfig:
     # this takes 7 rounds to 52-53 dB from sequential sampling on both embedded models (docs/PARATAA.md).
     tol: float = 1e-3
     atol: float = 1e-3
-    sample_tol: float | None = 0.06  # rms, in latent units; None: wait until every step is final
+    # rms, in latent units (tuned on the embedded models, whose latents have unit scale); None or 0: wait until every
+    # step is final
+    sample_tol: float | None = 0.06
     start: str = "jump"
     max_rounds: int | None = None  # None: as many as steps (ParaTAA never needs more)
     max_batch: int | None = None  # model rows per call on a rank (micro-batches; None: its whole share at once)
@@ -48,9 +50,11 @@ class ParaTAAConfig:
             raise UsageError(f"tol must be positive, got {self.tol}; use e.g. --tol {ParaTAAConfig.tol} (the default)")
         if not 0 <= self.atol < float("inf"):
             raise UsageError(f"atol must be >= 0, got {self.atol}; use e.g. --atol {ParaTAAConfig.atol} (the default)")
+        if self.sample_tol == 0:  # 0, as on the command line: off
+            object.__setattr__(self, "sample_tol", None)
         if self.sample_tol is not None and not 0 < self.sample_tol < float("inf"):
-            raise UsageError(f"sample tol must be positive, got {self.sample_tol}; use e.g. --sample-tol "
-                             f"{ParaTAAConfig.sample_tol} (the default), or 0 to wait for every step")
+            raise UsageError(f"sample tol must be positive, or 0 to wait for every step, got {self.sample_tol}; use "
+                             f"e.g. --sample-tol {ParaTAAConfig.sample_tol} (the default)")
         if self.start not in STARTS:
             raise UsageError(f"start must be one of {', '.join(STARTS)}, got {self.start!r}")
         if self.max_batch is not None and self.max_batch < 1:

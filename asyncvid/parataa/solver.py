@@ -32,7 +32,7 @@ class Round:
     hi: int
     residual: float  # max over the window of rms(one-step residual) / the step's noise scale
     final: int
-    change: float = float("inf")  # rms of this round's change of the sample x_n (inf: not in the window)
+    change: float = float("inf")  # rms of this round's change of the sample x_n (inf: x_n had no estimate yet)
 
 
 @dataclass
@@ -82,6 +82,7 @@ def solve(x0: torch.Tensor, traj: Trajectory, direction: Direction, config: Para
         record(Round(0, 1, 0.0, lo))
     while lo < n and rounds_left > 0:
         hi = min(lo + window, n)
+        had_sample = filled == n  # x_n holds an estimate (not a copy made below), so its change means something
         if filled < hi:  # steps entering the window start from the last iterate (the paper's initialisation)
             xs[filled + 1: hi + 1] = xs[filled]
             filled = hi
@@ -91,14 +92,14 @@ def solve(x0: torch.Tensor, traj: Trajectory, direction: Direction, config: Para
         one_step = _rms(_unrolled(traj, lo, hi, 1, xs, d, z) - xs[lo + 1: hi + 1])
         residual = one_step / traj.noise_scale[lo:hi].to(xs)
         # The paper's rule: a step converged when its residual is within the absolute or the relative tolerance.
-        late = torch.nonzero((residual > config.tol) & (one_step > config.atol)).flatten()
+        late = torch.nonzero(~((residual <= config.tol) | (one_step <= config.atol))).flatten()  # NaN: not final
         # The first step that has not converged is exact after this update (its input x_lo … is final).
         first_open = lo + int(late[0]) if len(late) else hi - 1
         r = _unrolled(traj, lo, hi, order, xs, d, z) - xs[lo + 1: hi + 1]
         for i in range(lo, hi):
             history.setdefault(i, deque(maxlen=config.history)).append((xs[i + 1].clone(), r[i - lo]))
         correction = _anderson(history, lo, hi, first_open + 1, config.regularization)
-        sample_before = xs[n].clone() if hi == n else None
+        sample_before = xs[n].clone() if hi == n and had_sample else None
         xs[lo + 1: hi + 1] += r - correction
         change = float(_rms((xs[n] - sample_before)[None])) if sample_before is not None else float("inf")
         lo = first_open + 1
