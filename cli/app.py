@@ -125,7 +125,7 @@ def generate(
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
+                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol,
                                       start=start.value, max_rounds=max_rounds, max_batch=max_batch, eta=eta), steps, stale=stale.value,
                                  refresh=refresh))
 
@@ -200,7 +200,7 @@ def i2v(
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
-                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol or None,
+                                 dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol,
                                       start=start.value, max_rounds=max_rounds, max_batch=max_batch), steps, stale=stale.value,
                                  refresh=refresh))
 
