@@ -37,27 +37,29 @@ def load(model: str, *, devices: int | None = None, sampler: AsyncDiffConfig | N
          dtype: str | None = None, motion_adapter: str | None = None, scheduler: str | None = None,
          threads: int | None = None, oversubscribe: bool = False, num_frames: int | None = None,
          height: int | None = None, width: int | None = None, quiet: bool = True,
-         data_parallel: int = 1) -> VideoPipeline:
+         data_parallel: int = 1, variant: str | None = None) -> VideoPipeline:
     """Load `model` (an embedded name, a diffusers folder or a cached hub id) for sampling with `sampler` on
     `devices` processes in all (default: 1, or what `data_parallel` groups of the sampler need). `num_frames`,
     `height` and `width` are the sizes a stage-parallel sampler balances its split for (default: the model's); any
-    size can be asked for afterwards."""
+    size can be asked for afterwards. `variant` picks a form of the weights (e.g. "fp16": `*.fp16.safetensors`;
+    default: the plain files, or the one variant the folder has)."""
     return VideoPipeline(model, devices=devices, sampler=sampler, device=device, dtype=dtype,
                          motion_adapter=motion_adapter, scheduler=scheduler, threads=threads,
                          oversubscribe=oversubscribe, plan_shape=(num_frames, height, width), quiet=quiet,
-                         data_parallel=data_parallel)
+                         data_parallel=data_parallel, variant=variant)
 
 
 class VideoPipeline:
     """A loaded model: `text_to_video` / `image_to_video` return a Video; `close()` ends its worker processes."""
 
     def __init__(self, model: str, *, devices: int | None, sampler, device, dtype, motion_adapter, scheduler,
-                 threads, oversubscribe, plan_shape, quiet, data_parallel: int = 1):
+                 threads, oversubscribe, plan_shape, quiet, data_parallel: int = 1, variant: str | None = None):
         self.layout = _check_layout(devices, sampler, threads, data_parallel)
         devices = self.layout.world_size
         torch_device = resolve_device(device)
         resolve_dtype(dtype, torch_device)  # fail here, not on every worker
-        self.spec = ModelSpec(model, sampler, motion_adapter, device, dtype, scheduler, plan_shape, quiet)
+        self.spec = ModelSpec(model, sampler, motion_adapter, device, dtype, scheduler, plan_shape, quiet,
+                              variant=variant)
         self.devices, self.threads, self._device = devices, threads, torch_device
         self._pool = self._loaded = None
         if runs_in_process(sampler, devices) and self.layout.data_parallel == 1:
@@ -65,7 +67,7 @@ class VideoPipeline:
                 self._loaded = load_sampler(None, self.spec)
         else:
             # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI).
-            preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler)
+            preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler, variant=variant)
             if isinstance(sampler, AsyncDiffConfig) and sampler.split:
                 frames, height, width = plan_shape
                 check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),

@@ -13,7 +13,7 @@ from asyncvid import __version__
 from asyncvid.cli.options import (
     DEFAULT_WARMUP, PARATAA, AllowPickle, Atol, CfgParallel, Cost, CostOpt, DataParallel, Debug, Device, Devices, DTypeOpt, Eta, Fmt, Format,
     Frames, Height, History, MaxBatch, MaxRounds, Model, Order, Out, Oversubscribe, Overwrite, Parallel, ParallelOpt, Refresh, Sampler,
-    SampleTol, SamplerOpt, SchedulerOpt, Seed, Split, Stages, Stale, StaleOpt, Start, StartOpt, Steps, Stride, Threads,
+    SampleTol, SamplerOpt, SchedulerOpt, Seed, Split, Stages, Stale, StaleOpt, Start, StartOpt, Steps, Stride, Variant, Threads,
     TimeShift, Tol, Warmup, WeightCap, Width, Window
 )
 from asyncvid.asyncdiff.config import AsyncDiffConfig
@@ -96,6 +96,7 @@ def generate(
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     allow_pickle: AllowPickle = False,
+    variant: Variant = None,
     debug: Debug = False,
 ):
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
@@ -123,7 +124,7 @@ def generate(
     run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value, finish=finish,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
+         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol,
                                       start=start.value, max_rounds=max_rounds, max_batch=max_batch, eta=eta), steps, stale=stale.value,
@@ -177,6 +178,7 @@ def i2v(
     threads: Threads = None,
     oversubscribe: Oversubscribe = False,
     allow_pickle: AllowPickle = False,
+    variant: Variant = None,
     debug: Debug = False,
 ):
     """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
@@ -198,7 +200,7 @@ def i2v(
     run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
-         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle,
+         oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant,
          sampler=lambda: sampler_config(sampler, stages, stride, warmup, time_shift, split, cfg_parallel, cost, weight_cap,
                                  dict(order=order, window=window, history=history, tol=tol, atol=atol, sample_tol=sample_tol,
                                       start=start.value, max_rounds=max_rounds, max_batch=max_batch), steps, stale=stale.value,

@@ -55,6 +55,8 @@ DTypeOpt = Annotated[Optional[DType], typer.Option("--dtype", metavar="DTYPE", h
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library logs.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Also load weights stored as pickle files (.bin/.ckpt). A pickle can run code when loaded: only for weights you trust; sequential sampling and ParaTAA only.")]
 
+Variant = Annotated[Optional[str], typer.Option("--variant", help="The form of the weights to load, e.g. fp16 (files named *.fp16.safetensors). Default: the plain files, or the one variant a download has.")]
+
 
 class SchedulerName(str, Enum):
     euler = "euler"

@@ -42,7 +42,7 @@ def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | Non
 
 
 def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None, data_parallel=1, parallel=None):
+        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None, data_parallel=1, parallel=None, variant=None):
     """Check everything before the model loads or a process starts, then hand the batch to the library.
 
     1. What needs neither torch nor the model (requests, sampler, layout, output folder): a typo fails at once.
@@ -73,7 +73,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         resolve_dtype(dtype_name, torch_device)
         scheduler_name = scheduler.value if scheduler else None
         preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle,
-                  scheduler=scheduler_name)
+                  scheduler=scheduler_name, variant=variant)
         if isinstance(config, AsyncDiffConfig) and config.split:  # a manual split this UNet cannot take: once, here
             check_plan(model, config, requests[0], motion_adapter)
         requests = finish(requests) if finish is not None else requests
@@ -92,7 +92,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
                   threads=threads, oversubscribe=oversubscribe, scheduler=scheduler_name,
-                  allow_pickle=allow_pickle, data_parallel=data_parallel,
+                  allow_pickle=allow_pickle, variant=variant, data_parallel=data_parallel,
                   start_method=_start_method(torch_device, computed))
         if torch_device.type == "cpu" and threads is None:
             _warn_if_busy(_external_world() if _external() else devices)

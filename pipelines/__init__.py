@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from types import ModuleType
 
@@ -12,9 +13,18 @@ from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
 from asyncvid.models.schedulers import check_scheduler
-from asyncvid.models.sources import check_components, check_weights, resolve_folder
+from asyncvid.models.sources import (
+    adapter_variant,
+    check_components,
+    check_weights,
+    components,
+    pipeline_class,
+    resolve_folder,
+)
+from asyncvid.models.variants import forms
 from asyncvid.pipelines import animatediff, motion_units, svd, svd_units
 from asyncvid.pipelines.embedded import EMBEDDED, materialize
+from asyncvid.requests import UsageWarning
 
 # model_index.json `_class_name` -> adapter. A Stable Diffusion folder is an AnimateDiff base model.
 ADAPTERS: dict[str, ModuleType] = {
@@ -42,16 +52,24 @@ def units_for(unet) -> ModuleType:
 
 def adapter_for(folder: Path) -> ModuleType:
     """The adapter for a diffusers folder, by the pipeline class it was saved from."""
-    class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+    class_name = pipeline_class(folder)
     if class_name not in ADAPTERS:
         raise UsageError(f"model '{folder}' is a {class_name}; asyncvid supports {', '.join(sorted(ADAPTERS))}")
     return ADAPTERS[class_name]
 
 
-def resolve_model(spec: str, *, allow_pickle: bool = False) -> Path:
+def latent_shape(folder: Path, frames: int | None, height: int | None, width: int | None) -> dict:
+    """The sizes a split is planned at (unit programs' `example_inputs`), with the factor the folder's VAE shrinks
+    frames by: 2 ** (its blocks - 1), as the pipelines compute `vae_scale_factor` (8 for SD's 4-block VAE)."""
+    vae = folder / "vae" / "config.json"
+    blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) if vae.is_file() else 4
+    return {"frames": frames, "height": height, "width": width, "scale": 2 ** (blocks - 1)}
+
+
+def resolve_model(spec: str, *, allow_pickle: bool = False, variant: str | None = None) -> Path:
     """An embedded name, a local folder or a cached hub id, as a local diffusers pipeline folder."""
     folder = resolve_folder(spec, EMBEDDED, materialize)
-    check_components(folder, allow_pickle=allow_pickle)
+    check_components(folder, loads=adapter_for(folder).COMPONENTS, allow_pickle=allow_pickle, variant=variant)
     return folder
 
 
@@ -61,37 +79,50 @@ def resolve_motion_adapter(spec: str) -> Path:
 
 
 def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motion_adapter: str | None = None,
-                  allow_pickle: bool = False):
+                  allow_pickle: bool = False, variant: str | None = None):
     """Load a pipeline onto `device` in `dtype`; returns (pipeline, adapter, folder). Safetensors only unless
-    `allow_pickle` (a pickle can run code when loaded)."""
-    folder = resolve_model(model, allow_pickle=allow_pickle)
+    `allow_pickle` (a pickle can run code when loaded); `variant` chooses a form of the weights (e.g. fp16)."""
+    folder = resolve_model(model, allow_pickle=allow_pickle, variant=variant)
     adapter = adapter_for(folder)
     adapter_folder = resolve_motion_adapter(motion_adapter) if motion_adapter else None
-    pipe = adapter.load(folder, dtype=dtype, motion_adapter=adapter_folder, allow_pickle=allow_pickle)
+    pipe = adapter.load(folder, dtype=dtype, motion_adapter=adapter_folder, allow_pickle=allow_pickle,
+                        variant=variant)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe, adapter, folder
 
 
 def preflight(model: str, task: str | None, requests: list, *, motion_adapter: str | None = None,
-              allow_pickle: bool = False, scheduler: str | None = None) -> Path:
+              allow_pickle: bool = False, scheduler: str | None = None, variant: str | None = None) -> Path:
     """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
-    in one line from one process: its source, components and weights, its task (unless None: any), and each request
-    (frames, and a warning for a prompt longer than the text encoder reads), and a replacement scheduler."""
+    in one line from one process: its source, components, weights and their form (variant), its task (unless None:
+    any), and each request (frames, and a warning for a prompt longer than the text encoder reads), and a replacement
+    scheduler. What it decides for the user (a variant, a component left out) it says here, once."""
     folder = resolve_folder(model, EMBEDDED, materialize)
-    check_components(folder, allow_pickle=allow_pickle)
     adapter = adapter_for(folder)
+    choice = check_components(folder, loads=adapter.COMPONENTS, allow_pickle=allow_pickle, variant=variant,
+                              name=model)
     if task is not None and adapter.TASK != task:
         command = "generate" if adapter.TASK == "text-to-video" else "i2v"
         raise UsageError(f"model '{model}' does {adapter.TASK}, not {task}; use `asyncvid {command}` with it")
+    notes = [choice.note]
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in components(index):
+        if name not in adapter.COMPONENTS:
+            notes.append(f"'{model}' has a {name} ({index[name][1]}), which {adapter.PIPELINE.__name__} does not "
+                         f"take: it is not loaded")
     motion = None
     if motion_adapter is not None:
         motion = resolve_folder(motion_adapter, (), materialize, marker="config.json")
-        check_weights(motion, allow_pickle=allow_pickle)
+        chosen = adapter_variant(motion, variant, name=motion_adapter) if forms(motion) else None
+        check_weights(motion, allow_pickle=allow_pickle, variant=chosen and chosen.variant)
+        notes.append(chosen and chosen.note)
     adapter.check_folder(folder, requests, motion_adapter=motion)
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if scheduler is not None and scheduler_config.is_file():
         check_scheduler(scheduler, json.loads(scheduler_config.read_text()))
+    for note in filter(None, notes):
+        warnings.warn(UsageWarning(note), stacklevel=2)
     return folder
 
 

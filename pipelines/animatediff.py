@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNetMotionModel
+from accelerate import init_empty_weights
+from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import CLIPTokenizer
 
+from asyncvid.asyncdiff.weights import load_owned
 from asyncvid.errors import UsageError
-from asyncvid.models.sources import check_weights
+from asyncvid.models.sources import adapter_variant, check_weights, takes, variant_of
+from asyncvid.models.variants import forms, weight_files
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import animatediff_parataa
 from asyncvid.requests import TextToVideo, UsageWarning
@@ -23,45 +26,88 @@ DEFAULT_FRAMES = 16  # AnimateDiff's own default
 DECODE_CHUNK = 16  # AnimateDiffPipeline's default decode_chunk_size
 
 
+PIPELINE = AnimateDiffPipeline
+COMPONENTS = takes(PIPELINE)
+
+
 def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None,
-         allow_pickle: bool = False) -> AnimateDiffPipeline:
+         allow_pickle: bool = False, variant: str | None = None) -> AnimateDiffPipeline:
     """An AnimateDiff pipeline from its own folder, or from a Stable Diffusion base folder plus a motion adapter.
 
-    With `unet` (a UNetMotionModel from `unet_skeleton`), that UNet is used and no motion adapter is loaded.
-    Safetensors only unless `allow_pickle`; never runs code from the folder.
+    With `unet` (a UNetMotionModel from `unet_skeleton`, filled), that UNet is used and no motion adapter is loaded.
+    A motion adapter's UNet is assembled on the meta device and filled tensor by tensor from the base UNet's and the
+    adapter's files, so neither the base UNet nor the adapter is ever held beside it. Safetensors only unless
+    `allow_pickle`, in the form `variant` chooses; never runs code from the folder.
     """
-    opts = dict(dtype=dtype, use_safetensors=None if allow_pickle else True)
-    if unet is not None:
-        return AnimateDiffPipeline.from_pretrained(folder, unet=unet, motion_adapter=None, trust_remote_code=False,
-                                                   **opts)
     base_class = _base_class(folder)
-    adapter = None
-    if motion_adapter is not None:
-        check_weights(motion_adapter, allow_pickle=allow_pickle)
-        adapter = MotionAdapter.from_pretrained(motion_adapter, **opts)
-    elif base_class != "AnimateDiffPipeline":
+    if unet is None and motion_adapter is None and base_class != "AnimateDiffPipeline":
         raise UsageError(
             f"'{folder}' is a {base_class} base model; add --motion-adapter with an AnimateDiff motion adapter folder"
         )
-    if base_class == "AnimateDiffPipeline":
-        pipe = AnimateDiffPipeline.from_pretrained(folder, trust_remote_code=False, **opts)
-        if adapter is not None:
-            pipe.unet.load_motion_modules(adapter)
-        return pipe
-    pipe = AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, trust_remote_code=False, **opts)
-    # A Stable Diffusion folder brings its image scheduler; AnimateDiff samples with DDIM, linear betas.
+    opts = dict(dtype=dtype, use_safetensors=None if allow_pickle else True, trust_remote_code=False,
+                variant=variant_of(folder, COMPONENTS, variant).variant)
+    if unet is None and motion_adapter is not None:
+        if not _safetensors(folder / "unet", motion_adapter):
+            return _load_pickles(folder, motion_adapter, base_class, opts, allow_pickle)
+        unet = unet_skeleton(folder, motion_adapter)
+        load_owned(unet, unet_weights(folder, motion_adapter, variant), None, device="cpu", dtype=dtype)
+    if unet is None:
+        return AnimateDiffPipeline.from_pretrained(folder, **opts)
+    pipe = AnimateDiffPipeline.from_pretrained(folder, unet=unet, motion_adapter=None, **opts)
+    return _video_scheduler(pipe) if base_class != "AnimateDiffPipeline" else pipe
+
+
+def _video_scheduler(pipe: AnimateDiffPipeline) -> AnimateDiffPipeline:
+    """A Stable Diffusion folder brings its image scheduler; AnimateDiff samples with DDIM, linear betas."""
     pipe.scheduler = DDIMScheduler.from_config(
         pipe.scheduler.config, beta_schedule="linear", clip_sample=False, timestep_spacing="linspace", steps_offset=1
     )
     return pipe
 
 
-def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
-    """The UNetMotionModel with empty weights and its safetensors folder, when the folder holds one; None for a
-    base model plus a separate motion adapter (that UNet is assembled on load, so it loads whole)."""
-    if motion_adapter is not None or _base_class(folder) != "AnimateDiffPipeline":
-        return None, None
-    return skeleton(UNetMotionModel, folder / "unet"), folder / "unet"
+def _safetensors(*folders: Path) -> bool:
+    return all(forms(f) for f in folders)
+
+
+def _load_pickles(folder: Path, motion_adapter: Path, base_class: str, opts: dict,
+                  allow_pickle: bool) -> AnimateDiffPipeline:
+    """Pickle weights (--allow-pickle) cannot be read tensor by tensor: diffusers loads and merges them whole."""
+    check_weights(motion_adapter, allow_pickle=allow_pickle)
+    adapter = MotionAdapter.from_pretrained(motion_adapter, **{**opts, "variant": None})
+    if base_class == "AnimateDiffPipeline":
+        pipe = AnimateDiffPipeline.from_pretrained(folder, **opts)
+        pipe.unet.load_motion_modules(adapter)
+    else:
+        pipe = _video_scheduler(AnimateDiffPipeline.from_pretrained(folder, motion_adapter=adapter, **opts))
+    pipe.register_modules(motion_adapter=None)  # merged into the UNet: the copy would only hold memory
+    return pipe
+
+
+def unet_skeleton(folder: Path, motion_adapter: Path | None = None) -> torch.nn.Module:
+    """The UNetMotionModel with empty weights, as AnimateDiffPipeline assembles it (no file but configs is read):
+    the folder's own, or a Stable Diffusion UNet's merged with a motion adapter (UNetMotionModel.from_unet2d)."""
+    if _base_class(folder) == "AnimateDiffPipeline":
+        return skeleton(UNetMotionModel, folder / "unet")  # an extra adapter's motion modules carry the same names
+    if motion_adapter is None:
+        raise UsageError(f"'{folder}' is a {_base_class(folder)} base model; add --motion-adapter with an "
+                         f"AnimateDiff motion adapter folder")
+    with init_empty_weights(include_buffers=False):
+        base = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        adapter = MotionAdapter.from_config(MotionAdapter.load_config(motion_adapter))
+        if adapter.config.get("conv_in_channels"):
+            raise UsageError(f"motion adapter '{motion_adapter}' brings its own conv_in (a PIA-style adapter, "
+                             f"conv_in_channels={adapter.config['conv_in_channels']}); asyncvid supports "
+                             f"AnimateDiff motion adapters without one")
+        return UNetMotionModel.from_unet2d(base, adapter, load_weights=False).eval()
+
+
+def unet_weights(folder: Path, motion_adapter: Path | None = None, variant: str | None = None) -> list[Path]:
+    """The safetensors files that fill `unet_skeleton`: the folder's UNet, then the adapter's (the UNetMotionModel's
+    tensors are the base UNet's and the adapter's under the same names)."""
+    files = weight_files(folder / "unet", variant_of(folder, COMPONENTS, variant).variant)
+    if motion_adapter is not None:
+        files += weight_files(motion_adapter, adapter_variant(motion_adapter, variant).variant)
+    return files
 
 
 def _base_class(folder: Path) -> str:

@@ -12,6 +12,7 @@ from asyncvid.errors import UsageError
 from asyncvid.pipelines.unit_common import check_upsample_size, downsample, timestep_tensor, upsample
 
 # conv_in is tiny and holds the first parameter, which diffusers reads for the model's device and dtype.
+FRAME_DIM = 2  # the UNet's sample is (batch, channels, frames, height, width)
 SHARED = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding")
 
 
@@ -122,11 +123,11 @@ def _prologue(unet, sample, timestep, encoder_hidden_states, timestep_cond=None,
 
 
 def example_inputs(unet, *, frames: int | None = None, height: int | None = None, width: int | None = None,
-                   batch: int = 2):
+                   batch: int = 2, scale: int = 8):
     """UNet inputs as AnimateDiff's pipeline builds them (a guidance batch of 2, 77 text tokens per frame)."""
     frames = frames or 16
-    h = (height or unet.config.sample_size * 8) // 8
-    w = (width or unet.config.sample_size * 8) // 8
+    h = (height or unet.config.sample_size * scale) // scale  # `scale`: the VAE's factor
+    w = (width or unet.config.sample_size * scale) // scale
     sample = torch.randn(batch, unet.config.in_channels, frames, h, w)
     text = torch.randn(batch * frames, 77, unet.config.cross_attention_dim)
     return (sample, torch.tensor(501), text), {}

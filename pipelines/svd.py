@@ -9,6 +9,8 @@ import torch
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
 
 from asyncvid.errors import UsageError
+from asyncvid.models.sources import takes, variant_of
+from asyncvid.models.variants import weight_files
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import svd_parataa
 from asyncvid.requests import ImageToVideo
@@ -18,21 +20,32 @@ TASK = "image-to-video"
 FRAME_DIM = 1  # latents are (batch, frames, channels, height, width)
 
 
+PIPELINE = StableVideoDiffusionPipeline
+COMPONENTS = takes(PIPELINE)
+
+
 def load(folder: Path, *, dtype: torch.dtype, motion_adapter: Path | None = None, unet=None,
-         allow_pickle: bool = False):
+         allow_pickle: bool = False, variant: str | None = None):
     """An SVD pipeline from its diffusers folder (with `unet`, that UNet instead of the folder's); safetensors only
-    unless `allow_pickle` (then safetensors where present, pickles elsewhere). Never runs code from the folder."""
+    unless `allow_pickle` (then safetensors where present, pickles elsewhere), in the form `variant` chooses
+    (asyncvid.models.variants). Never runs code from the folder."""
     if motion_adapter is not None:
         raise UsageError("--motion-adapter applies to AnimateDiff models only; drop it for image-to-video")
     extra = {"unet": unet} if unet is not None else {}
     safetensors = None if allow_pickle else True  # None: safetensors where present, pickles elsewhere
     return StableVideoDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=safetensors,
+                                                        variant=variant_of(folder, COMPONENTS, variant).variant,
                                                         trust_remote_code=False, **extra)
 
 
-def unet_skeleton(folder: Path, motion_adapter: Path | None = None):
-    """The UNet with empty weights, and the folder its safetensors are in."""
-    return skeleton(UNetSpatioTemporalConditionModel, folder / "unet"), folder / "unet"
+def unet_skeleton(folder: Path, motion_adapter: Path | None = None) -> torch.nn.Module:
+    """The UNet with empty weights (no file but its config is read)."""
+    return skeleton(UNetSpatioTemporalConditionModel, folder / "unet")
+
+
+def unet_weights(folder: Path, motion_adapter: Path | None = None, variant: str | None = None) -> list[Path]:
+    """The safetensors files that fill `unet_skeleton`, in the form `variant` chooses."""
+    return weight_files(folder / "unet", variant_of(folder, COMPONENTS, variant).variant)
 
 
 def check_folder(folder: Path, requests: list[ImageToVideo], motion_adapter: Path | None = None) -> None:

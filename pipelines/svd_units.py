@@ -11,6 +11,7 @@ from asyncvid.asyncdiff.units import Program, Unit
 from asyncvid.pipelines.unit_common import check_upsample_size, downsample, timestep_tensor, upsample
 
 # conv_in is tiny and holds the first parameter, which diffusers reads for the model's device and dtype.
+FRAME_DIM = 1  # the UNet's sample is (batch, frames, channels, height, width)
 SHARED = ("conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding")
 
 
@@ -91,11 +92,11 @@ def _prologue(unet, sample, timestep, encoder_hidden_states, added_time_ids, ret
 
 
 def example_inputs(unet, *, frames: int | None = None, height: int | None = None, width: int | None = None,
-                   batch: int = 2):
+                   batch: int = 2, scale: int = 8):
     """UNet inputs as SVD's pipeline builds them (a guidance batch of 2), for profiling and planning."""
     frames = frames or unet.config.num_frames
-    h = (height or unet.config.sample_size * 8) // 8
-    w = (width or unet.config.sample_size * 8) // 8
+    h = (height or unet.config.sample_size * scale) // scale  # `scale`: the VAE's factor
+    w = (width or unet.config.sample_size * scale) // scale
     cross = unet.config.cross_attention_dim
     sample = torch.randn(batch, frames, unet.config.in_channels, h, w)
     return (sample, torch.tensor(1.0), torch.randn(batch, 1, cross), torch.randn(batch, 3)), {}

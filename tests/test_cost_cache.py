@@ -39,19 +39,19 @@ def test_unreadable_cache_is_measured_again(tmp_path, monkeypatch):
 def test_a_filled_cache_builds_and_runs_nothing(tmp_path, monkeypatch):
     """Measured costs come from the cache before any model is built: a rerun (and --parallel auto, which forks its
     workers only when this process has run no tensor work) allocates nothing for measuring."""
-    import functools
 
-    from asyncvid.asyncdiff import setup
+    from asyncvid.asyncdiff import timing
     from asyncvid.pipelines import adapter_for, resolve_model, units_for
 
     folder = resolve_model("tiny-animatediff")
-    unet, _ = adapter_for(folder).unet_skeleton(folder, None)
+    unet = adapter_for(folder).unet_skeleton(folder, None)
     family = units_for(unet)
-    example = functools.partial(family.example_inputs, frames=4, height=64, width=64)
+    shape = {"frames": 4, "height": 64, "width": 64}
     monkeypatch.setenv("ASYNCVID_HOME", str(tmp_path))
-    first = setup.measure_unit_costs(unet, family, example, torch.device("cpu"), torch.float32)
+    first = timing.measure_unit_costs(unet, family, shape, torch.device("cpu"), torch.float32)
     built = []
     monkeypatch.setattr(type(unet), "from_config", classmethod(lambda cls, *a, **k: built.append(1)))
-    monkeypatch.setattr(setup, "measure_times", lambda *a, **k: built.append(2))
-    assert setup.measure_unit_costs(unet, family, example, torch.device("cpu"), torch.float32) == first
+    monkeypatch.setattr(timing, "measure_times", lambda *a, **k: built.append(2))
+    monkeypatch.setattr(timing, "fake_profile", lambda *a, **k: built.append(3))
+    assert timing.measure_unit_costs(unet, family, shape, torch.device("cpu"), torch.float32) == first
     assert built == []

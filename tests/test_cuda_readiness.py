@@ -54,7 +54,7 @@ def test_measured_plan_costs_are_timed_in_the_runs_dtype(monkeypatch):
 
     seen = []
 
-    def fake_measure(unet, family, example, device, dtype):
+    def fake_measure(unet, family, shape, device, dtype):
         seen.append(dtype)
         return [1.0] * len(family.build_program(unet).units)
 

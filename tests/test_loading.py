@@ -344,7 +344,7 @@ def _placement(rank, folder, adapter_folder):
 
 
 def test_asyncdiff_puts_every_unet_tensor_a_rank_holds_on_the_runs_device(sd_base_and_adapter):
-    """The base-plus-adapter form loads the UNet whole and releases the other stages' weights; what the rank keeps
+    """The base-plus-adapter form fills only this stage's tensors of the assembled skeleton; what the rank keeps
     must then move to the run's device with the rest of the pipeline (it stayed on the CPU, so a GPU run failed).
     The meta device stands in for the GPU: every tensor must end up there."""
     from asyncvid.runtime import launch

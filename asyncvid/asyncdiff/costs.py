@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,27 +65,30 @@ def fake_profile(build_unet: Callable[[], torch.nn.Module], build_program, examp
         return profile(build_program(unet), unet, args, kwargs)
 
 
-def measure_times(program: Program, args, kwargs, repeats: int = 3) -> list[float]:
-    """Median wall time of each unit on the inputs' device (after one warm-up pass)."""
+def measure_times(program: Program, args, kwargs, repeats: int = 3, materialise=None) -> list[float]:
+    """Median wall time of each unit on the inputs' device: each unit runs `repeats` + 1 times on its input (the
+    first warms up) inside `materialise(i)`, a context in which unit i's weights exist (default: they do)."""
     device = args[0].device
-    times: dict[int, list[float]] = {}
-
-    class _Timer:
-        def __init__(self, i):
-            self.i = i
-
-        def __enter__(self):
-            _sync(device)
-            self.start = time.perf_counter()
-
-        def __exit__(self, *exc):
-            _sync(device)
-            times.setdefault(self.i, []).append(time.perf_counter() - self.start)
-
-    for _ in range(repeats + 1):
-        for _ in _walk(program, args, kwargs, _Timer):
-            pass
-    return [statistics.median(times[i][1:]) for i in range(len(program.units))]
+    pops, _ = skip_wiring(program.units)
+    times = []
+    with torch.inference_mode():
+        ctx, h = program.prologue(*args, **kwargs)
+        skips: dict[int, torch.Tensor] = {}
+        for i, unit in enumerate(program.units):
+            skip = skips.pop(pops[i]) if unit.pops else None
+            runs = []
+            with materialise(i) if materialise is not None else contextlib.nullcontext():
+                for _ in range(repeats + 1):
+                    _sync(device)
+                    start = time.perf_counter()
+                    out = unit.run(ctx, h, skip)
+                    _sync(device)
+                    runs.append(time.perf_counter() - start)
+            h = out
+            if unit.pushes:
+                skips[i] = h
+            times.append(statistics.median(runs[1:]))
+    return times
 
 
 def _sync(device: torch.device) -> None:

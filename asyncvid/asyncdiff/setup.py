@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
-from asyncvid.asyncdiff.cost_cache import cached, key
-from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
+from asyncvid.asyncdiff.costs import UnitProfile, fake_profile
 from asyncvid.asyncdiff.hook import AsyncDiffHook, CfgSplit, apply_asyncdiff
 from asyncvid.asyncdiff.plan import Plan, describe, make_plan, transfers
-from asyncvid.asyncdiff.weights import load_owned, materialised_share, move_materialised, release_unowned
+from asyncvid.asyncdiff.timing import measure_unit_costs
+from asyncvid.asyncdiff.weights import load_owned, materialised_share, move_materialised
 from asyncvid.errors import UsageError
 from asyncvid.models.schedulers import set_scheduler
 
@@ -36,28 +36,25 @@ class StagedPipeline:
 
 
 def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
-                    motion_adapter=None, settings: dict, group=None, scheduler: str | None = None) -> StagedPipeline:
+                    motion_adapter=None, settings: dict, group=None, scheduler: str | None = None,
+                    variant: str | None = None) -> StagedPipeline:
     """Steps 1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
     config.check_world_size(world)
-    unet, weights_folder = adapter.unet_skeleton(folder, motion_adapter)
-    full = None
-    if unet is None:  # a base model plus motion adapter assembles its UNet on load: load whole, then release
-        full = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter)
-        unet = full.unet
+    unet = adapter.unet_skeleton(folder, motion_adapter)  # every form, a base model plus adapter too: no weights
     family = units_for(unet)
     profiles, plan = flops_plan(unet, family, config, shape)
 
     # 2. Agree: every rank must run the same model and settings.
     _check_agreement(settings, group)
 
-    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights and shared with all ranks.
+    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights (asyncvid.asyncdiff.timing: one
+    # unit's at a time, never a copy of the model) and shared with all ranks.
     if config.cost == "measured" and config.stages > 1 and not config.split:
-        example = functools.partial(family.example_inputs, **shape)
         # Over the whole world, not this group: data-parallel groups must split alike, or a video's bytes would
         # depend on which group made it. Every rank of every group loads here at once.
-        costs = _measured_costs(unet, family, example, device, dtype, dist.get_rank(), None, len(profiles))
+        costs = _measured_costs(unet, family, shape, device, dtype, dist.get_rank(), None, len(profiles))
         plan = make_plan(list(plan.names), costs, config.stages, config.split,
                          [float(p.param_bytes) for p in profiles], config.weight_cap)
     names = plan.names
@@ -67,12 +64,8 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     stage_group, cfg = _groups(config, rank, world, group)
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
     keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
-    if full is None:
-        load_owned(unet, weights_folder, keep, device=device, dtype=dtype)
-        pipe = adapter.load(folder, dtype=dtype, unet=unet)
-    else:
-        release_unowned(unet, keep)
-        pipe = full
+    load_owned(unet, adapter.unet_weights(folder, motion_adapter, variant), keep, device=device, dtype=dtype)
+    pipe = adapter.load(folder, dtype=dtype, unet=unet, variant=variant)
     move_materialised(unet, device)  # what this rank holds of the UNet; Module.to would fail on the meta rest
     _move_except_unet(pipe, device)
     pipe.set_progress_bar_config(disable=True)
@@ -127,38 +120,14 @@ def _check_agreement(settings: dict, group) -> None:
         )
 
 
-def measure_unit_costs(unet, family, example, device, dtype) -> list[float]:
-    """Time each unit on a random-weight copy of the UNet at the real input shape (compute time does not depend
-    on the weights' values), on `device` in `dtype`; from the cache when these were timed before, and then
-    nothing is built or run (the inputs' shapes come from meta tensors)."""
-    with torch.device("meta"):
-        args, kwargs = example(unet)
-    shapes = [list(a.shape) if torch.is_tensor(a) else a for a in (*args, *kwargs.values())]
-
-    def measure() -> list[float]:
-        model = type(unet).from_config(unet.config).to(device=device, dtype=dtype).eval()
-        args, kwargs = example(model)
-        args = tuple(_to(a, device, dtype) for a in args)
-        return measure_times(family.build_program(model), args, kwargs)
-
-    # Measured once per machine and shape, then reused: the same split on every rerun gives the same frames.
-    return cached(key(dict(unet.config), shapes, device, dtype), measure)
-
-
-def _measured_costs(unet, family, example, device, dtype, rank, group, units: int) -> list[float]:
+def _measured_costs(unet, family, shape, device, dtype, rank, group, units: int) -> list[float]:
     """Rank 0 measures (so every rank balances on the same numbers) and broadcasts."""
     costs = torch.zeros(units, dtype=torch.float64, device=device)
     if rank == 0:
-        costs = torch.tensor(measure_unit_costs(unet, family, example, device, dtype), dtype=torch.float64,
+        costs = torch.tensor(measure_unit_costs(unet, family, shape, device, dtype), dtype=torch.float64,
                              device=device)  # NCCL moves GPU tensors only
     dist.broadcast(costs, group=group, group_src=0)
     return costs.tolist()
-
-
-def _to(value, device, dtype):
-    if torch.is_tensor(value):
-        return value.to(device=device, dtype=dtype if value.is_floating_point() else value.dtype)
-    return value
 
 
 def _move_except_unet(pipe, device) -> None:
@@ -171,23 +140,14 @@ def _move_except_unet(pipe, device) -> None:
 def describe_split(model: str, folder, adapter, units_for, config: AsyncDiffConfig, *, motion_adapter=None,
                    shape: dict, device, dtype) -> str:
     """The printable plan of the UNet in `folder` split as `config` asks (what `asyncvid plan` shows)."""
-    unet = planning_unet(folder, adapter, motion_adapter, dtype)
+    unet = adapter.unet_skeleton(folder, motion_adapter)
     family = units_for(unet)
     example = functools.partial(family.example_inputs, **shape)
     profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
     costs = [float(p.flops) for p in profiles]
     if config.cost == "measured":
-        costs = measure_unit_costs(unet, family, example, device, dtype)
+        costs = measure_unit_costs(unet, family, shape, device, dtype)
     plan = make_plan([p.name for p in profiles], costs, config.stages, config.split,
                      [float(p.param_bytes) for p in profiles], config.weight_cap)
     header = f"{model}: {type(unet).__name__}, {len(profiles)} units, {config.stages} stages, balanced by {config.cost}"
     return header + "\n" + describe(plan, profiles, transfers(plan, family.build_program(unet)))
-
-
-def planning_unet(folder, adapter, motion_adapter=None, dtype=torch.float32) -> torch.nn.Module:
-    """The UNet to plan and profile with: its empty skeleton, or, for a base model plus a motion adapter (assembled
-    on load), the whole UNet."""
-    unet, _ = adapter.unet_skeleton(folder, motion_adapter)
-    if unet is None:
-        unet = adapter.load(folder, dtype=dtype, motion_adapter=motion_adapter).unet
-    return unet

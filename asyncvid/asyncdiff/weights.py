@@ -10,30 +10,27 @@ from accelerate.utils import set_module_tensor_to_device
 from safetensors import safe_open
 
 from asyncvid.errors import UsageError
-from asyncvid.models.weights import weight_files
 
 
 def owned(name: str, modules: list[str]) -> bool:
     return any(name == m or name.startswith(m + ".") for m in modules)
 
 
-def load_owned(unet: torch.nn.Module, folder: Path, modules: list[str], *, device, dtype) -> None:
-    """Materialise the tensors under `modules` from `folder`'s safetensors; everything else stays on meta."""
-    for path in weight_files(folder):
+def load_owned(unet: torch.nn.Module, files: list[Path], modules: list[str] | None, *, device, dtype) -> None:
+    """Materialise the tensors under `modules` (None: all) from safetensors `files`, read one tensor at a time (a
+    later file's tensor replaces an earlier one's: an adapter's motion modules over a folder's); the rest stays on
+    meta."""
+    filled = set()
+    for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for key in f.keys():
-                if owned(key, modules):
+                if modules is None or owned(key, modules):
                     set_module_tensor_to_device(unet, key, device, value=f.get_tensor(key), dtype=dtype)
-    missing = [n for n, p in unet.named_parameters() if p.is_meta and owned(n, modules)]
+                    filled.add(key)
+    missing = [n for n, _ in unet.named_parameters() if n not in filled and (modules is None or owned(n, modules))]
     if missing:
-        raise UsageError(f"'{folder}' lacks weights for {missing[0]} (and {len(missing) - 1} more); re-save the model")
-
-
-def release_unowned(unet: torch.nn.Module, modules: list[str]) -> None:
-    """Drop every parameter outside `modules` to the meta device (for models that had to load whole)."""
-    for name, param in list(unet.named_parameters()):
-        if not owned(name, modules) and not param.is_meta:
-            set_module_tensor_to_device(unet, name, "meta")
+        where = " and ".join(sorted({str(p.parent) for p in files}))
+        raise UsageError(f"'{where}' lacks weights for {missing[0]} (and {len(missing) - 1} more); re-save the model")
 
 
 def move_materialised(module: torch.nn.Module, device) -> None:

@@ -11,6 +11,7 @@ from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from asyncvid.asyncdiff.costs import measure_times, profile
+from asyncvid.asyncdiff.timing import scale_times
 from asyncvid.bench.costmodel import Stages, split
 from asyncvid.pipelines import motion_units, svd_units
 
@@ -83,8 +84,7 @@ def cuda_unit_times(arch: Arch, device: torch.device, dtype=torch.float16) -> li
     args = tuple(a.to(device=device, dtype=dtype if a.is_floating_point() else a.dtype) for a in args)
     times = measure_times(arch.units.build_program(unet), args, kwargs)
     del unet
-    return [t * (f.flops / s.flops if s.flops else f.out_bytes / max(s.out_bytes, 1))
-            for t, s, f in zip(times, small, full)]
+    return scale_times(times, small, full)
 
 
 def project(arch: Arch, stage_counts, *, unit_s=None, rate: float | None = None, element_bytes: int = 4):

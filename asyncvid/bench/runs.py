@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 
 from asyncvid.asyncdiff.costs import fake_profile, measure_times
-from asyncvid.asyncdiff.setup import measure_unit_costs, planning_unet
+from asyncvid.asyncdiff.timing import measure_unit_costs
 from asyncvid.bench.costmodel import ping_pong, split
 from asyncvid.bench.measure import asyncdiff_sample, parataa_sample, sequential_sample
-from asyncvid.pipelines import adapter_for, resolve_model, units_for
+from asyncvid.pipelines import adapter_for, latent_shape, resolve_model, units_for
 from asyncvid.runtime import launch
 from asyncvid.runtime.loaders import quiet_libraries
 
@@ -66,14 +66,14 @@ def _unit_costs(model, request, device, threads, stage_counts) -> dict:
     quiet_libraries()
     folder = resolve_model(model)
     adapter = adapter_for(folder)
-    unet = planning_unet(folder, adapter)
+    unet = adapter.unet_skeleton(folder)
     family = units_for(unet)
-    shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
+    shape = latent_shape(folder, request.num_frames, request.height, request.width)
     example = functools.partial(family.example_inputs, **shape)
     profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
     with launch.cpu_threads(threads, device):
         # The split a run makes: balanced on the times asyncdiff.setup measures (or reuses from its cache).
-        balance = measure_unit_costs(unet, family, example, device, torch.float32)
+        balance = measure_unit_costs(unet, family, shape, device, torch.float32)
         batch2 = fresh_unit_times(unet, family, example, device)
         batch1 = fresh_unit_times(unet, family, functools.partial(example, batch=1), device)
     program = family.build_program(type(unet).from_config(unet.config))
@@ -102,10 +102,10 @@ def _busy(model, request, device, ranks):
 
 def _busy_rank(rank, model, request):
     folder = resolve_model(model)
-    unet = planning_unet(folder, adapter_for(folder))
+    unet = adapter_for(folder).unet_skeleton(folder)
     family = units_for(unet)
-    example = functools.partial(family.example_inputs, frames=request.num_frames, height=request.height,
-                                width=request.width)
+    example = functools.partial(family.example_inputs,
+                                **latent_shape(folder, request.num_frames, request.height, request.width))
     dist.barrier()  # start together, so every measurement overlaps the others
     out = {"unit_s": fresh_unit_times(unet, family, example, rank.device),
            "unit_s_batch1": fresh_unit_times(unet, family, functools.partial(example, batch=1), rank.device)}

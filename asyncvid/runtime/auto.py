@@ -10,7 +10,6 @@ they are the same for every layout or small beside the UNet (docs/BENCHMARKS.md 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import os
 from dataclasses import dataclass
@@ -20,10 +19,10 @@ import torch
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.cost_cache import cache_dir
 from asyncvid.asyncdiff.plan import make_plan
-from asyncvid.asyncdiff.setup import measure_unit_costs
+from asyncvid.asyncdiff.timing import measure_unit_costs
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_dtype
-from asyncvid.pipelines import adapter_for, resolve_model, resolve_motion_adapter, units_for
+from asyncvid.pipelines import adapter_for, latent_shape, resolve_model, resolve_motion_adapter, units_for
 from asyncvid.runtime import launch
 
 MAX_STAGES = 4  # AsyncDiff's speedup flattens past 4 stages (Chen et al. 2024, table 3)
@@ -101,7 +100,7 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
     first = requests[0]
     cached = set(cache_dir().glob("*.json"))
     unit_s_at = _unit_times(model, motion_adapter, device, resolve_dtype(dtype, device), cpu, devices,
-                            {"frames": first.num_frames, "height": first.height, "width": first.width})
+                            (first.num_frames, first.height, first.width))
     # Timed here (not all from the cache): an unwritable cache times on every run without a trace.
     writable = os.access(next(p for p in (cache_dir(), *cache_dir().parents) if p.exists()), os.W_OK)
     measured = set(cache_dir().glob("*.json")) != cached or not writable
@@ -109,20 +108,17 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
             for c in candidates(unit_s_at, devices, len(requests), first.num_inference_steps, warmup, cpu)]
 
 
-def _unit_times(model, motion_adapter, device, dtype, cpu: bool, cores: int, shape: dict):
+def _unit_times(model, motion_adapter, device, dtype, cpu: bool, cores: int, sizes: tuple):
     """unit_s_at(threads): measured at 1 thread and at `cores` on the CPU (power law between), once on a GPU."""
     folder = resolve_model(model)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
-    unet, _ = adapter_for(folder).unet_skeleton(folder, motion)
-    if unet is None:
-        raise UsageError("--parallel auto times the UNet's units, but a base model plus motion adapter assembles its "
-                         "UNet only on load; pass --sampler and --data-parallel yourself")
+    unet = adapter_for(folder).unet_skeleton(folder, motion)
+    shape = latent_shape(folder, *sizes)
     family = units_for(unet)
-    example = functools.partial(family.example_inputs, **shape)
 
     def measure(threads: int) -> list[float]:
         with launch.cpu_threads(threads if cpu else None, device):
-            return measure_unit_costs(unet, family, example, device, dtype)
+            return measure_unit_costs(unet, family, shape, device, dtype)
 
     one = measure(1)
     if not cpu or cores == 1:

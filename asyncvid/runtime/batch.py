@@ -53,6 +53,7 @@ class Job:
     devices: int = 1
     quiet: bool = True  # hide library warnings and loading bars on every rank
     allow_pickle: bool = False  # load pickle weights too (they can run code)
+    variant: str | None = None  # the form of the weights (asyncvid.models.variants)
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
     scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.models.schedulers
@@ -71,7 +72,8 @@ class Job:
     def spec(self) -> ModelSpec:
         first = self.requests[0]
         return ModelSpec(self.model, self.sampler, self.motion_adapter, self.device, self.dtype, self.scheduler,
-                         (first.num_frames, first.height, first.width), self.quiet, self.allow_pickle)
+                         (first.num_frames, first.height, first.width), self.quiet, self.allow_pickle,
+                         self.variant)
 
 
 class JobFailed(RuntimeError):

@@ -27,7 +27,14 @@ from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.parataa.run import report
 from asyncvid.parataa.run import sample as parataa_sample
 from asyncvid.parataa.solver import Round
-from asyncvid.pipelines import adapter_for, load_pipeline, resolve_model, resolve_motion_adapter, units_for
+from asyncvid.pipelines import (
+    adapter_for,
+    latent_shape,
+    load_pipeline,
+    resolve_model,
+    resolve_motion_adapter,
+    units_for,
+)
 from asyncvid.runtime.generate import Sampled, StepCallback, decode, sample
 from asyncvid.runtime.launch import Rank
 from asyncvid.runtime.parallel_decode import parallel_decode
@@ -49,12 +56,14 @@ class ModelSpec:
     plan_shape: tuple[int | None, int | None, int | None] = (None, None, None)  # frames, height, width
     quiet: bool = True  # hide library warnings and loading bars
     allow_pickle: bool = False  # load pickle weights too (they can run code); whole-pipeline samplers only
+    variant: str | None = None  # the form of the weights (e.g. "fp16"); None: the plain files, else the one there is
 
     def describe(self) -> dict:
         """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
         sampler = self.sampler.describe() if self.sampler is not None else {"name": "sequential"}
-        return {"model": self.model, "motion_adapter": self.motion_adapter, "sampler": sampler,
-                "scheduler": self.scheduler, "dtype": self.dtype}
+        settings = {"model": self.model, "motion_adapter": self.motion_adapter, "sampler": sampler,
+                    "scheduler": self.scheduler, "dtype": self.dtype}
+        return {**settings, "variant": self.variant} if self.variant else settings  # older sidecars have none
 
 
 @dataclass
@@ -120,7 +129,7 @@ def _whole_pipeline(rank: Rank | None, spec: ModelSpec):
     device = rank.device if rank is not None else resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device)
     pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
-                                          allow_pickle=spec.allow_pickle)
+                                          allow_pickle=spec.allow_pickle, variant=spec.variant)
     set_scheduler(pipe, spec.scheduler)
     return pipe, adapter, folder, device, dtype
 
@@ -130,14 +139,14 @@ def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
     if rank is None:
         raise UsageError("AsyncDiff runs in a process group; use asyncvid.load(..., devices=N) or the CLI")
     dtype = resolve_dtype(spec.dtype, rank.device)
-    folder = resolve_model(spec.model)
+    folder = resolve_model(spec.model, variant=spec.variant)
     adapter = adapter_for(folder)
     frames, height, width = spec.plan_shape
     motion = resolve_motion_adapter(spec.motion_adapter) if spec.motion_adapter else None
     staged = setup_asyncdiff(folder, adapter, units_for, spec.sampler,
-                             shape={"frames": frames, "height": height, "width": width}, device=rank.device,
+                             shape=latent_shape(folder, frames, height, width), device=rank.device,
                              dtype=dtype, motion_adapter=motion, settings={**spec.describe(), "shape": spec.plan_shape},
-                             group=rank.group, scheduler=spec.scheduler)
+                             group=rank.group, scheduler=spec.scheduler, variant=spec.variant)
     sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
     return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
                   decoder=functools.partial(parallel_decode, group=rank.group), hook=staged.hook,
@@ -210,17 +219,16 @@ def describe_plan(model: str, stages: int, *, frames=None, height=None, width=No
     folder = resolve_model(model)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
     return describe_split(model, folder, adapter_for(folder), units_for, config, motion_adapter=motion,
-                          shape={"frames": frames, "height": height, "width": width}, device=torch_device,
+                          shape=latent_shape(folder, frames, height, width), device=torch_device,
                           dtype=torch_dtype)
 
 
 def check_plan(model: str, config: AsyncDiffConfig, request, motion_adapter: str | None = None) -> None:
     """Plan `model`'s split as every rank will (by FLOPs, on the UNet's empty skeleton), so a stage count or manual
-    split it cannot take fails in one process before any worker starts. A base model plus motion adapter assembles
-    its UNet only on load: that form is checked on the ranks."""
+    split it cannot take fails in one process before any worker starts (a base model plus adapter too: its skeleton
+    is assembled from the configs)."""
     folder = resolve_model(model)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
-    unet, _ = adapter_for(folder).unet_skeleton(folder, motion)
-    if unet is not None:
-        shape = {"frames": request.num_frames, "height": request.height, "width": request.width}
-        flops_plan(unet, units_for(unet), config, shape)
+    unet = adapter_for(folder).unet_skeleton(folder, motion)
+    shape = latent_shape(folder, request.num_frames, request.height, request.width)
+    flops_plan(unet, units_for(unet), config, shape)
