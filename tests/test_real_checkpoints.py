@@ -162,8 +162,50 @@ def test_planning_reads_no_weights(tmp_path, monkeypatch):
         raise AssertionError("planning opened a weights file")
 
     monkeypatch.setattr(safetensors, "safe_open", no_weights)
-    monkeypatch.setattr("asyncvid.asyncdiff.weights.safe_open", no_weights)
+    monkeypatch.setattr("asyncvid.asyncdiff.weights.read_tensors", no_weights)
     monkeypatch.setattr("safetensors.torch.load_file", no_weights)
     monkeypatch.setattr("asyncvid.models.sources.check_safetensors", lambda path: None)
     text = describe_plan(str(sd), 2, motion_adapter=str(motion), frames=4, height=64, width=64)
     assert "UNetMotionModel" in text and "2 stages" in text
+
+
+def test_components_in_different_forms_fail_in_one_line(tmp_path, red_circle):
+    svd = build("svd-xt", tmp_path, form="plain", scale="small", hub_cache=False)
+    weights = svd / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.rename(weights.with_name("diffusion_pytorch_model.fp16.safetensors"))  # the UNet in fp16, the rest plain
+    result = invoke("i2v", red_circle, "--model", svd, *FAST, "--out", tmp_path / "o")
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: the components of '{svd}' have no form of safetensors weights in common (")
+    assert "unet: 'fp16' variant" in line and "vae: plain (no variant)" in line, line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_pia_style_adapter_is_refused_in_one_line(tmp_path):
+    import json
+
+    from asyncvid.errors import UsageError
+    from asyncvid.pipelines import animatediff
+
+    sd = build("sd15", tmp_path, form="fp16", scale="small", hub_cache=False)
+    motion = build("motion-v152", tmp_path, form="fp16", scale="small", hub_cache=False)
+    config = json.loads((motion / "config.json").read_text())
+    (motion / "config.json").write_text(json.dumps({**config, "conv_in_channels": 9}))
+    with pytest.raises(UsageError, match=r"brings its own conv_in \(a PIA-style adapter, conv_in_channels=9\)"):
+        animatediff.unet_skeleton(sd, motion)
+
+
+def test_tensors_read_without_mapping_equal_safetensors_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from asyncvid.asyncdiff.weights import read_tensors
+
+    tensors = {"a.weight": torch.randn(3, 5), "b.half": torch.randn(7).half(), "c.bf16": torch.randn(2, 2).bfloat16(),
+               "d.int": torch.arange(6).reshape(2, 3), "e.empty": torch.zeros(0, 4), "f.flag": torch.tensor([True])}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path, metadata={"format": "pt"})
+    ours, theirs = dict(read_tensors(path, lambda name: True)), load_file(path)
+    assert ours.keys() == theirs.keys()
+    for name, value in theirs.items():
+        assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
+    assert list(dict(read_tensors(path, lambda name: name.startswith("b")))) == ["b.half"]

@@ -12,16 +12,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from asyncvid.asyncdiff.costs import measure_times, profile
 from asyncvid.asyncdiff.timing import scale_times
+from asyncvid.bench.checkpoints import SVD_XT_UNET
 from asyncvid.bench.costmodel import Stages, split
 from asyncvid.pipelines import motion_units, svd_units
 
-SVD_XT = {
-    "addition_time_embed_dim": 256, "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlockSpatioTemporal"] * 3 + ["DownBlockSpatioTemporal"], "in_channels": 8,
-    "layers_per_block": 2, "num_attention_heads": [5, 10, 20, 20], "num_frames": 25, "out_channels": 4,
-    "projection_class_embeddings_input_dim": 768, "sample_size": 96, "transformer_layers_per_block": 1,
-    "up_block_types": ["UpBlockSpatioTemporal"] + ["CrossAttnUpBlockSpatioTemporal"] * 3,
-}
+SVD_XT = {k: v for k, v in SVD_XT_UNET.items() if not k.startswith("_")}  # as published (bench.checkpoints)
 ANIMATEDIFF_SD15 = {  # the SD1.5 UNet merged with motion adapter v1-5-2, as UNetMotionModel.from_unet2d builds it
     "act_fn": "silu", "block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768,
     "down_block_types": ["CrossAttnDownBlockMotion"] * 3 + ["DownBlockMotion"], "downsample_padding": 1,
