@@ -62,16 +62,17 @@ class VideoPipeline:
                               variant=variant)
         self.devices, self.threads, self._device = devices, threads, torch_device
         self._pool = self._loaded = None
+        # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI), and what
+        # is decided for the user (a variant, a component left out) is said once.
+        preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler, variant=variant)
         if runs_in_process(sampler, devices) and self.layout.data_parallel == 1:
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:
-            # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI).
-            preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler, variant=variant)
             if isinstance(sampler, AsyncDiffConfig) and sampler.split:
                 frames, height, width = plan_shape
                 check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),
-                           motion_adapter)
+                           motion_adapter, variant)
             self._pool = WorkerPool(self.spec, devices, torch_device, threads=threads, oversubscribe=oversubscribe,
                                     layout=self.layout)
         self._images = tempfile.TemporaryDirectory(prefix="asyncvid-images-")  # PIL inputs, as files for workers

@@ -218,6 +218,7 @@ def plan(
     weight_cap: Annotated[float, typer.Option(help="Most of the UNet's weights one stage may hold (1: balance compute only).")] = 1.0,
     split: Annotated[Optional[str], typer.Option(metavar="UNIT,...", help="Manual split: the first unit of each later stage, comma-separated, from the units this command lists.")] = None,
     motion_adapter: Annotated[Optional[str], typer.Option(help="Motion adapter, with a Stable Diffusion base model.")] = None,
+    variant: Variant = None,
     device: Device = None,
     dtype: DTypeOpt = None,
     parallel: Annotated[Optional[Parallel], typer.Option("--parallel", metavar="auto", help="auto: instead of the split, every layout of --videos on --devices with its predicted time per video and for the batch, best first (what `generate --parallel auto` would run).")] = None,
@@ -230,7 +231,7 @@ def plan(
     try:
         if parallel is not None:
             return _plan_layouts(model, videos, devices, steps, frames, height, width, motion_adapter, device,
-                                 dtype.value if dtype else None, debug)
+                                 dtype.value if dtype else None, debug, variant)
         units = tuple(s.strip() for s in split.split(",")) if split else None
         AsyncDiffConfig(stages=stages, cost=cost.value, weight_cap=weight_cap, split=units)  # checked before torch
         quiet_libraries(debug)
@@ -238,7 +239,7 @@ def plan(
 
         typer.echo(describe_plan(model, stages, frames=frames, height=height, width=width, cost=cost.value,
                                  weight_cap=weight_cap, split=units, motion_adapter=motion_adapter, device=device,
-                                 dtype=dtype.value if dtype else None))
+                                 dtype=dtype.value if dtype else None, variant=variant))
     except UsageError as err:
         if debug:
             raise
@@ -246,7 +247,8 @@ def plan(
         raise typer.Exit(2)
 
 
-def _plan_layouts(model, videos, devices, steps, frames, height, width, motion_adapter, device, dtype, debug) -> None:
+def _plan_layouts(model, videos, devices, steps, frames, height, width, motion_adapter, device, dtype, debug,
+                  variant=None) -> None:
     """`asyncvid plan --parallel auto`: the cost model's table of layouts."""
     from types import SimpleNamespace
 
@@ -259,7 +261,7 @@ def _plan_layouts(model, videos, devices, steps, frames, height, width, motion_a
 
     request = SimpleNamespace(num_frames=frames, height=height, width=width, num_inference_steps=steps)
     choices = table(model, [request] * videos, devices=devices, device=resolve_device(device), dtype=dtype,
-                    motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP)
+                    motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP, variant=variant)
     typer.echo(f"{model}: {videos} video{'s' * (videos != 1)} of {steps} steps, predicted denoising loops "
                f"(transfers, decoding and encoding left out), best first:")
     for i, choice in enumerate(choices):

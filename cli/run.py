@@ -75,14 +75,14 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle,
                   scheduler=scheduler_name, variant=variant)
         if isinstance(config, AsyncDiffConfig) and config.split:  # a manual split this UNet cannot take: once, here
-            check_plan(model, config, requests[0], motion_adapter)
+            check_plan(model, config, requests[0], motion_adapter, variant)
         requests = finish(requests) if finish is not None else requests
         computed = False  # whether this process has run tensor work (then its workers must not be forked)
         if parallel is not None:  # the cost model picks the sampler and the groups for this batch on these devices
             from asyncvid.runtime.auto import choose
 
             choice = choose(model, requests, devices=devices, device=torch_device, dtype=dtype_name,
-                            motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP)
+                            motion_adapter=motion_adapter, warmup=DEFAULT_WARMUP, variant=variant)
             typer.echo(f"parallel auto: {choice.describe(len(requests))}", err=True)
             config, data_parallel, devices = choice.sampler, choice.data_parallel, choice.processes
             threads = threads or choice.threads

@@ -73,7 +73,8 @@ def _load_pickles(folder: Path, motion_adapter: Path, base_class: str, opts: dic
                   allow_pickle: bool) -> AnimateDiffPipeline:
     """Pickle weights (--allow-pickle) cannot be read tensor by tensor: diffusers loads and merges them whole."""
     check_weights(motion_adapter, allow_pickle=allow_pickle)
-    adapter = MotionAdapter.from_pretrained(motion_adapter, **{**opts, "variant": None})
+    variant = adapter_variant(motion_adapter, opts["variant"]).variant if forms(motion_adapter) else None
+    adapter = MotionAdapter.from_pretrained(motion_adapter, **{**opts, "variant": variant})
     if base_class == "AnimateDiffPipeline":
         pipe = AnimateDiffPipeline.from_pretrained(folder, **opts)
         pipe.unet.load_motion_modules(adapter)
@@ -86,6 +87,8 @@ def _load_pickles(folder: Path, motion_adapter: Path, base_class: str, opts: dic
 def unet_skeleton(folder: Path, motion_adapter: Path | None = None) -> torch.nn.Module:
     """The UNetMotionModel with empty weights, as AnimateDiffPipeline assembles it (no file but configs is read):
     the folder's own, or a Stable Diffusion UNet's merged with a motion adapter (UNetMotionModel.from_unet2d)."""
+    if motion_adapter is not None:
+        _refuse_own_conv_in(motion_adapter)
     if _base_class(folder) == "AnimateDiffPipeline":
         return skeleton(UNetMotionModel, folder / "unet")  # an extra adapter's motion modules carry the same names
     if motion_adapter is None:
@@ -94,11 +97,14 @@ def unet_skeleton(folder: Path, motion_adapter: Path | None = None) -> torch.nn.
     with init_empty_weights(include_buffers=False):
         base = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         adapter = MotionAdapter.from_config(MotionAdapter.load_config(motion_adapter))
-        if adapter.config.get("conv_in_channels"):
-            raise UsageError(f"motion adapter '{motion_adapter}' brings its own conv_in (a PIA-style adapter, "
-                             f"conv_in_channels={adapter.config['conv_in_channels']}); asyncvid supports "
-                             f"AnimateDiff motion adapters without one")
         return UNetMotionModel.from_unet2d(base, adapter, load_weights=False).eval()
+
+
+def _refuse_own_conv_in(motion_adapter: Path) -> None:
+    channels = MotionAdapter.load_config(motion_adapter).get("conv_in_channels")
+    if channels:
+        raise UsageError(f"motion adapter '{motion_adapter}' brings its own conv_in (a PIA-style adapter, "
+                         f"conv_in_channels={channels}); asyncvid supports AnimateDiff motion adapters without one")
 
 
 def unet_weights(folder: Path, motion_adapter: Path | None = None, variant: str | None = None) -> list[Path]:

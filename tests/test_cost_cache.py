@@ -1,5 +1,8 @@
 """Measured unit times are kept per machine and shape, so reruns pick the same AsyncDiff split."""
 
+import contextlib
+
+import pytest
 import torch
 
 from asyncvid.asyncdiff.cost_cache import cache_dir, cached, key
@@ -55,3 +58,30 @@ def test_a_filled_cache_builds_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(timing, "fake_profile", lambda *a, **k: built.append(3))
     assert timing.measure_unit_costs(unet, family, shape, torch.device("cpu"), torch.float32) == first
     assert built == []
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_units_time_in_the_runs_dtype_with_one_units_weights_at_a_time(dtype, monkeypatch):
+    """The stand-in weights are views of one buffer in the run's dtype (accelerate would cast them to the skeleton's
+    float32, and a bfloat16 run then failed on mixed dtypes), and no more than one unit's exist at once."""
+    from asyncvid.asyncdiff import timing
+    from asyncvid.pipelines import adapter_for, resolve_model, units_for
+
+    folder = resolve_model("tiny-svd")
+    unet = adapter_for(folder).unet_skeleton(folder)
+    family = units_for(unet)
+    held = []
+    real = timing.stand_in_weights
+
+    def watching(model, modules, arena):
+        with real(model, modules, arena):
+            params = [p for p in model.parameters() if not p.is_meta]
+            assert all(p.dtype == dtype for p in params)
+            held.append(sum(p.numel() for p in params))
+            yield
+
+    monkeypatch.setattr(timing, "stand_in_weights", contextlib.contextmanager(watching))
+    times = timing.time_units(unet, family, {"frames": 2, "height": 64, "width": 64}, torch.device("cpu"), dtype)
+    assert len(times) == len(family.build_program(unet).units) and all(t > 0 for t in times)
+    total = sum(p.numel() for p in unet.parameters())
+    assert max(held) < 0.5 * total  # the shared modules and one unit, never the model

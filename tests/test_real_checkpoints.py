@@ -209,3 +209,60 @@ def test_tensors_read_without_mapping_equal_safetensors_own(tmp_path):
     for name, value in theirs.items():
         assert ours[name].dtype == value.dtype and torch.equal(ours[name], value), name
     assert list(dict(read_tensors(path, lambda name: name.startswith("b")))) == ["b.half"]
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["diffusion_pytorch_model.safetensors"], {None}),
+    (["diffusion_pytorch_model.fp16.safetensors"], {"fp16"}),
+    (["model.fp16-00001-of-00002.safetensors", "model.safetensors.index.fp16.json"], {"fp16"}),
+    # the older names diffusers still reads
+    (["diffusion_pytorch_model-00001-of-00002.fp16.safetensors", "diffusion_pytorch_model.safetensors.fp16.index.json"],
+     {"fp16"}),
+    (["diffusion_pytorch_model-00001-of-00002.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+      "diffusion_pytorch_model.bf16.safetensors"], {None, "bf16"}),
+    (["config.json", "diffusion_pytorch_model.bin"], set()),
+])
+def test_forms_of_a_component_by_file_name(tmp_path, names, expected):
+    from asyncvid.models.variants import forms
+
+    for name in names:
+        (tmp_path / name).touch()
+    assert forms(tmp_path) == expected
+
+
+def test_a_truncated_file_is_named_not_read_as_zeros(tmp_path):
+    from safetensors.torch import save_file
+
+    from asyncvid.asyncdiff.weights import read_tensors
+    from asyncvid.errors import UsageError
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(64), "b": torch.ones(64)}, path)
+    path.write_bytes(path.read_bytes()[:-16])
+    with pytest.raises(UsageError, match=r"ends inside tensor 'b': it is truncated"):
+        dict(read_tensors(path, lambda name: True))
+
+
+def test_a_variant_without_safetensors_fails_in_one_line(tmp_path):
+    from asyncvid.errors import UsageError
+    from asyncvid.models.variants import choose
+
+    with pytest.raises(UsageError, match=r"--variant fp16 chooses among safetensors files, but '.*' has none"):
+        choose(tmp_path, [], "fp16")
+
+
+def test_plan_and_runs_take_the_variant_where_a_download_has_two(tmp_path, red_circle):
+    import shutil
+
+    svd = build("svd-xt", tmp_path, form="fp16", scale="small", hub_cache=False)
+    for path in list(svd.glob("*/*.fp16.safetensors")):
+        shutil.copy(path, path.with_name(path.name.replace(".fp16.", ".bf16.")))
+    unsure = invoke("plan", "--model", svd, "--frames", "4", "--height", "64", "--width", "64")
+    assert unsure.exit_code == 2
+    assert unsure.output.strip().endswith("has the weights as variants bf16, fp16 and no plain files; choose one "
+                                          "with --variant bf16"), unsure.output
+    told = invoke("plan", "--model", svd, "--variant", "fp16", "--frames", "4", "--height", "64", "--width", "64")
+    assert told.exit_code == 0, told.output
+    run = invoke("i2v", red_circle, "--model", svd, *FAST, *SAMPLERS["asyncdiff"], "--variant", "fp16",
+                 "--out", tmp_path / "o")
+    assert run.exit_code == 0, run.output

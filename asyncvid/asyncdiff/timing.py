@@ -13,7 +13,7 @@ from accelerate.utils import set_module_tensor_to_device
 
 from asyncvid.asyncdiff.cost_cache import cached, key
 from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
-from asyncvid.asyncdiff.weights import move_materialised, owned
+from asyncvid.asyncdiff.weights import owned
 
 # FLOPs of one UNet call that are timed as they are; a larger shape is timed smaller and scaled. On the CPU (about
 # 50-100 GFLOP/s on two cores) a call then takes seconds, and every unit runs four times; on a GPU, milliseconds.
@@ -56,7 +56,7 @@ def reduced(shape: dict, flops: float, budget: float, unet, family) -> dict:
         sample = family.example_inputs(unet, **shape)[0][0]
     scale = shape.get("scale", 8)
     frames, h, w = sample.shape[family.FRAME_DIM], sample.shape[-2], sample.shape[-1]
-    fewer = max(2, min(frames, math.ceil(frames * budget / flops)))
+    fewer = max(min(2, frames), min(frames, math.ceil(frames * budget / flops)))
     flops *= fewer / frames
     side = min(1.0, math.sqrt(budget / flops))
     h2, w2 = (max(8, int(n * side) // 8 * 8) if n >= 8 else n for n in (h, w))
@@ -69,7 +69,9 @@ def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dty
     the model's size (tensor-by-tensor allocations left 1.7 GB of freed heap behind for SVD-xt's 0.4 GB units)."""
     with init_empty_weights(include_buffers=False):
         model = type(unet).from_config(unet.config).eval()
-    move_materialised(model, device)  # the buffers: computed at construction, not loaded
+    for name, buffer in list(model.named_buffers()):  # computed at construction; in the run's dtype, as a run's are
+        dtype_of = dtype if buffer.is_floating_point() else buffer.dtype
+        set_module_tensor_to_device(model, name, device, value=buffer, dtype=dtype_of)
     program = family.build_program(model)
     args, kwargs = family.example_inputs(model, **shape)
     args = tuple(_to(a, device, dtype) for a in args)
@@ -89,7 +91,8 @@ def stand_in_weights(model: torch.nn.Module, modules: list[str], arena: torch.Te
         if param.is_meta and owned(name, modules):
             value = arena[offset:offset + param.numel()].view(param.shape)
             value.fill_(value_fill(name, param.shape))  # a constant: memory speed (random numbers took longer)
-            set_module_tensor_to_device(model, name, arena.device, value=value)
+            # dtype given: accelerate casts a value to the skeleton's dtype (float32) otherwise, copying it
+            set_module_tensor_to_device(model, name, arena.device, value=value, dtype=arena.dtype)
             filled.append(name)
             offset += _aligned(param.numel())
     try:

@@ -18,8 +18,9 @@ def owned(name: str, modules: list[str]) -> bool:
 
 # safetensors' dtype names: https://github.com/huggingface/safetensors (the format's README)
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+          "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
+          "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_tensors(path: Path, wanted):
@@ -35,7 +36,12 @@ def read_tensors(path: Path, wanted):
             start, end = info["data_offsets"]
             data = bytearray(end - start)
             f.seek(8 + size + start)
-            f.readinto(data)
+            if f.readinto(data) != len(data):
+                raise UsageError(f"weights file '{path}' ends inside tensor '{name}': it is truncated; download or "
+                                 f"save the model again")
+            if info["dtype"] not in DTYPES:
+                raise UsageError(f"weights file '{path}' holds '{name}' as {info['dtype']}, which asyncvid does not "
+                                 f"read; save the model in float32, float16 or bfloat16")
             dtype = DTYPES[info["dtype"]]
             yield name, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(
                 info["shape"])
@@ -45,9 +51,11 @@ def load_owned(unet: torch.nn.Module, files: list[Path], modules: list[str] | No
     """Materialise the tensors under `modules` (None: all) from safetensors `files`, read one tensor at a time (a
     later file's tensor replaces an earlier one's: an adapter's motion modules over a folder's); the rest stays on
     meta."""
-    filled = set()
+    filled, known = set(), set(unet.state_dict())
     for path in files:
-        for key, value in read_tensors(path, lambda key: modules is None or owned(key, modules)):
+        # A key the UNet lacks is skipped, as diffusers' load_motion_modules skips an adapter's mid-block motion
+        # modules for a UNet without one; a tensor it needs and no file has is named below.
+        for key, value in read_tensors(path, lambda key: key in known and (modules is None or owned(key, modules))):
             set_module_tensor_to_device(unet, key, device, value=value, dtype=dtype)
             filled.add(key)
     missing = [n for n, _ in unet.named_parameters() if n not in filled and (modules is None or owned(n, modules))]

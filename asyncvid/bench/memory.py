@@ -6,7 +6,8 @@ defaults (stages balanced on unit times measured on rank 0, cached per machine a
 
     python -m asyncvid.bench.memory --out docs     # builds the models once under --root (about 8 GB), ~15 min
 
-Peaks include the pages of the safetensors files a process mapped while loading, as the kernel counts them.
+Peaks include the pages of any file a process maps while loading, as the kernel counts them: diffusers' loaders map
+safetensors files (sequential sampling here); asyncvid's stage loading reads its tensors without mapping.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
              f"Random-weight builds of the published architectures (asyncvid.bench.checkpoints), fp16 files loaded "
              f"as float32 on the CPU, 4 frames at 64x64, {meta['steps']} steps, one thread per rank, AsyncDiff's "
              f"defaults (warm-up 1, stages balanced on unit times measured on rank 0). Per rank, "
-             f"slash-separated: peak resident memory (VmHWM, GB, including the mapped pages of the files it read), "
+             f"slash-separated: peak resident memory (VmHWM, GB, including the pages of files it mapped), "
              f"its ratio to sequential sampling's peak (the largest rank's), resident memory after sampling, the "
              f"share of the UNet's weights it holds, and load seconds.", "",
              "| model | sampler | weight cap | peak GB | largest peak vs sequential | steady GB | UNet share | load s |",

@@ -13,9 +13,13 @@ from asyncvid.errors import UsageError
 SHARD = r"\d{5}-of-\d{5}"
 # `diffusion_pytorch_model.safetensors`, `model-00001-of-00002.safetensors`: the plain form.
 PLAIN = re.compile(rf"^[a-z_]+(-{SHARD})?\.safetensors$")
-# `diffusion_pytorch_model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`: a variant.
-VARIANT = re.compile(rf"^[a-z_]+\.(?P<variant>[A-Za-z0-9_]+)(-{SHARD})?\.safetensors$")
-INDEX = re.compile(r"^(?P<prefix>[a-z_]+)\.safetensors\.index(\.(?P<variant>[A-Za-z0-9_]+))?\.json$")
+# `diffusion_pytorch_model.fp16.safetensors`, `model.fp16-00001-of-00002.safetensors`, and the older
+# `diffusion_pytorch_model-00001-of-00002.fp16.safetensors` diffusers still reads: a variant.
+VARIANT = re.compile(rf"^[a-z_]+(\.(?P<variant>[A-Za-z0-9_]+)(-{SHARD})?|-{SHARD}\.(?P<legacy>[A-Za-z0-9_]+))"
+                     rf"\.safetensors$")
+# `diffusion_pytorch_model.safetensors.index.fp16.json`, and the older `...safetensors.fp16.index.json`.
+INDEX = re.compile(r"^(?P<prefix>[a-z_]+)\.safetensors(\.index(\.(?P<variant>[A-Za-z0-9_]+))?"
+                   r"|\.(?P<legacy>[A-Za-z0-9_]+)\.index)\.json$")
 
 
 def forms(component: Path) -> set[str | None]:
@@ -25,18 +29,22 @@ def forms(component: Path) -> set[str | None]:
         if PLAIN.match(path.name):
             found.add(None)
         elif match := VARIANT.match(path.name) or INDEX.match(path.name):
-            found.add(match["variant"])
+            found.add(_variant(match))
     return found
+
+
+def _variant(match: re.Match) -> str | None:
+    return match["variant"] or match["legacy"]
 
 
 def weight_files(component: Path, variant: str | None) -> list[Path]:
     """The safetensors files of one form of a component's weights: the shards its index names, or the one file."""
     for path in sorted(component.iterdir()):
         match = INDEX.match(path.name)
-        if match and match["variant"] == variant:
+        if match and _variant(match) == variant:
             return sorted({component / name for name in json.loads(path.read_text())["weight_map"].values()})
     files = [p for p in sorted(component.iterdir()) if (PLAIN.match(p.name) if variant is None else
-                                                         (m := VARIANT.match(p.name)) and m["variant"] == variant)]
+                                                         (m := VARIANT.match(p.name)) and _variant(m) == variant)]
     if not files:
         raise UsageError(f"'{component}' has no {describe(variant)} safetensors weights "
                          f"(it has: {', '.join(map(describe, forms(component))) or 'none'})")
@@ -62,6 +70,9 @@ def choose(folder: Path, components: list[Path], requested: str | None, name: st
     if requested is not None:
         if requested in common:
             return Choice(requested)
+        if not components:
+            raise UsageError(f"--variant {requested} chooses among safetensors files, but '{folder}' has none; drop "
+                             f"--variant")
         lacking = next(c for c, f in zip(components, held) if requested not in f)
         raise UsageError(f"variant '{requested}' is not in '{lacking}' (it has: "
                          f"{', '.join(map(describe, forms(lacking))) or 'no safetensors weights'}); "

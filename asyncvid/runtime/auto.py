@@ -83,14 +83,14 @@ def candidates(unit_s_at, devices: int, videos: int, steps: int, warmup: int, cp
 
 
 def choose(model: str, requests: list, *, devices: int | None, device: torch.device, dtype: str | None = None,
-           motion_adapter: str | None = None, warmup: int = 3) -> Choice:
+           motion_adapter: str | None = None, warmup: int = 3, variant: str | None = None) -> Choice:
     """The layout that finishes `requests` soonest on `devices` (default: the GPUs, or the CPU cores, here)."""
     return table(model, requests, devices=devices, device=device, dtype=dtype, motion_adapter=motion_adapter,
-                 warmup=warmup)[0]
+                 warmup=warmup, variant=variant)[0]
 
 
 def table(model: str, requests: list, *, devices: int | None, device: torch.device, dtype: str | None = None,
-          motion_adapter: str | None = None, warmup: int = 3) -> list[Choice]:
+          motion_adapter: str | None = None, warmup: int = 3, variant: str | None = None) -> list[Choice]:
     """Every layout's prediction for `requests`, best first (what `asyncvid plan --parallel auto` prints)."""
     cpu = device.type == "cpu"
     devices = devices or (launch.threads_per_process(1) if cpu else torch.cuda.device_count())
@@ -99,7 +99,7 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
                          f"CPU a device is a core: use --devices {launch.threads_per_process(1)} or fewer")
     first = requests[0]
     cached = set(cache_dir().glob("*.json"))
-    unit_s_at = _unit_times(model, motion_adapter, device, resolve_dtype(dtype, device), cpu, devices,
+    unit_s_at = _unit_times(model, motion_adapter, variant, device, resolve_dtype(dtype, device), cpu, devices,
                             (first.num_frames, first.height, first.width))
     # Timed here (not all from the cache): an unwritable cache times on every run without a trace.
     writable = os.access(next(p for p in (cache_dir(), *cache_dir().parents) if p.exists()), os.W_OK)
@@ -108,9 +108,9 @@ def table(model: str, requests: list, *, devices: int | None, device: torch.devi
             for c in candidates(unit_s_at, devices, len(requests), first.num_inference_steps, warmup, cpu)]
 
 
-def _unit_times(model, motion_adapter, device, dtype, cpu: bool, cores: int, sizes: tuple):
+def _unit_times(model, motion_adapter, variant, device, dtype, cpu: bool, cores: int, sizes: tuple):
     """unit_s_at(threads): measured at 1 thread and at `cores` on the CPU (power law between), once on a GPU."""
-    folder = resolve_model(model)
+    folder = resolve_model(model, variant=variant)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
     unet = adapter_for(folder).unet_skeleton(folder, motion)
     shape = latent_shape(folder, *sizes)

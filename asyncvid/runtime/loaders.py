@@ -210,24 +210,26 @@ def quiet_libraries() -> None:
 
 
 def describe_plan(model: str, stages: int, *, frames=None, height=None, width=None, cost="flops", weight_cap=1.0,
-                  split=None, motion_adapter=None, device=None, dtype: str | None = None) -> str:
+                  split=None, motion_adapter=None, device=None, dtype: str | None = None,
+                  variant: str | None = None) -> str:
     """The printable plan of `model` split into `stages` (what `asyncvid plan` shows); loads no weights. Measured
     costs are timed on `device` in `dtype` (default: the dtype a run there uses), as a run's own planning does."""
     config = AsyncDiffConfig(stages=stages, cost=cost, weight_cap=weight_cap, split=split)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    folder = resolve_model(model)
+    folder = resolve_model(model, variant=variant)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
     return describe_split(model, folder, adapter_for(folder), units_for, config, motion_adapter=motion,
                           shape=latent_shape(folder, frames, height, width), device=torch_device,
                           dtype=torch_dtype)
 
 
-def check_plan(model: str, config: AsyncDiffConfig, request, motion_adapter: str | None = None) -> None:
+def check_plan(model: str, config: AsyncDiffConfig, request, motion_adapter: str | None = None,
+               variant: str | None = None) -> None:
     """Plan `model`'s split as every rank will (by FLOPs, on the UNet's empty skeleton), so a stage count or manual
     split it cannot take fails in one process before any worker starts (a base model plus adapter too: its skeleton
     is assembled from the configs)."""
-    folder = resolve_model(model)
+    folder = resolve_model(model, variant=variant)
     motion = resolve_motion_adapter(motion_adapter) if motion_adapter else None
     unet = adapter_for(folder).unet_skeleton(folder, motion)
     shape = latent_shape(folder, request.num_frames, request.height, request.width)
