@@ -15,9 +15,13 @@ from asyncvid.asyncdiff.cost_cache import cached, key
 from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
 from asyncvid.asyncdiff.weights import owned
 
-# FLOPs of one UNet call that are timed as they are; a larger shape is timed smaller and scaled. On the CPU (about
-# 50-100 GFLOP/s on two cores) a call then takes seconds, and every unit runs four times; on a GPU, milliseconds.
-BUDGET = {"cpu": 2e11, "cuda": 2e13}
+# FLOPs of one UNet call that are timed as they are; a larger shape is timed smaller and scaled by FLOPs. Large
+# enough that the units compute rather than wait on their weights (at SVD-xt's smallest shape, 7e10 FLOPs, the
+# weight-heavy low-resolution units measured as the slowest and the split shared the weights evenly; at full size
+# FLOPs dominate): on the CPU (50-100 GFLOP/s on two cores) 10-20 s per call, each long unit run once (LONG); on a
+# GPU, milliseconds.
+BUDGET = {"cpu": 1e12, "cuda": 2e13}
+LONG = 0.25  # seconds: a unit's first run this long is its time
 
 
 def measure_unit_costs(unet, family, shape: dict, device: torch.device, dtype: torch.dtype) -> list[float]:
@@ -78,7 +82,7 @@ def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dty
     arena = torch.empty(max(_arena_size(model, unit.owned) for unit in program.units), device=device, dtype=dtype)
     shared = torch.empty(_arena_size(model, list(program.shared)), device=device, dtype=dtype)
     with stand_in_weights(model, list(program.shared), shared):
-        return measure_times(program, args, kwargs,
+        return measure_times(program, args, kwargs, long=LONG,
                              materialise=lambda i: stand_in_weights(model, program.units[i].owned, arena))
 
 
