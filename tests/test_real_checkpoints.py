@@ -266,3 +266,22 @@ def test_plan_and_runs_take_the_variant_where_a_download_has_two(tmp_path, red_c
     run = invoke("i2v", red_circle, "--model", svd, *FAST, *SAMPLERS["asyncdiff"], "--variant", "fp16",
                  "--out", tmp_path / "o")
     assert run.exit_code == 0, run.output
+
+
+def test_plans_sample_at_the_latent_the_vae_makes(tmp_path):
+    """A 2-block VAE shrinks frames by 2, not 8: the split is planned (and its tensors sized) at that latent."""
+    import json
+
+    from asyncvid.pipelines import adapter_for, latent_shape, resolve_model, svd_units
+
+    folder = resolve_model("tiny-svd")
+    unet = adapter_for(folder).unet_skeleton(folder)
+    two = tmp_path / "two-block"
+    (two / "vae").mkdir(parents=True)
+    config = json.loads((folder / "vae" / "config.json").read_text())
+    (two / "vae" / "config.json").write_text(json.dumps({**config, "block_out_channels": [32, 32]}))
+    for model, side in ((folder, 8), (two, 32)):
+        shape = latent_shape(model, 2, 64, 64)
+        with torch.device("meta"):
+            sample = svd_units.example_inputs(unet, **shape)[0][0]
+        assert tuple(sample.shape[-2:]) == (side, side), model
