@@ -65,11 +65,9 @@ def fake_profile(build_unet: Callable[[], torch.nn.Module], build_program, examp
         return profile(build_program(unet), unet, args, kwargs)
 
 
-def measure_times(program: Program, args, kwargs, repeats: int = 3, materialise=None,
-                  long: float | None = None) -> list[float]:
+def measure_times(program: Program, args, kwargs, repeats: int = 3, materialise=None) -> list[float]:
     """Median wall time of each unit on the inputs' device: each unit runs `repeats` + 1 times on its input (the
-    first warms up) inside `materialise(i)`, a context in which unit i's weights exist (default: they do). A unit
-    whose first run takes `long` seconds or more is timed by that run alone: its one-time costs are small beside it."""
+    first warms up) inside `materialise(i)`, a context in which unit i's weights exist (default: they do)."""
     device = args[0].device
     pops, _ = skip_wiring(program.units)
     times = []
@@ -86,12 +84,10 @@ def measure_times(program: Program, args, kwargs, repeats: int = 3, materialise=
                     out = unit.run(ctx, h, skip)
                     _sync(device)
                     runs.append(time.perf_counter() - start)
-                    if long is not None and runs[0] >= long:
-                        break
             h = out
             if unit.pushes:
                 skips[i] = h
-            times.append(statistics.median(runs[1:] or runs))
+            times.append(statistics.median(runs[1:]))
     return times
 
 

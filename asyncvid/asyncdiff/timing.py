@@ -18,10 +18,9 @@ from asyncvid.asyncdiff.weights import owned
 # FLOPs of one UNet call that are timed as they are; a larger shape is timed smaller and scaled by FLOPs. Large
 # enough that the units compute rather than wait on their weights (at SVD-xt's smallest shape, 7e10 FLOPs, the
 # weight-heavy low-resolution units measured as the slowest and the split shared the weights evenly; at full size
-# FLOPs dominate): on the CPU (50-100 GFLOP/s on two cores) 10-20 s per call, each long unit run once (LONG); on a
-# GPU, milliseconds.
+# FLOPs dominate): on the CPU (50-100 GFLOP/s on two cores) 10-20 s per call, each unit run twice (a warm-up and
+# one timed run: at that size one run is steady); on a GPU, milliseconds.
 BUDGET = {"cpu": 1e12, "cuda": 2e13}
-LONG = 0.25  # seconds: a unit's first run this long is its time
 
 
 def measure_unit_costs(unet, family, shape: dict, device: torch.device, dtype: torch.dtype) -> list[float]:
@@ -42,7 +41,8 @@ def time_scaled(unet, family, shape: dict, device: torch.device, dtype: torch.dt
     small_shape = reduced(shape, sum(p.flops for p in full), BUDGET.get(device.type, BUDGET["cuda"]), unet, family)
     if small_shape == shape:
         return time_units(unet, family, shape, device, dtype)
-    return scale_times(time_units(unet, family, small_shape, device, dtype), _profile(unet, family, small_shape), full)
+    times = time_units(unet, family, small_shape, device, dtype, repeats=1)
+    return scale_times(times, _profile(unet, family, small_shape), full)
 
 
 def scale_times(times: list[float], small: list[UnitProfile], full: list[UnitProfile]) -> list[float]:
@@ -67,7 +67,7 @@ def reduced(shape: dict, flops: float, budget: float, unet, family) -> dict:
     return dict(shape, frames=fewer, height=h2 * scale, width=w2 * scale)
 
 
-def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dtype) -> list[float]:
+def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dtype, repeats: int = 3) -> list[float]:
     """Median seconds per unit on an empty skeleton whose shared modules hold stand-in weights throughout, and each
     unit's own only while it runs, in one buffer the size of the largest unit's: memory stays near that, whatever
     the model's size (tensor-by-tensor allocations left 1.7 GB of freed heap behind for SVD-xt's 0.4 GB units)."""
@@ -82,7 +82,7 @@ def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dty
     arena = torch.empty(max(_arena_size(model, unit.owned) for unit in program.units), device=device, dtype=dtype)
     shared = torch.empty(_arena_size(model, list(program.shared)), device=device, dtype=dtype)
     with stand_in_weights(model, list(program.shared), shared):
-        return measure_times(program, args, kwargs, long=LONG,
+        return measure_times(program, args, kwargs, repeats=repeats,
                              materialise=lambda i: stand_in_weights(model, program.units[i].owned, arena))
 
 
