@@ -64,8 +64,8 @@ def choose(folder: Path, components: list[Path], requested: str | None, name: st
     they all have (said in the note, naming the model `name`, default the folder). Fails in one line naming the
     forms there are."""
     # A component with no safetensors at all has pickles (let through by --allow-pickle): diffusers picks those.
-    components = [c for c in components if forms(c)]
-    held = [forms(c) for c in components]
+    listed = [(c, forms(c)) for c in components]
+    components, held = [c for c, f in listed if f], [f for _, f in listed if f]
     common = set.intersection(*held) if held else {None}
     if requested is not None:
         if requested in common:
