@@ -10,6 +10,8 @@ __version__ = "0.1.0"
 # Imported on first use, so that `asyncvid --version` and the CLI's argument checks do not load torch.
 _LAZY = {
     "load": "asyncvid.api",
+    "parallelize": "asyncvid.own_pipeline",
+    "Parallelized": "asyncvid.own_pipeline",
     "VideoPipeline": "asyncvid.api",
     "Video": "asyncvid.video.frames",
     "AsyncDiffConfig": "asyncvid.asyncdiff.config",

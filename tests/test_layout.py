@@ -1,7 +1,8 @@
 """The package's import graph reads as its architecture: no cycles, imports only downwards, small modules.
 
 Layers, bottom to top (a package may import its own modules and those of the layers it lists):
-errors, requests -> models, video -> asyncdiff, parataa, eval -> pipelines -> runtime -> api, bench, training, cli.
+errors, requests -> models, video -> asyncdiff, parataa, eval -> pipelines -> runtime -> api, own_pipeline, bench,
+training, cli.
 """
 
 import ast
@@ -26,11 +27,12 @@ ALLOWED = {
     "pipelines": SAMPLERS,
     "runtime": SAMPLERS | {"pipelines"},
     "api": SAMPLERS | {"pipelines", "runtime"},
+    "own_pipeline": SAMPLERS | {"pipelines", "runtime"},
     "evaluate": BASE | {"video", "eval"},
     "bench": SAMPLERS | {"pipelines", "runtime", "eval", "api"},
     "training": LOWER | {"pipelines", "runtime", "eval"},
     "cli": SAMPLERS | {"pipelines", "runtime", "bench", "eval", ""},  # "": asyncvid.__version__
-    "": {"api", "video", "asyncdiff", "parataa", "runtime", "errors"},  # asyncvid/__init__.py: its lazy names
+    "": {"api", "own_pipeline", "video", "asyncdiff", "parataa", "runtime", "errors"},  # asyncvid/__init__.py: its lazy names
 }
 MAX_LINES = 400
 

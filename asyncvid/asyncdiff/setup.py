@@ -38,30 +38,16 @@ class StagedPipeline:
 def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
                     motion_adapter=None, settings: dict, group=None, scheduler: str | None = None,
                     variant: str | None = None) -> StagedPipeline:
-    """Steps 1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
+    """This rank's stage of the model in `folder`: the agreed split, only its weights loaded, the hook attached."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
-    config.check_world_size(world)
     unet = adapter.unet_skeleton(folder, motion_adapter)  # every form, a base model plus adapter too: no weights
     family = units_for(unet)
-    profiles, plan = flops_plan(unet, family, config, shape)
-
-    # 2. Agree: every rank must run the same model and settings.
-    _check_agreement(settings, group)
-
-    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights (asyncvid.asyncdiff.timing: one
-    # unit's at a time, never a copy of the model) and shared with all ranks.
-    if config.cost == "measured" and config.stages > 1 and not config.split:
-        # Over the whole world, not this group: data-parallel groups must split alike, or a video's bytes would
-        # depend on which group made it. Every rank of every group loads here at once.
-        costs = _measured_costs(unet, family, shape, device, dtype, dist.get_rank(), None, len(profiles))
-        plan = make_plan(list(plan.names), costs, config.stages, config.split,
-                         [float(p.param_bytes) for p in profiles], config.weight_cap)
+    profiles, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
     names = plan.names
 
     # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
     program = family.build_program(unet)
-    stage_group, cfg = _groups(config, rank, world, group)
+    stage_group, cfg = stage_groups(config, rank, world, group)
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
     keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
     load_owned(unet, adapter.unet_weights(folder, motion_adapter, variant), keep, device=device, dtype=dtype)
@@ -79,6 +65,28 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     return StagedPipeline(pipe, adapter, plan, hook, profiles, share)
 
 
+def agreed_plan(unet, family, config: AsyncDiffConfig, shape: dict, settings: dict, group, device,
+                dtype) -> tuple[list[UnitProfile], Plan]:
+    """The split every rank of `group` runs: steps 1-2 touch no collective, so bad settings fail on every rank at
+    once instead of hanging the others."""
+    # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
+    config.check_world_size(dist.get_world_size(group))
+    profiles, plan = flops_plan(unet, family, config, shape)
+
+    # 2. Agree: every rank must run the same model and settings.
+    _check_agreement(settings, group)
+
+    # 3. Costs: FLOPs, or unit times measured once on rank 0 with random weights (asyncvid.asyncdiff.timing: one
+    # unit's at a time, never a copy of the model) and shared with all ranks.
+    if config.cost == "measured" and config.stages > 1 and not config.split:
+        # Over the whole world, not this group: data-parallel groups must split alike, or a video's bytes would
+        # depend on which group made it. Every rank of every group loads here at once.
+        costs = _measured_costs(unet, family, shape, device, dtype, dist.get_rank(), None, len(profiles))
+        plan = make_plan(list(plan.names), costs, config.stages, config.split,
+                         [float(p.param_bytes) for p in profiles], config.weight_cap)
+    return profiles, plan
+
+
 def flops_plan(unet, family, config: AsyncDiffConfig, shape: dict) -> tuple[list[UnitProfile], Plan]:
     """Each unit's profile at `shape` (fake tensors: no weights, no compute) and the split balanced on FLOPs; fails
     on a bad stage count or manual split before anything is loaded or exchanged."""
@@ -89,7 +97,7 @@ def flops_plan(unet, family, config: AsyncDiffConfig, shape: dict) -> tuple[list
     return profiles, plan
 
 
-def _groups(config: AsyncDiffConfig, rank: int, world: int, group):
+def stage_groups(config: AsyncDiffConfig, rank: int, world: int, group):
     """The group that runs this rank's copy of the staged UNet, and with --cfg-parallel the guidance split.
 
     Ranks [0, G) take the unconditional half of the guidance batch, ranks [G, 2G) the conditional half; rank r

@@ -1,0 +1,114 @@
+"""asyncvid.parallelize on a pipeline built with diffusers alone, as a user's script does under torchrun: on real gloo
+groups, warm-up = steps equals the pipeline run sequentially bit for bit, the default schedule equals the oracle,
+and remove() gives back the pipeline's own outputs."""
+
+import warnings
+
+import pytest
+import torch
+from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline
+
+import asyncvid
+from asyncvid.asyncdiff.oracle import apply_oracle
+from asyncvid.asyncdiff.setup import flops_plan
+from asyncvid.asyncdiff.weights import materialised_share
+from asyncvid.pipelines import units_for
+from asyncvid.pipelines.embedded import materialize
+from asyncvid.runtime import launch
+from asyncvid.video.images import load_image
+
+CPU = torch.device("cpu")
+STEPS = 4
+SIZE = dict(num_frames=4, height=64, width=64, num_inference_steps=STEPS)
+
+
+def _build(model: str):
+    """The user's code: diffusers' own loader, no asyncvid."""
+    cls = StableVideoDiffusionPipeline if model == "tiny-svd" else AnimateDiffPipeline
+    pipe = cls.from_pretrained(materialize(model), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _call(pipe, image_path) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    if isinstance(pipe, StableVideoDiffusionPipeline):
+        return pipe(load_image(image_path), generator=generator, output_type="latent", **SIZE).frames
+    return pipe("a red circle moving left", guidance_scale=2.0, generator=generator, output_type="latent",
+                **SIZE).frames
+
+
+def _parallel(rank, model: str, image_path, config: dict, keep_weights: bool):
+    """On every rank: build, parallelize, sample; then remove() and sample again. Rank 0 returns both, the weight
+    share it held and any warning of remove()."""
+    pipe = _build(model)
+    handle = asyncvid.parallelize(pipe, asyncvid.AsyncDiffConfig(**config), num_frames=4, height=64, width=64,
+                                  keep_weights=keep_weights)
+    share = materialised_share(pipe.unet)
+    staged = _call(pipe, image_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        handle.remove()
+    after = _call(pipe, image_path) if keep_weights else None
+    return staged, after, share, [str(w.message) for w in caught]
+
+
+def _sequential(model: str, image_path) -> torch.Tensor:
+    with launch.cpu_threads(1, CPU):
+        return _call(_build(model), image_path)
+
+
+def _oracle(model: str, image_path, config: asyncvid.AsyncDiffConfig) -> torch.Tensor:
+    with launch.cpu_threads(1, CPU):
+        pipe = _build(model)
+        family = units_for(pipe.unet)
+        shape = {"frames": 4, "height": 64, "width": 64, "scale": pipe.vae_scale_factor}
+        _, plan = flops_plan(pipe.unet, family, config, shape)
+        apply_oracle(pipe.unet, family.build_program(pipe.unet), plan, config, pipe.scheduler)
+        return _call(pipe, image_path)
+
+
+@pytest.mark.parametrize("model", ["tiny-svd", "tiny-animatediff"])
+def test_warmup_equal_to_steps_equals_the_pipeline(model, red_circle):
+    config = dict(stages=2, warmup=STEPS, cost="flops")
+    staged, _, _, _ = launch.run(_parallel, 2, CPU, model, red_circle, config, False, threads=1, oversubscribe=True)
+    assert torch.equal(staged, _sequential(model, red_circle))
+
+
+@pytest.mark.parametrize("keep_weights", [True, False])
+def test_default_schedule_equals_the_oracle_and_remove_restores_the_pipeline(keep_weights, red_circle):
+    config = dict(stages=2, warmup=1, cost="flops")
+    staged, after, share, caught = launch.run(_parallel, 2, CPU, "tiny-animatediff", red_circle, config,
+                                              keep_weights, threads=1, oversubscribe=True)
+    reference = _sequential("tiny-animatediff", red_circle)
+    assert torch.equal(staged, _oracle("tiny-animatediff", red_circle, asyncvid.AsyncDiffConfig(**config)))
+    assert not torch.equal(staged, reference)  # past warm-up the stages run on stale inputs
+    if keep_weights:
+        assert torch.equal(after, reference) and share == 1.0 and not caught
+    else:  # on the CPU the other stage's weights are dropped, and remove() says so
+        assert share < 0.9 and len(caught) == 1 and "keep_weights=True" in caught[0]
+
+
+def test_refuses_without_a_process_group_and_a_second_time(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    pipe = _build("tiny-svd")
+    with pytest.raises(asyncvid.UsageError, match="torchrun"):
+        asyncvid.parallelize(pipe)
+    with pytest.raises(asyncvid.UsageError, match="unet and a scheduler"):
+        asyncvid.parallelize(object())
+    with pytest.raises(asyncvid.UsageError, match="AsyncDiffConfig"):
+        asyncvid.parallelize(pipe, asyncvid.ParaTAAConfig())
+
+
+def _twice(rank):
+    pipe = _build("tiny-svd")
+    asyncvid.parallelize(pipe, asyncvid.AsyncDiffConfig(stages=1, cost="flops"))
+    try:
+        asyncvid.parallelize(pipe, asyncvid.AsyncDiffConfig(stages=1, cost="flops"))
+    except asyncvid.UsageError as e:
+        return str(e)
+
+
+def test_refuses_a_pipeline_parallelized_already():
+    assert "already" in launch.run(_twice, 1, CPU, threads=1)
