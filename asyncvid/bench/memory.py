@@ -35,8 +35,8 @@ from asyncvid.runtime.loaders import ModelSpec, load_sampler, quiet_libraries
 NOTE = ("At 4 frames of 64x64 the low-resolution units, which hold most of the weights, are memory-bound, so their "
         "measured times are large and the measured split puts fewer weights on its larger stage than the FLOPs "
         "split (the `--cost flops` rows: 78-81% of the UNet on one stage). That split is sensitive to timing noise, "
-        "since several splits balance within a few percent: over four runs of this benchmark the SD1.5 base + "
-        "adapter form's larger N=2 stage held 59-72% of the UNet (0.64x-0.76x of sequential's peak), SVD-xt's "
+        "since several splits balance within a few percent: over five runs of this benchmark the SD1.5 base + "
+        "adapter form's larger N=2 stage held 59-76% of the UNet (0.64x-0.79x of sequential's peak), SVD-xt's "
         "52-67% (0.41x-0.52x). At full resolution the measured split follows FLOPs; there `--weight-cap` bounds "
         "the larger stage's share, at some compute balance (`asyncvid plan` shows both).")
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "red_circle.png"
