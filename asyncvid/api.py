@@ -9,10 +9,12 @@ D videos at once; the videos come back in the list's order.
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from functools import cached_property
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -20,6 +22,7 @@ from PIL import Image
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_device, resolve_dtype
+from asyncvid.models.sampling_defaults import GUIDANCE
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.pipelines import preflight, recommended_guidance
 from asyncvid.requests import ImageToVideo, TextToVideo
@@ -33,7 +36,7 @@ from asyncvid.video.images import load_image
 SAMPLERS = (AsyncDiffConfig, ParaTAAConfig)  # config types a `sampler` may be, besides None (sequential)
 
 
-def load(model: str, *, devices: int | None = None, sampler: AsyncDiffConfig | None = None, device: str | None = None,
+def load(model: str | Callable, *, devices: int | None = None, sampler: AsyncDiffConfig | None = None, device: str | None = None,
          dtype: str | None = None, motion_adapter: str | None = None, scheduler: str | None = None,
          threads: int | None = None, oversubscribe: bool = False, num_frames: int | None = None,
          height: int | None = None, width: int | None = None, quiet: bool = True,
@@ -42,7 +45,12 @@ def load(model: str, *, devices: int | None = None, sampler: AsyncDiffConfig | N
     `devices` processes in all (default: 1, or what `data_parallel` groups of the sampler need). `num_frames`,
     `height` and `width` are the sizes a stage-parallel sampler balances its split for (default: the model's); any
     size can be asked for afterwards. `variant` picks a form of the weights (e.g. "fp16": `*.fp16.safetensors`;
-    default: the plain files, or the one variant the folder has)."""
+    default: the plain files, or the one variant the folder has).
+
+    `model` may also be a function that builds the pipeline (an AnimateDiffPipeline or StableVideoDiffusionPipeline,
+    with your scheduler, fused LoRAs, ...), called once in each worker: define it at the top level of a module the
+    workers can import (a .py file beside the notebook), since workers are spawned processes and receive it by name.
+    """
     return VideoPipeline(model, devices=devices, sampler=sampler, device=device, dtype=dtype,
                          motion_adapter=motion_adapter, scheduler=scheduler, threads=threads,
                          oversubscribe=oversubscribe, plan_shape=(num_frames, height, width), quiet=quiet,
@@ -52,7 +60,7 @@ def load(model: str, *, devices: int | None = None, sampler: AsyncDiffConfig | N
 class VideoPipeline:
     """A loaded model: `text_to_video` / `image_to_video` return a Video; `close()` ends its worker processes."""
 
-    def __init__(self, model: str, *, devices: int | None, sampler, device, dtype, motion_adapter, scheduler,
+    def __init__(self, model: str | Callable, *, devices: int | None, sampler, device, dtype, motion_adapter, scheduler,
                  threads, oversubscribe, plan_shape, quiet, data_parallel: int = 1, variant: str | None = None):
         self.layout = _check_layout(devices, sampler, threads, data_parallel)
         devices = self.layout.world_size
@@ -62,14 +70,18 @@ class VideoPipeline:
                               variant=variant)
         self.devices, self.threads, self._device = devices, threads, torch_device
         self._pool = self._loaded = None
-        # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI), and what
-        # is decided for the user (a variant, a component left out) is said once.
-        preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler, variant=variant)
-        if runs_in_process(sampler, devices) and self.layout.data_parallel == 1:
+        in_process = runs_in_process(sampler, devices) and self.layout.data_parallel == 1
+        if callable(model):
+            _check_build_fn(model, in_process)
+        else:
+            # A bad model, scheduler or split fails here in one line, before any worker starts (as in the CLI), and
+            # what is decided for the user (a variant, a component left out) is said once.
+            preflight(model, None, [], motion_adapter=motion_adapter, scheduler=scheduler, variant=variant)
+        if in_process:
             with launch.cpu_threads(threads, torch_device):
                 self._loaded = load_sampler(None, self.spec)
         else:
-            if isinstance(sampler, AsyncDiffConfig) and sampler.split:
+            if isinstance(sampler, AsyncDiffConfig) and sampler.split and not callable(model):
                 frames, height, width = plan_shape
                 check_plan(model, sampler, SimpleNamespace(num_frames=frames, height=height, width=width),
                            motion_adapter, variant)
@@ -90,7 +102,7 @@ class VideoPipeline:
     @cached_property
     def _guidance(self) -> float:
         """The model's recommended guidance scale, read once (its folder's sampling.json; else 7.5)."""
-        return recommended_guidance(self.spec.model)
+        return GUIDANCE if callable(self.spec.model) else recommended_guidance(self.spec.model)
 
     def text_to_video(self, prompt: str | list[str], *, negative_prompt: str = "", num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
@@ -138,7 +150,7 @@ class VideoPipeline:
         sampler = self.spec.sampler.describe()["name"] if self.spec.sampler is not None else "sequential"
         state = "closed" if self._closed else ("workers " + ", ".join(map(str, self.worker_pids)) if self._pool
                                                else "in this process")
-        return f"VideoPipeline(model={self.spec.model!r}, sampler={sampler}, devices={self.devices}, {state})"
+        return f"VideoPipeline(model={self.spec.label!r}, sampler={sampler}, devices={self.devices}, {state})"
 
     @property
     def _closed(self) -> bool:
@@ -149,7 +161,7 @@ class VideoPipeline:
             raise RuntimeError("this pipeline is closed (or was interrupted); call asyncvid.load again")
         if requests and requests[0].describe()["task"] != self.task:
             method = "text_to_video" if self.task == "text-to-video" else "image_to_video"
-            raise UsageError(f"model '{self.spec.model}' does {self.task}; call {method} instead")
+            raise UsageError(f"model '{self.spec.label}' does {self.task}; call {method} instead")
         if self._pool is None:
             with launch.cpu_threads(self.threads, self._device):
                 return [self._loaded.generate(request) for request in requests]
@@ -218,6 +230,19 @@ def _check_layout(devices, sampler, threads, data_parallel: int = 1) -> RankLayo
     if sampler is not None:
         sampler.check_world_size(devices)
     return RankLayout(1, devices)
+
+
+def _check_build_fn(fn: Callable, in_process: bool) -> None:
+    """Workers receive a build function by name: it must be a top-level function of a module they can import."""
+    if in_process:
+        return
+    name = getattr(fn, "__qualname__", type(fn).__name__)
+    module = sys.modules.get(getattr(fn, "__module__", None) or "")
+    notebook = module is not None and module.__name__ == "__main__" and not hasattr(module, "__file__")
+    if "<" in name or module is None or getattr(module, name, None) is not fn or notebook:
+        raise UsageError(f"build function {name!r} cannot reach the worker processes: define it at the top level of "
+                         f"a .py file and import it from there (workers are spawned and import it by name; a "
+                         f"lambda, a nested function or a notebook cell's function cannot be)")
 
 
 def _seed(seed: int | None, generator: torch.Generator | None) -> int:

@@ -58,6 +58,16 @@ def adapter_for(folder: Path) -> ModuleType:
     return ADAPTERS[class_name]
 
 
+def adapter_of(pipe) -> ModuleType:
+    """The adapter for a pipeline object a user built, by its exact class (a subclass, e.g. AnimateDiff with
+    ControlNet, calls the UNet with more than the adapter passes)."""
+    for adapter in (animatediff, svd):
+        if type(pipe) is adapter.PIPELINE:
+            return adapter
+    raise UsageError(f"build_fn returned a {type(pipe).__name__}; asyncvid.load samples AnimateDiffPipeline and "
+                     f"StableVideoDiffusionPipeline (for others, call asyncvid.parallelize under torchrun)")
+
+
 def latent_shape(folder: Path, frames: int | None, height: int | None, width: int | None) -> dict:
     """The sizes a split is planned at (unit programs' `example_inputs`), with the factor the folder's VAE shrinks
     frames by: 2 ** (its blocks - 1), as the pipelines compute `vae_scale_factor` (8 for SD's 4-block VAE)."""

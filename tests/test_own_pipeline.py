@@ -112,3 +112,28 @@ def _twice(rank):
 
 def test_refuses_a_pipeline_parallelized_already():
     assert "already" in launch.run(_twice, 1, CPU, threads=1)
+
+
+def build_tiny_animatediff():
+    """A notebook user's build function: top level in an importable module, so spawned workers can call it."""
+    return _build("tiny-animatediff")
+
+
+def test_load_takes_a_build_function_in_workers_and_in_process():
+    config = asyncvid.AsyncDiffConfig(stages=2, warmup=STEPS, cost="flops")
+    args = dict(num_frames=4, height=64, width=64, num_inference_steps=STEPS, guidance_scale=2.0, seed=3)
+    with asyncvid.load(build_tiny_animatediff, devices=2, sampler=config, threads=1, oversubscribe=True) as pipe:
+        staged = pipe.text_to_video("a red circle moving left", **args)
+        assert staged.metadata["model"] == "test_own_pipeline.build_tiny_animatediff"
+        assert len(staged.metadata["sampler"]["plan"]) == 2 and staged.metadata["sampler"]["bytes_sent_rank0"] > 0
+    with asyncvid.load(build_tiny_animatediff, threads=1) as pipe:
+        sequential = pipe.text_to_video("a red circle moving left", **args)
+    assert (staged.frames == sequential.frames).all()
+
+
+def test_load_refuses_build_functions_workers_cannot_import():
+    config = asyncvid.AsyncDiffConfig(stages=2)
+    with pytest.raises(asyncvid.UsageError, match="top level of a .py file"):
+        asyncvid.load(lambda: _build("tiny-svd"), devices=2, sampler=config)
+    with pytest.raises(asyncvid.UsageError, match="returned a object"):
+        asyncvid.load(object)

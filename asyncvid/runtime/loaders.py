@@ -18,6 +18,7 @@ from typing import Callable
 import diffusers
 import transformers
 
+from asyncvid.asyncdiff.attach import attach
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.setup import describe_split, flops_plan, setup_asyncdiff
 from asyncvid.errors import UsageError
@@ -29,6 +30,7 @@ from asyncvid.parataa.run import sample as parataa_sample
 from asyncvid.parataa.solver import Round
 from asyncvid.pipelines import (
     adapter_for,
+    adapter_of,
     latent_shape,
     load_pipeline,
     resolve_model,
@@ -46,7 +48,7 @@ from asyncvid.video.resume import settings_of
 class ModelSpec:
     """What every rank loads: the model, the sampler and the precision (picklable: it travels to the workers)."""
 
-    model: str
+    model: str | Callable  # a name or folder, or a top-level function that builds the pipeline (asyncvid.load)
     sampler: AsyncDiffConfig | ParaTAAConfig | None = None  # None: sequential sampling
     motion_adapter: str | None = None
     device: str | None = None
@@ -61,9 +63,14 @@ class ModelSpec:
     def describe(self) -> dict:
         """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
         sampler = self.sampler.describe() if self.sampler is not None else {"name": "sequential"}
-        settings = {"model": self.model, "motion_adapter": self.motion_adapter, "sampler": sampler,
+        settings = {"model": self.label, "motion_adapter": self.motion_adapter, "sampler": sampler,
                     "scheduler": self.scheduler, "dtype": self.dtype}
         return {**settings, "variant": self.variant} if self.variant else settings  # older sidecars have none
+
+    @property
+    def label(self) -> str:
+        """The model as a user names it: its name or folder, or `module.function` of a build function."""
+        return self.model if isinstance(self.model, str) else f"{self.model.__module__}.{self.model.__qualname__}"
 
 
 @dataclass
@@ -87,7 +94,7 @@ class Loaded:
     def sample(self, request, on_step: StepCallback | None = None) -> Sampled:
         """Latents, frames (None on ranks that do not gather them) and timings of one request."""
         if request.describe()["task"] != self.task:
-            raise UsageError(f"model '{self.spec.model}' does {self.task}, not {request.describe()['task']}; "
+            raise UsageError(f"model '{self.spec.label}' does {self.task}, not {request.describe()['task']}; "
                              f"use {'text_to_video' if self.task == 'text-to-video' else 'image_to_video'}")
         if self.run is not None:
             return self.run(self, request, on_step)
@@ -127,6 +134,8 @@ def load_sequential(rank: Rank | None, spec: ModelSpec) -> Loaded:
 def _whole_pipeline(rank: Rank | None, spec: ModelSpec):
     """(pipeline, adapter, folder, device, dtype): every weight on this rank's device (or this process's)."""
     device = rank.device if rank is not None else resolve_device(spec.device)
+    if callable(spec.model):
+        return _built_pipeline(spec, device)
     dtype = resolve_dtype(spec.dtype, device)
     pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
                                           allow_pickle=spec.allow_pickle, variant=spec.variant)
@@ -134,10 +143,25 @@ def _whole_pipeline(rank: Rank | None, spec: ModelSpec):
     return pipe, adapter, folder, device, dtype
 
 
+def _built_pipeline(spec: ModelSpec, device):
+    """The pipeline `spec.model()` builds, on `device` (in `spec.dtype` when given, else as built)."""
+    pipe = spec.model()
+    adapter = adapter_of(pipe)
+    if spec.dtype:
+        pipe.to(device=device, dtype=resolve_dtype(spec.dtype, device))
+    else:
+        pipe.to(device=device)
+    pipe.set_progress_bar_config(disable=True)
+    set_scheduler(pipe, spec.scheduler)
+    return pipe, adapter, f"built by {spec.label}", device, pipe.unet.dtype
+
+
 def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
     """This rank's stage of the UNet (its weights only) behind the AsyncDiff hook, in the pipeline's own loop."""
     if rank is None:
         raise UsageError("AsyncDiff runs in a process group; use asyncvid.load(..., devices=N) or the CLI")
+    if callable(spec.model):
+        return _attach_to_built(rank, spec)
     dtype = resolve_dtype(spec.dtype, rank.device)
     folder = resolve_model(spec.model, variant=spec.variant)
     adapter = adapter_for(folder)
@@ -151,6 +175,19 @@ def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
     return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
                   decoder=functools.partial(parallel_decode, group=rank.group), hook=staged.hook,
                   weight_share=staged.weight_share)
+
+
+def _attach_to_built(rank: Rank, spec: ModelSpec) -> Loaded:
+    """A pipeline the user's function builds, whole on every rank, then split (asyncvid.parallelize's way)."""
+    pipe, adapter, folder, device, dtype = _built_pipeline(spec, rank.device)
+    frames, height, width = spec.plan_shape
+    shape = {"frames": frames, "height": height, "width": width, "scale": pipe.vae_scale_factor}
+    attached = attach(pipe, units_for(pipe.unet), spec.sampler, shape=shape, group=rank.group,
+                      settings=spec.describe())
+    sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": attached.plan.as_lists()}
+    return Loaded(pipe, adapter, spec, _metadata(spec, folder, device, dtype, sampler),
+                  decoder=functools.partial(parallel_decode, group=rank.group), hook=attached.hook,
+                  weight_share=attached.weight_share)
 
 
 def load_parataa(rank: Rank | None, spec: ModelSpec) -> Loaded:
@@ -196,7 +233,7 @@ LOADERS: dict[type, Callable[[Rank | None, ModelSpec], Loaded]] = {
 
 
 def _metadata(spec: ModelSpec, folder, device, dtype, sampler: dict) -> dict:
-    return {"model": spec.model, "model_folder": str(folder), "device": str(device),
+    return {"model": spec.label, "model_folder": str(folder), "device": str(device),
             "dtype": str(dtype).removeprefix("torch."), "sampler": sampler, "scheduler": spec.scheduler or "pipeline"}
 
 

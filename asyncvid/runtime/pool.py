@@ -51,7 +51,8 @@ class WorkerPool:
         self.layout = layout or RankLayout(1, world_size)
         self.layout.check_world_size(world_size)
         launch.check_device_count(world_size, device, oversubscribe, self.layout)
-        resolve_model(spec.model, variant=spec.variant)  # build an embedded model once, here, rather than on every rank at once
+        if not callable(spec.model):  # build an embedded model once, here, rather than on every rank at once
+            resolve_model(spec.model, variant=spec.variant)
         ctx = mp.get_context(start_method)
         port = launch.free_port()
         self._conns, self._procs = [], []
