@@ -46,6 +46,7 @@ def _parallel(rank, model: str, image_path, config: dict, keep_weights: bool):
                                   keep_weights=keep_weights)
     share = materialised_share(pipe.unet)
     staged = _call(pipe, image_path)
+    assert torch.equal(_call(pipe, image_path), staged)  # a second call starts the schedule afresh
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         handle.remove()
@@ -87,6 +88,23 @@ def test_default_schedule_equals_the_oracle_and_remove_restores_the_pipeline(kee
         assert torch.equal(after, reference) and share == 1.0 and not caught
     else:  # on the CPU the other stage's weights are dropped, and remove() says so
         assert share < 0.9 and len(caught) == 1 and "keep_weights=True" in caught[0]
+
+
+def _free_init(rank, config: dict):
+    """FreeInit runs the whole schedule twice within one pipeline call."""
+    pipe = _build("tiny-animatediff")
+    pipe.enable_free_init(num_iters=2)
+    if config:
+        asyncvid.parallelize(pipe, asyncvid.AsyncDiffConfig(**config), num_frames=4, height=64, width=64)
+    return _call(pipe, None)
+
+
+def test_free_init_loops_restart_the_schedule():
+    with launch.cpu_threads(1, CPU):
+        reference = _free_init(None, {})
+    staged = launch.run(_free_init, 2, CPU, dict(stages=2, warmup=STEPS, cost="flops"), threads=1,
+                        oversubscribe=True)
+    assert torch.equal(staged, reference)
 
 
 def test_refuses_without_a_process_group_and_a_second_time(monkeypatch):

@@ -62,7 +62,7 @@ def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, ke
     """Run `pipe`'s UNet (split by the unit program `family`) as this rank's stage; every rank of `group` calls this
     with the same pipeline. Without `keep_weights` the other stages' weights leave the device: to host memory from
     an accelerator, dropped (meta) on the CPU."""
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet = pipe.unet
     if HookRegistry.check_if_exists_or_initialize(unet).get_hook(HOOK_NAME) is not None:
         raise UsageError("this pipeline's UNet is parallelized already; call remove() on its handle first")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
@@ -77,10 +77,21 @@ def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, ke
     keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
     others = [m for i in range(len(plan.names)) if i not in plan.units(stage) for m in program.units[i].owned]
     released = {} if keep_weights else _release(unet, others, keep)
-    hook = apply_asyncdiff(unet, program, plan, config, scheduler, stage_group, cfg)
+    hook = apply_asyncdiff(unet, program, plan, config, SchedulerOf(pipe), stage_group, cfg)
     log.info("rank %d runs stage %d (%s .. %s)", rank, stage, plan.names[plan.units(stage)[0]],
              plan.names[plan.units(stage)[-1]])
     return Attached(pipe, plan, stage, hook, released)
+
+
+class SchedulerOf:
+    """The timesteps of the scheduler `pipe` has when the hook reads them: a user may set pipe.scheduler later."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    @property
+    def timesteps(self):
+        return self.pipe.scheduler.timesteps
 
 
 def _release(unet, modules: list[str], keep: list[str]) -> dict[str, tuple[torch.device, torch.Tensor | None]]:

@@ -79,6 +79,10 @@ class AsyncDiffHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
+        if self.state.step and self._starts_schedule(args, kwargs):
+            # A new pipeline call (a user's pipeline resets no hooks), an interrupted one's successor, or FreeInit's
+            # next loop within one call: the schedule starts again, and so does every rank's state, at the same step.
+            self.state = RunState()
         step = self.state.step
         self.state.step += 1
         if step == 0:  # the device is known once the UNet is called
@@ -95,6 +99,10 @@ class AsyncDiffHook(ModelHook):
         eps = self.state.queued.pop(step)
         self.state.hook_clock.stop(start)
         return self.program.output_type(sample=eps) if return_dict else (eps,)
+
+    def _starts_schedule(self, args, kwargs) -> bool:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        return float(torch.as_tensor(timestep).flatten()[0]) == float(self.scheduler.timesteps[0])
 
     # 1. Warm-up and refresh: the stages one after another, each rank waiting for its inputs (the sequential forward).
     def _relay(self, args, kwargs) -> torch.Tensor:
