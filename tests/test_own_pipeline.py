@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from diffusers import AnimateDiffPipeline, StableVideoDiffusionPipeline
+from diffusers import AnimateDiffPipeline, AnimateDiffVideoToVideoPipeline, StableVideoDiffusionPipeline
+from PIL import Image
 
 import asyncvid
 from asyncvid.asyncdiff.oracle import apply_oracle
@@ -105,6 +106,31 @@ def test_free_init_loops_restart_the_schedule():
     staged = launch.run(_free_init, 2, CPU, dict(stages=2, warmup=STEPS, cost="flops"), threads=1,
                         oversubscribe=True)
     assert torch.equal(staged, reference)
+
+
+def _video_to_video(rank, config: dict):
+    """Video-to-video starts part way down the schedule (strength 0.5: the last 2 of 4 steps); called twice."""
+    pipe = AnimateDiffVideoToVideoPipeline.from_pipe(_build("tiny-animatediff"))
+    if config:
+        asyncvid.parallelize(pipe, asyncvid.AsyncDiffConfig(**config), num_frames=4, height=64, width=64)
+    video = [Image.new("RGB", (64, 64), (40 * i, 90, 200 - 40 * i)) for i in range(4)]
+    calls = [pipe(video=video, prompt="a red circle moving left", strength=0.5, guidance_scale=2.0,
+                  num_inference_steps=STEPS, generator=torch.Generator().manual_seed(3), output_type="latent").frames
+             for _ in range(2)]
+    assert torch.equal(*calls)
+    return calls[0]
+
+
+def test_video_to_video_follows_the_part_of_the_schedule_it_runs():
+    with launch.cpu_threads(1, CPU):
+        reference = _video_to_video(None, {})
+    staged = launch.run(_video_to_video, 2, CPU, dict(stages=2, warmup=STEPS, cost="flops"), threads=1,
+                        oversubscribe=True)
+    assert torch.equal(staged, reference)
+    # Past warm-up the second step runs as a parallel round, on stale inputs: not the sequential latents.
+    rounds = launch.run(_video_to_video, 2, CPU, dict(stages=2, warmup=1, cost="flops"), threads=1,
+                        oversubscribe=True)
+    assert not torch.equal(rounds, reference)
 
 
 def test_refuses_without_a_process_group_and_a_second_time(monkeypatch):

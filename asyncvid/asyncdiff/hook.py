@@ -30,9 +30,12 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 @dataclass
 class RunState:
-    """Per-call state, cleared by `reset_state` before each pipeline call."""
+    """Per-run state: cleared by `reset_state`, and whenever the UNet is called off the current run's schedule."""
 
     step: int = 0
+    # The run's timesteps: the scheduler's from `offset` on (video-to-video starts part way down the schedule).
+    offset: int = 0
+    schedule: list[float] | None = None
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
     before: dict[int, torch.Tensor] = field(default_factory=dict)  # and from the round before that
     shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
@@ -79,10 +82,11 @@ class AsyncDiffHook(ModelHook):
 
     def new_forward(self, module, *args, **kwargs):
         return_dict = kwargs.pop("return_dict", True)
-        if self.state.step and self._starts_schedule(args, kwargs):
-            # A new pipeline call (a user's pipeline resets no hooks), an interrupted one's successor, or FreeInit's
-            # next loop within one call: the schedule starts again, and so does every rank's state, at the same step.
-            self.state = RunState()
+        timestep = _timestep_value(args, kwargs)
+        if not self._continues(timestep):
+            # A new run: a new pipeline call (a user's pipeline resets no hooks), the one after an interrupted call,
+            # or FreeInit's next loop within one call. Every rank sees the same timesteps, so all restart together.
+            self.state = RunState(**_run_of(self.scheduler.timesteps, timestep))
         step = self.state.step
         self.state.step += 1
         if step == 0:  # the device is known once the UNet is called
@@ -100,9 +104,10 @@ class AsyncDiffHook(ModelHook):
         self.state.hook_clock.stop(start)
         return self.program.output_type(sample=eps) if return_dict else (eps,)
 
-    def _starts_schedule(self, args, kwargs) -> bool:
-        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
-        return float(torch.as_tensor(timestep).flatten()[0]) == float(self.scheduler.timesteps[0])
+    def _continues(self, timestep: float) -> bool:
+        """Whether the UNet is called at the current run's next timestep."""
+        schedule, step = self.state.schedule, self.state.step
+        return schedule is not None and step < len(schedule) and _same(schedule[step], timestep)
 
     # 1. Warm-up and refresh: the stages one after another, each rank waiting for its inputs (the sequential forward).
     def _relay(self, args, kwargs) -> torch.Tensor:
@@ -121,7 +126,7 @@ class AsyncDiffHook(ModelHook):
 
     # 2. After warm-up: all stages at once on the previous round's tensors; receive the next round's meanwhile.
     def _round(self, args, kwargs, step: int) -> list[torch.Tensor]:
-        total = len(self.scheduler.timesteps)
+        total = len(self.state.schedule)
         width = min(self.config.stride, total - step)  # steps in this round
         # Whether a later round consumes what this one sends (a relay next computes its own inputs).
         more = step + width < total and not self.config.synchronous(step + width)
@@ -144,7 +149,7 @@ class AsyncDiffHook(ModelHook):
 
     def _timestep(self, index: int):
         shift = 1 if self.config.time_shift else 0
-        return self.scheduler.timesteps[max(index - shift, 0)]
+        return self.scheduler.timesteps[self.state.offset + max(index - shift, 0)]
 
     def _run_stage(self, ctx, x: torch.Tensor, received: dict[int, torch.Tensor]):
         """Units of this stage; returns the hidden state and every skip it produced for other stages."""
@@ -237,6 +242,26 @@ def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> li
     """(key, src rank, dst rank) for every stage transfer; the last stage's replicas each receive a copy."""
     moves: list[Transfer] = transfers(plan, program)
     return [(m.key, layout.ranks_of(m.src)[0], dst) for m in moves for dst in layout.ranks_of(m.dst)]
+
+
+def _timestep_value(args, kwargs) -> float:
+    timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+    return float(torch.as_tensor(timestep).flatten()[0])
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal up to a half-precision cast of the timestep."""
+    return abs(a - b) <= 1e-3 * max(1.0, abs(a))
+
+
+def _run_of(timesteps: torch.Tensor, first: float) -> dict:
+    """The run that starts at timestep `first`: the scheduler's timesteps from its first match on."""
+    schedule = [float(t) for t in timesteps.tolist()]
+    offset = next((i for i, t in enumerate(schedule) if _same(t, first)), None)
+    if offset is None:
+        raise UsageError(f"the UNet was called at timestep {first:g}, which is not among the pipeline scheduler's "
+                         f"timesteps; AsyncDiff needs a pipeline that steps through its scheduler's timesteps")
+    return {"offset": offset, "schedule": schedule[offset:]}
 
 
 def _device_of(args, kwargs) -> torch.device | None:
