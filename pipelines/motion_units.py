@@ -27,6 +27,8 @@ class Context:
 
 def build_program(unet) -> Program:
     """conv_in, per layer resnet -> attention -> motion module, samplers, the mid block, up blocks, conv_out."""
+    if getattr(unet, "encoder_hid_proj", None) is not None and unet.config.encoder_hid_dim_type == "ip_image_proj":
+        raise UsageError("IP-Adapter image embeddings are not supported with parallel sampling; unload the IP-Adapter")
     units = [Unit("conv_in", lambda c, h, s: unet.conv_in(h), pushes=True)]
     for i, block in enumerate(unet.down_blocks):
         units += _layers(f"down_blocks.{i}", block, up=False)
@@ -103,8 +105,6 @@ def _prologue(unet, sample, timestep, encoder_hidden_states, timestep_cond=None,
     """Steps 1 (time embeddings) and 2 (frames into the batch) of the UNet's forward."""
     if down_block_additional_residuals is not None or mid_block_additional_residual is not None:
         raise UsageError("ControlNet residuals are not supported with parallel sampling; run without a ControlNet")
-    if unet.encoder_hid_proj is not None and unet.config.encoder_hid_dim_type == "ip_image_proj":
-        raise UsageError("IP-Adapter image embeddings are not supported with parallel sampling; unload the IP-Adapter")
     check_upsample_size(unet, sample)
     if attention_mask is not None:
         attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)

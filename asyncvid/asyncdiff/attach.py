@@ -65,13 +65,13 @@ def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, ke
     unet = pipe.unet
     if HookRegistry.check_if_exists_or_initialize(unet).get_hook(HOOK_NAME) is not None:
         raise UsageError("this pipeline's UNet is parallelized already; call remove() on its handle first")
+    program = family.build_program(unet)  # refuses what the unit program does not mirror (FreeU, IP-Adapter)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device, dtype = unet.device, unet.dtype
     settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": dict(unet.config),
                 "sampler": asdict(config), "shape": shape, "dtype": str(dtype)}
     _, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
 
-    program = family.build_program(unet)
     stage_group, cfg = stage_groups(config, rank, world, group)
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
     keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
