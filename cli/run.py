@@ -17,6 +17,7 @@ import typer
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.cli.options import DEFAULT_WARMUP, Sampler
 from asyncvid.errors import UsageError
+from asyncvid.models.lora import parse as parse_lora
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.requests import UsageWarning
 
@@ -42,7 +43,8 @@ def sampler_config(sampler: Sampler, stages: int, stride: int, warmup: int | Non
 
 
 def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtype, debug, devices, threads,
-        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None, data_parallel=1, parallel=None, variant=None):
+        oversubscribe, scheduler, sampler, allow_pickle=False, finish=None, data_parallel=1, parallel=None, variant=None,
+        loras=None):
     """Check everything before the model loads or a process starts, then hand the batch to the library.
 
     1. What needs neither torch nor the model (requests, sampler, layout, output folder): a typo fails at once.
@@ -52,6 +54,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
     try:
         requests, stems = build()
         config = sampler()
+        loras = tuple(parse_lora(spec) for spec in loras or ())
         if parallel is None:
             devices = _check_layout(config, devices, threads, data_parallel)
         else:
@@ -73,7 +76,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         resolve_dtype(dtype_name, torch_device)
         scheduler_name = scheduler.value if scheduler else None
         preflight(model, task, requests, motion_adapter=motion_adapter, allow_pickle=allow_pickle,
-                  scheduler=scheduler_name, variant=variant)
+                  scheduler=scheduler_name, variant=variant, loras=loras)
         if isinstance(config, AsyncDiffConfig) and config.split:  # a manual split this UNet cannot take: once, here
             check_plan(model, config, requests[0], motion_adapter, variant)
         requests = finish(requests) if finish is not None else requests
@@ -92,7 +95,7 @@ def run(build, task, *, model, motion_adapter, out, fmt, overwrite, device, dtyp
         job = Job(task, model, requests, targets, fmt=fmt, overwrite=overwrite, motion_adapter=motion_adapter,
                   device=device, dtype=dtype_name, sampler=config, devices=devices, quiet=not debug,
                   threads=threads, oversubscribe=oversubscribe, scheduler=scheduler_name,
-                  allow_pickle=allow_pickle, variant=variant, data_parallel=data_parallel,
+                  allow_pickle=allow_pickle, variant=variant, data_parallel=data_parallel, loras=loras,
                   start_method=_start_method(torch_device, computed))
         if torch_device.type == "cpu" and threads is None:
             _warn_if_busy(_external_world() if _external() else devices)

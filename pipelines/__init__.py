@@ -12,6 +12,7 @@ from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 
 from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
+from asyncvid.models.lora import quiet_peft_errors
 from asyncvid.models.schedulers import check_scheduler
 from asyncvid.models.sources import (
     adapter_variant,
@@ -103,7 +104,8 @@ def load_pipeline(model: str, *, device: torch.device, dtype: torch.dtype, motio
 
 
 def preflight(model: str, task: str | None, requests: list, *, motion_adapter: str | None = None,
-              allow_pickle: bool = False, scheduler: str | None = None, variant: str | None = None) -> Path:
+              allow_pickle: bool = False, scheduler: str | None = None, variant: str | None = None,
+              loras: tuple = ()) -> Path:
     """Every check on the model that needs no weights, run once before any worker starts, so that a bad model fails
     in one line from one process: its source, components, weights and their form (variant), its task (unless None:
     any), and each request (frames, and a warning for a prompt longer than the text encoder reads), and a replacement
@@ -128,12 +130,43 @@ def preflight(model: str, task: str | None, requests: list, *, motion_adapter: s
         check_weights(motion, allow_pickle=allow_pickle, variant=chosen and chosen.variant)
         notes.append(chosen and chosen.note)
     adapter.check_folder(folder, requests, motion_adapter=motion)
+    if loras:
+        check_loras(adapter, adapter.unet_skeleton(folder, motion), loras)
     scheduler_config = folder / "scheduler" / "scheduler_config.json"
     if scheduler is not None and scheduler_config.is_file():
         check_scheduler(scheduler, json.loads(scheduler_config.read_text()))
     for note in filter(None, notes):
         warnings.warn(UsageWarning(note), stacklevel=2)
     return folder
+
+
+def check_loras(adapter, skeleton, loras: tuple) -> None:
+    """Each LoRA loads into the UNet's empty skeleton (no weights, no compute): one that does not fit this model fails
+    here, once, rather than on every rank after the model loaded, and layers that match no module are said. Its
+    text-encoder part is checked at load."""
+    pipeline = adapter.PIPELINE
+    if not hasattr(pipeline, "load_lora_into_unet"):
+        raise UsageError(f"{pipeline.__name__} does not load LoRAs; drop --lora")
+    for i, lora in enumerate(loras):
+        path = Path(lora.path)
+        state, alphas = pipeline.lora_state_dict(path.parent, weight_name=path.name)
+        wanted = sum(key.startswith("unet.") and ".lora_A." in key for key in state)
+        if not wanted:
+            continue  # a text-encoder-only LoRA
+        name = f"check_{i}"
+        try:
+            with warnings.catch_warnings(), quiet_peft_errors():
+                warnings.simplefilter("ignore")  # loading into meta tensors is a no-op, as intended here
+                pipeline.load_lora_into_unet(state, alphas, unet=skeleton, adapter_name=name)
+        except (ValueError, RuntimeError, KeyError) as err:
+            lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+            reason = next((line for line in lines if "mismatch" in line), lines[0])
+            raise UsageError(f"LoRA '{lora.path}' does not fit this model's UNet ({reason[:240]}); pass a LoRA "
+                             f"trained for this base model") from err
+        found = sum(f".lora_A.{name}." in key for key, _ in skeleton.named_parameters())
+        if found < wanted:
+            warnings.warn(UsageWarning(f"LoRA '{lora.path}': {wanted - found} of its {wanted} UNet layers match no "
+                                       f"module of this model and are not applied"), stacklevel=2)
 
 
 def recommended_guidance(model: str) -> float:

@@ -57,3 +57,23 @@ def red_circle() -> Path:
     path = SAMPLES / "red_circle.png"
     assert path.is_file(), f"missing sample image {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(tmp_path_factory) -> Path:
+    """A LoRA for tiny-animatediff on the attention projections of every spatial and motion block (random, not zero,
+    so it changes the video), saved as diffusers saves one: a folder with pytorch_lora_weights.safetensors."""
+    import torch
+    from diffusers import AnimateDiffPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from asyncvid.pipelines.embedded import materialize
+
+    folder = tmp_path_factory.mktemp("lora")
+    unet = AnimateDiffPipeline.from_pretrained(materialize("tiny-animatediff")).unet
+    torch.manual_seed(0)
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    AnimateDiffPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(unet))
+    return folder

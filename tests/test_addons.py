@@ -4,38 +4,24 @@ rank (docs/ASYNCDIFF.md says why)."""
 
 import pytest
 import torch
-from diffusers import AnimateDiffControlNetPipeline, AnimateDiffPipeline, ControlNetModel, MotionAdapter
-from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from diffusers import AnimateDiffControlNetPipeline, ControlNetModel, MotionAdapter
 from PIL import Image
+from test_own_pipeline import STEPS, _build
 
 import asyncvid
 from asyncvid.runtime import launch
-from test_own_pipeline import STEPS, _build, _call
 
 CPU = torch.device("cpu")
 PROMPT = dict(prompt="a red circle moving left", guidance_scale=2.0, num_inference_steps=STEPS, height=64, width=64,
               output_type="latent")
 
 
-@pytest.fixture(scope="module")
-def lora_folder(tmp_path_factory):
-    """A LoRA on the attention projections of every spatial and motion block, saved as diffusers saves one."""
-    folder = tmp_path_factory.mktemp("lora")
-    pipe = _build("tiny-animatediff")
-    torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    AnimateDiffPipeline.save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
-    return folder
-
-
-def _with_addon(rank, addon: str, config: dict, lora_folder=None):
+def _with_addon(rank, addon: str, config: dict, tiny_lora=None):
     """Build the tiny AnimateDiff pipeline, put `addon` on it, parallelize it (unless `config` is empty), sample."""
     pipe = _build("tiny-animatediff")
     frames = 4
     if addon.startswith("lora"):
-        pipe.load_lora_weights(lora_folder, adapter_name="style")
+        pipe.load_lora_weights(tiny_lora, adapter_name="style")
         if addon == "lora-fused":
             pipe.fuse_lora(lora_scale=0.7)
         else:
@@ -52,12 +38,12 @@ def _with_addon(rank, addon: str, config: dict, lora_folder=None):
 
 
 @pytest.mark.parametrize("addon", ["lora", "lora-fused", "free-noise"])
-def test_addon_with_warmup_equal_to_steps_equals_sequential(addon, lora_folder):
+def test_addon_with_warmup_equal_to_steps_equals_sequential(addon, tiny_lora):
     with launch.cpu_threads(1, CPU):
-        reference = _with_addon(None, addon, {}, lora_folder)
+        reference = _with_addon(None, addon, {}, tiny_lora)
         plain = _with_addon(None, "none", {})
     assert not torch.equal(reference, plain)  # the add-on changes the video
-    staged = launch.run(_with_addon, 2, CPU, addon, dict(stages=2, warmup=STEPS, cost="flops"), lora_folder,
+    staged = launch.run(_with_addon, 2, CPU, addon, dict(stages=2, warmup=STEPS, cost="flops"), tiny_lora,
                         threads=1, oversubscribe=True)
     assert torch.equal(staged, reference)
 

@@ -18,6 +18,7 @@ from asyncvid.asyncdiff.plan import Plan, describe, make_plan, transfers
 from asyncvid.asyncdiff.timing import measure_unit_costs
 from asyncvid.asyncdiff.weights import load_owned, materialised_share, move_materialised
 from asyncvid.errors import UsageError
+from asyncvid.models.lora import fuse as fuse_loras
 from asyncvid.models.schedulers import set_scheduler
 
 log = logging.getLogger("asyncvid")
@@ -37,7 +38,7 @@ class StagedPipeline:
 
 def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shape: dict, device, dtype,
                     motion_adapter=None, settings: dict, group=None, scheduler: str | None = None,
-                    variant: str | None = None) -> StagedPipeline:
+                    variant: str | None = None, loras: tuple = ()) -> StagedPipeline:
     """This rank's stage of the model in `folder`: the agreed split, only its weights loaded, the hook attached."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     unet = adapter.unet_skeleton(folder, motion_adapter)  # every form, a base model plus adapter too: no weights
@@ -54,6 +55,7 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     pipe = adapter.load(folder, dtype=dtype, unet=unet, variant=variant)
     move_materialised(unet, device)  # what this rank holds of the UNet; Module.to would fail on the meta rest
     _move_except_unet(pipe, device)
+    fuse_loras(pipe, loras)  # on the device, as a whole pipeline fuses: the others' LoRA layers stay on meta
     pipe.set_progress_bar_config(disable=True)
     set_scheduler(pipe, scheduler)  # before the hook, which reads the timesteps of pipe.scheduler
     share = materialised_share(unet)

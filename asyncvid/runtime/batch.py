@@ -57,6 +57,7 @@ class Job:
     threads: int | None = None  # CPU threads per process (default: the cores shared evenly by the processes)
     oversubscribe: bool = False  # allow more processes than CPU cores
     scheduler: str | None = None  # None: the pipeline's own; else a name from asyncvid.models.schedulers
+    loras: tuple = ()  # asyncvid.models.lora.Lora, fused in order
     failures: list[str] = field(default_factory=list)  # one line per video that failed
     # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.video.resume).
     make: list[bool] | None = None
@@ -73,7 +74,7 @@ class Job:
         first = self.requests[0]
         return ModelSpec(self.model, self.sampler, self.motion_adapter, self.device, self.dtype, self.scheduler,
                          (first.num_frames, first.height, first.width), self.quiet, self.allow_pickle,
-                         self.variant)
+                         self.variant, self.loras)
 
 
 class JobFailed(RuntimeError):

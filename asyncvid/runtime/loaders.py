@@ -23,6 +23,7 @@ from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.setup import describe_split, flops_plan, setup_asyncdiff
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_device, resolve_dtype
+from asyncvid.models.lora import Lora, fuse
 from asyncvid.models.schedulers import set_scheduler
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.parataa.run import report
@@ -59,13 +60,18 @@ class ModelSpec:
     quiet: bool = True  # hide library warnings and loading bars
     allow_pickle: bool = False  # load pickle weights too (they can run code); whole-pipeline samplers only
     variant: str | None = None  # the form of the weights (e.g. "fp16"); None: the plain files, else the one there is
+    loras: tuple[Lora, ...] = ()  # fused into the weights in this order (asyncvid.models.lora)
 
     def describe(self) -> dict:
         """The settings that decide the output (with the request's own): recorded in sidecars, compared on resume."""
         sampler = self.sampler.describe() if self.sampler is not None else {"name": "sequential"}
         settings = {"model": self.label, "motion_adapter": self.motion_adapter, "sampler": sampler,
                     "scheduler": self.scheduler, "dtype": self.dtype}
-        return {**settings, "variant": self.variant} if self.variant else settings  # older sidecars have none
+        if self.variant:  # older sidecars have neither
+            settings["variant"] = self.variant
+        if self.loras:
+            settings["loras"] = [lora.describe() for lora in self.loras]
+        return settings
 
     @property
     def label(self) -> str:
@@ -139,6 +145,7 @@ def _whole_pipeline(rank: Rank | None, spec: ModelSpec):
     dtype = resolve_dtype(spec.dtype, device)
     pipe, adapter, folder = load_pipeline(spec.model, device=device, dtype=dtype, motion_adapter=spec.motion_adapter,
                                           allow_pickle=spec.allow_pickle, variant=spec.variant)
+    fuse(pipe, spec.loras)
     set_scheduler(pipe, spec.scheduler)
     return pipe, adapter, folder, device, dtype
 
@@ -152,6 +159,7 @@ def _built_pipeline(spec: ModelSpec, device):
     else:
         pipe.to(device=device)
     pipe.set_progress_bar_config(disable=True)
+    fuse(pipe, spec.loras)
     set_scheduler(pipe, spec.scheduler)
     return pipe, adapter, f"built by {spec.label}", device, pipe.unet.dtype
 
@@ -170,7 +178,7 @@ def load_asyncdiff(rank: Rank | None, spec: ModelSpec) -> Loaded:
     staged = setup_asyncdiff(folder, adapter, units_for, spec.sampler,
                              shape=latent_shape(folder, frames, height, width), device=rank.device,
                              dtype=dtype, motion_adapter=motion, settings={**spec.describe(), "shape": spec.plan_shape},
-                             group=rank.group, scheduler=spec.scheduler, variant=spec.variant)
+                             group=rank.group, scheduler=spec.scheduler, variant=spec.variant, loras=spec.loras)
     sampler = {**spec.sampler.describe(), "devices": rank.world_size, "plan": staged.plan.as_lists()}
     return Loaded(staged.pipe, adapter, spec, _metadata(spec, folder, rank.device, dtype, sampler),
                   decoder=functools.partial(parallel_decode, group=rank.group), hook=staged.hook,
