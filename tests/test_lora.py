@@ -7,22 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
+from test_asyncdiff_cli import frames_of, invoke
 
-from asyncvid.cli.app import app
 from asyncvid.errors import UsageError
 from asyncvid.models.lora import WEIGHT_NAME, parse
-from asyncvid.video.writers import read_png_frames
 
 FAST = ["--steps", "3", "--frames", "4", "--format", "png", "--threads", "1"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def frames_of(out: Path) -> dict[str, np.ndarray]:
-    return {p.name: read_png_frames(p) for p in sorted(out.iterdir()) if p.is_dir()}
 
 
 @pytest.fixture(scope="module")
