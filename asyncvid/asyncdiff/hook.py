@@ -254,13 +254,13 @@ def _same(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-3 * max(1.0, abs(a))
 
 
-def _run_of(timesteps: torch.Tensor, first: float) -> dict:
-    """The run that starts at timestep `first`: the scheduler's timesteps from its first match on."""
-    schedule = [float(t) for t in timesteps.tolist()]
+def _run_of(timesteps, first: float) -> dict:
+    """The run that starts at timestep `first`: the scheduler's timesteps from its first match on. A call off the
+    schedule (the UNet called directly, at any timestep) is a run of one relay step: exact, with nothing to predict."""
+    schedule = [float(t) for t in timesteps.tolist()] if timesteps is not None else []
     offset = next((i for i, t in enumerate(schedule) if _same(t, first)), None)
     if offset is None:
-        raise UsageError(f"the UNet was called at timestep {first:g}, which is not among the pipeline scheduler's "
-                         f"timesteps; AsyncDiff needs a pipeline that steps through its scheduler's timesteps")
+        return {"offset": 0, "schedule": None}
     return {"offset": offset, "schedule": schedule[offset:]}
 
 
