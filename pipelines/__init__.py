@@ -10,6 +10,7 @@ from types import ModuleType
 import torch
 from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
 
+from asyncvid.asyncdiff.family import Family
 from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
 from asyncvid.models.lora import quiet_peft_errors
@@ -23,7 +24,7 @@ from asyncvid.models.sources import (
     resolve_folder,
 )
 from asyncvid.models.variants import forms
-from asyncvid.pipelines import animatediff, motion_units, svd, svd_units
+from asyncvid.pipelines import animatediff, svd, unet_inputs
 from asyncvid.pipelines.embedded import EMBEDDED, materialize
 from asyncvid.requests import UsageWarning
 
@@ -35,20 +36,20 @@ ADAPTERS: dict[str, ModuleType] = {
 }
 
 
-# UNet class -> its unit program (how stage-parallel samplers split it).
-UNIT_PROGRAMS: dict[type, ModuleType] = {
-    UNetSpatioTemporalConditionModel: svd_units,
-    UNetMotionModel: motion_units,
+# UNet class -> how its pipelines call it (what stage-parallel samplers trace and plan the UNet on).
+FAMILIES: dict[type, Family] = {
+    UNetSpatioTemporalConditionModel: unet_inputs.SVD,
+    UNetMotionModel: unet_inputs.MOTION,
 }
 
 
-def units_for(unet) -> ModuleType:
-    """The unit-program module for a UNet, by class."""
-    for cls, module in UNIT_PROGRAMS.items():
+def units_for(unet) -> Family:
+    """The family of a UNet, by class."""
+    for cls, family in FAMILIES.items():
         if isinstance(unet, cls):
-            return module
+            return family
     raise UsageError(f"{type(unet).__name__} cannot be split into stages; supported: "
-                     f"{', '.join(c.__name__ for c in UNIT_PROGRAMS)}")
+                     f"{', '.join(c.__name__ for c in FAMILIES)}")
 
 
 def adapter_for(folder: Path) -> ModuleType:
@@ -70,7 +71,7 @@ def adapter_of(pipe) -> ModuleType:
 
 
 def latent_shape(folder: Path, frames: int | None, height: int | None, width: int | None) -> dict:
-    """The sizes a split is planned at (unit programs' `example_inputs`), with the factor the folder's VAE shrinks
+    """The sizes a split is planned at (the families' `example_inputs`), with the factor the folder's VAE shrinks
     frames by: 2 ** (its blocks - 1), as the pipelines compute `vae_scale_factor` (8 for SD's 4-block VAE)."""
     vae = folder / "vae" / "config.json"
     blocks = len(json.loads(vae.read_text()).get("block_out_channels", [0] * 4)) if vae.is_file() else 4

@@ -16,7 +16,7 @@ from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.asyncdiff.hook import HOOK_NAME, apply_asyncdiff, remove_asyncdiff
 from asyncvid.asyncdiff.plan import make_plan
 from asyncvid.cli.app import app
-from asyncvid.pipelines import load_pipeline, svd_units
+from asyncvid.pipelines import load_pipeline, unet_inputs
 from asyncvid.runtime import launch
 from asyncvid.video.writers import read_png_frames
 
@@ -88,10 +88,10 @@ def _hook_roundtrip(rank):
     """In a one-rank group: outputs before, with a one-stage hook, and after removing it."""
     pipe, _, _ = load_pipeline("tiny-svd", device=torch.device("cpu"), dtype=torch.float32)
     unet = pipe.unet
-    args, kwargs = svd_units.example_inputs(unet, frames=4, height=64, width=64)
+    args, kwargs = unet_inputs.SVD.example_inputs(unet, frames=4, height=64, width=64)
     with torch.inference_mode():
         before = unet(*args, **kwargs).sample
-        program = svd_units.build_program(unet)
+        program = unet_inputs.SVD.build_program(unet)
         plan = make_plan(program.names, [1.0] * len(program.units), 1)
         apply_asyncdiff(unet, program, plan, AsyncDiffConfig(stages=1, warmup=1), pipe.scheduler)
         hooked = unet(*args, **kwargs).sample

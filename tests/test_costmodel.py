@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from asyncvid.asyncdiff.costs import profile
+from asyncvid.asyncdiff.costs import fake_trace
 from asyncvid.asyncdiff.plan import make_plan, transfer_bytes, transfers
 from asyncvid.bench import costmodel
 from asyncvid.bench.archs import ANIMATEDIFF_SD15, SVD_XT
@@ -61,13 +61,12 @@ def test_cfg_parallel_and_parataa_arithmetic():
 
 
 def test_split_of_a_tiny_unet_counts_every_crossing_tensor():
-    from asyncvid.pipelines import svd_units
+    from asyncvid.pipelines import unet_inputs
     from asyncvid.pipelines.tiny_models import build_tiny_svd
 
     unet = build_tiny_svd().unet.eval()
-    program = svd_units.build_program(unet)
-    args, kwargs = svd_units.example_inputs(unet, frames=2, height=64, width=64)
-    profiles = profile(program, unet, args, kwargs)
+    traced = fake_trace(unet, unet_inputs.SVD, dict(frames=2, height=64, width=64))
+    program, profiles = traced.program, traced.profiles
     times = [float(i % 3 + 1) for i in range(len(profiles))]
     for n in (2, 3):
         stages = costmodel.split(profiles, times, program, n, profiles[-1].out_bytes)

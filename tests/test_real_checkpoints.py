@@ -272,7 +272,7 @@ def test_plans_sample_at_the_latent_the_vae_makes(tmp_path):
     """A 2-block VAE shrinks frames by 2, not 8: the split is planned (and its tensors sized) at that latent."""
     import json
 
-    from asyncvid.pipelines import adapter_for, latent_shape, resolve_model, svd_units
+    from asyncvid.pipelines import adapter_for, latent_shape, resolve_model, unet_inputs
 
     folder = resolve_model("tiny-svd")
     unet = adapter_for(folder).unet_skeleton(folder)
@@ -283,5 +283,5 @@ def test_plans_sample_at_the_latent_the_vae_makes(tmp_path):
     for model, side in ((folder, 8), (two, 32)):
         shape = latent_shape(model, 2, 64, 64)
         with torch.device("meta"):
-            sample = svd_units.example_inputs(unet, **shape)[0][0]
+            sample = unet_inputs.SVD.example_inputs(unet, **shape)[0][0]
         assert tuple(sample.shape[-2:]) == (side, side), model

@@ -12,10 +12,10 @@ import torch.distributed as dist
 from accelerate.utils import set_module_tensor_to_device
 from diffusers.hooks import HookRegistry
 
+from asyncvid.asyncdiff.agree import agreed_plan, stage_groups
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
 from asyncvid.asyncdiff.hook import HOOK_NAME, AsyncDiffHook, apply_asyncdiff, remove_asyncdiff
 from asyncvid.asyncdiff.plan import Plan
-from asyncvid.asyncdiff.setup import agreed_plan, stage_groups
 from asyncvid.asyncdiff.weights import materialised_share, owned
 from asyncvid.errors import UsageError
 
@@ -58,29 +58,44 @@ class Attached:
 
 
 def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, keep_weights: bool = False,
-           settings: dict | None = None) -> Attached:
-    """Run `pipe`'s UNet (split by the unit program `family`) as this rank's stage; every rank of `group` calls this
+           settings: dict | None = None, plan: Plan | None = None) -> Attached:
+    """Run `pipe`'s UNet (traced as `family`'s pipelines call it) as this rank's stage; every rank of `group` calls this
     with the same pipeline. Without `keep_weights` the other stages' weights leave the device: to host memory from
-    an accelerator, dropped (meta) on the CPU."""
+    an accelerator, dropped (meta) on the CPU. A `plan` agreed before (asyncdiff.setup, which loads only the stage's
+    weights) is taken as it is."""
     unet = pipe.unet
     if HookRegistry.check_if_exists_or_initialize(unet).get_hook(HOOK_NAME) is not None:
         raise UsageError("this pipeline's UNet is parallelized already; call remove() on its handle first")
-    program = family.build_program(unet)  # refuses what the unit program does not mirror (FreeU, IP-Adapter)
+    program = family.build_program(unet)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device, dtype = unet.device, unet.dtype
-    settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": dict(unet.config),
+    settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": _public(unet.config),
                 "sampler": asdict(config), "shape": shape, "dtype": str(dtype)}
-    _, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
+    if plan is None:
+        _, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
 
     stage_group, cfg = stage_groups(config, rank, world, group)
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
-    keep = list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
+    keep = stage_modules(program, plan, stage)
     others = [m for i in range(len(plan.names)) if i not in plan.units(stage) for m in program.units[i].owned]
     released = {} if keep_weights else _release(unet, others, keep)
     hook = apply_asyncdiff(unet, program, plan, config, SchedulerOf(pipe), stage_group, cfg)
-    log.info("rank %d runs stage %d (%s .. %s)", rank, stage, plan.names[plan.units(stage)[0]],
-             plan.names[plan.units(stage)[-1]])
-    return Attached(pipe, plan, stage, hook, released)
+    attached = Attached(pipe, plan, stage, hook, released)
+    log.info("rank %d runs stage %d with %d units (%s .. %s), %.0f%% of the UNet's weights", rank, stage,
+             len(plan.units(stage)), plan.names[plan.units(stage)[0]], plan.names[plan.units(stage)[-1]],
+             100 * attached.weight_share)
+    return attached
+
+
+def stage_modules(program, plan: Plan, stage: int) -> list[str]:
+    """The modules a rank running `stage` holds: the shared ones and its units'."""
+    return list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
+
+
+def _public(config) -> dict:
+    """A config without its private entries: `_use_default_values` of a model built in code lists a set, in an
+    order that differs between processes."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 class SchedulerOf:

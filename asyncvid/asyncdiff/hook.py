@@ -1,6 +1,7 @@
 """AsyncDiff's stage-parallel UNet (Chen et al., NeurIPS 2024) as a removable diffusers hook.
 
-Each rank runs the pipeline's own loop; the hook replaces the UNet's forward. Warm-up steps relay the stages across
+Each rank runs the pipeline's own loop; the hook replaces the UNet's forward with the UNet's own forward computing
+this rank's stage only (asyncvid.asyncdiff.stage). Warm-up steps relay the stages across
 ranks one after another (exact). After warm-up, every stage runs at once in each round on the tensors that the
 other stages produced one round earlier; the last stage's noise prediction is broadcast, so every rank takes the
 same scheduler step. With stride S a round covers S steps: the S last-stage ranks each predict one of them. A stage
@@ -14,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils._pytree import tree_leaves, tree_map
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
-from asyncvid.asyncdiff.plan import HIDDEN, Plan, Transfer, transfers
+from asyncvid.asyncdiff.plan import Plan, Transfer, transfers
+from asyncvid.asyncdiff.stage import StageRunner
 from asyncvid.asyncdiff.stale import predicted
-from asyncvid.asyncdiff.units import Program, run_units
+from asyncvid.asyncdiff.units import Key, Program
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import Stopwatch
 
@@ -36,9 +39,9 @@ class RunState:
     # The run's timesteps: the scheduler's from `offset` on (video-to-video starts part way down the schedule).
     offset: int = 0
     schedule: list[float] | None = None
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
-    before: dict[int, torch.Tensor] = field(default_factory=dict)  # and from the round before that
-    shapes: dict[int, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
+    inputs: dict[Key, torch.Tensor] = field(default_factory=dict)  # this stage's inputs from the last round
+    before: dict[Key, torch.Tensor] = field(default_factory=dict)  # and from the round before that
+    shapes: dict[Key, tuple[torch.Size, torch.dtype]] = field(default_factory=dict)  # of what this rank receives
     out_shape: torch.Size | None = None
     out_dtype: torch.dtype | None = None  # of the noise prediction, from the last stage's header
     device: torch.device | None = None
@@ -62,18 +65,21 @@ class AsyncDiffHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
+    def __init__(self, runner: StageRunner, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
                  cfg: CfgSplit | None = None):
         super().__init__()
-        self.program, self.plan, self.config, self.scheduler, self.group = program, plan, config, scheduler, group
+        self.runner, self.plan, self.config, self.scheduler, self.group = runner, plan, config, scheduler, group
+        self.program: Program = runner.program
         self.cfg = cfg
         self.layout = Layout(config.stages, config.stride)
         self.rank = dist.get_rank(group)
         self.stage = self.layout.stage_of(self.rank)
         self.units = plan.units(self.stage)
-        moves = _transfers_between_ranks(plan, program, self.layout)
+        moves = _transfers_between_ranks(plan, self.program, self.layout)
         self.receives = [m for m in moves if m[2] == self.rank]  # (key, src rank, dst rank)
         self.sends = [m for m in moves if m[1] == self.rank]
+        self.last = self.stage == config.stages - 1
+        self.wanted = {key for key, _, _ in self.sends}
         self.state = RunState()
 
     def reset_state(self, module):
@@ -111,13 +117,12 @@ class AsyncDiffHook(ModelHook):
 
     # 1. Warm-up and refresh: the stages one after another, each rank waiting for its inputs (the sequential forward).
     def _relay(self, args, kwargs) -> torch.Tensor:
-        ctx, x = self.program.prologue(*args, **kwargs)
         first_time = self.state.out_shape is None
-        self.state.device = x.device
+        self.state.device = _device_of(args, kwargs)
         received = self._receive(headers=first_time)
         self.state.before, self.state.inputs = self.state.inputs, dict(received)
         computes = self.layout.replica(self.rank) == 0
-        out = self._run_stage(ctx, x, received) if computes else None
+        out = self._run_stage(args, kwargs, received) if computes else None
         sends = self._exchange_out(out, headers=first_time) if computes else []
         src = self.layout.ranks_of(self.config.stages - 1)[0]
         eps = self._broadcast_eps(out if self.rank == src else None, src=src)
@@ -137,8 +142,7 @@ class AsyncDiffHook(ModelHook):
         if computes:
             offset = width - 1 if self.stage < self.config.stages - 1 else replica
             args, kwargs = _with_timestep(args, kwargs, self._timestep(step + offset))
-            ctx, x = self.program.prologue(*args, **kwargs)
-            out = self._run_stage(ctx, x, predicted(self.state.inputs, self.state.before, self.config.stale))
+            out = self._run_stage(args, kwargs, predicted(self.state.inputs, self.state.before, self.config.stale))
         sends = self._exchange_out(out, headers=False) if (more and computes) else []
         last = self.layout.ranks_of(self.config.stages - 1)
         eps = [self._broadcast_eps(out if self.rank == last[j] else None, src=last[j]) for j in range(width)]
@@ -151,18 +155,18 @@ class AsyncDiffHook(ModelHook):
         shift = 1 if self.config.time_shift else 0
         return self.scheduler.timesteps[self.state.offset + max(index - shift, 0)]
 
-    def _run_stage(self, ctx, x: torch.Tensor, received: dict[int, torch.Tensor]):
-        """Units of this stage; returns the hidden state and every skip it produced for other stages."""
+    def _run_stage(self, args, kwargs, received: dict[Key, torch.Tensor]):
+        """The UNet's forward computing this stage's units on `received`; returns the noise prediction (the last
+        stage) and the unit outputs other stages need."""
         start = self.state.compute_clock.start()
-        h = x if self.stage == 0 else received.pop(HIDDEN)
-        skips = dict(received)
-        h = run_units(self.program, ctx, h, self.units.start, self.units.stop, skips)
+        out, produced = self.runner.run(self.fn_ref.original_forward, self.units, received, self.wanted, args,
+                                        {**kwargs, "return_dict": False})
         self.state.compute_clock.stop(start)
-        return h, skips
+        return (out[0] if self.last else None), produced
 
     # Point to point: untagged, every rank posting its sends and receives in the one global order of `transfers`, as
     # NCCL matches them (by issue order per pair of ranks, ignoring tags); gloo, which matches tags, checks the order.
-    def _receive(self, *, headers: bool) -> dict[int, torch.Tensor]:
+    def _receive(self, *, headers: bool) -> dict[Key, torch.Tensor]:
         """This stage's inputs, waiting for them (the relay); their headers come first on the first step of a run."""
         if headers:
             bufs = {key: torch.empty(_MAX_DIMS + 2, dtype=torch.int64, device=self.state.device)
@@ -173,18 +177,18 @@ class AsyncDiffHook(ModelHook):
         _wait(self._batch([(dist.irecv, out[key], src) for key, src, _ in self.receives]))
         return out
 
-    def _post_receives(self) -> tuple[dict[int, torch.Tensor], list]:
+    def _post_receives(self) -> tuple[dict[Key, torch.Tensor], list]:
         """Start receiving the next round's inputs, to overlap with this round's compute."""
         bufs = {key: self._buffer(key) for key, _, _ in self.receives}
         return bufs, self._batch([(dist.irecv, bufs[key], src) for key, src, _ in self.receives])
 
-    def _buffer(self, key: int) -> torch.Tensor:
+    def _buffer(self, key: Key) -> torch.Tensor:
         shape, dtype = self.state.shapes[key]  # the sender's dtype, which need not be the UNet input's
         return torch.empty(shape, dtype=dtype, device=self.state.device)
 
     def _exchange_out(self, out, *, headers: bool) -> list:
-        h, skips = out
-        tensors = [(h if key == HIDDEN else skips[key]).contiguous() for key, _, _ in self.sends]
+        produced = out[1]
+        tensors = [produced[key].contiguous() for key, _, _ in self.sends]
         ops = [(dist.isend, _header(t), dst) for t, (_, _, dst) in zip(tensors, self.sends)] if headers else []
         ops += [(dist.isend, t, dst) for t, (_, _, dst) in zip(tensors, self.sends)]
         self.state.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
@@ -220,7 +224,7 @@ class CfgSplit:
     pair: object  # a process group of two ranks
 
     def take_half(self, args, kwargs):
-        return tuple(self._half(a) for a in args), {k: self._half(v) for k, v in kwargs.items()}
+        return tree_map(self._half, (tuple(args), dict(kwargs)))  # nested too: added_cond_kwargs, residuals
 
     def _half(self, value):
         if not torch.is_tensor(value) or value.dim() == 0:
@@ -238,7 +242,7 @@ class CfgSplit:
         return torch.cat(halves)
 
 
-def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> list[tuple[int, int, int]]:
+def _transfers_between_ranks(plan: Plan, program: Program, layout: Layout) -> list[tuple[Key, int, int]]:
     """(key, src rank, dst rank) for every stage transfer; the last stage's replicas each receive a copy."""
     moves: list[Transfer] = transfers(plan, program)
     return [(m.key, layout.ranks_of(m.src)[0], dst) for m in moves for dst in layout.ranks_of(m.dst)]
@@ -265,7 +269,7 @@ def _run_of(timesteps, first: float) -> dict:
 
 
 def _device_of(args, kwargs) -> torch.device | None:
-    return next((v.device for v in (*args, *kwargs.values()) if torch.is_tensor(v)), None)
+    return next((v.device for v in tree_leaves((args, kwargs)) if torch.is_tensor(v)), None)
 
 
 def _with_timestep(args, kwargs, timestep):
@@ -300,11 +304,16 @@ def _wait(works) -> None:
 
 def apply_asyncdiff(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler, group=None,
                     cfg: CfgSplit | None = None):
-    """Attach the hook to `unet`; returns it. `remove_asyncdiff(unet)` restores the original forward."""
-    hook = AsyncDiffHook(program, plan, config, scheduler, group, cfg)
+    """Attach the hook (and the stage hooks on the units) to `unet`; returns it. `remove_asyncdiff(unet)` restores
+    the original forward."""
+    hook = AsyncDiffHook(StageRunner(unet, program), plan, config, scheduler, group, cfg)
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, HOOK_NAME)
     return hook
 
 
 def remove_asyncdiff(unet) -> None:
-    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(HOOK_NAME, recurse=False)
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    hook = registry.get_hook(HOOK_NAME)
+    if hook is not None:
+        hook.runner.remove()
+        registry.remove_hook(HOOK_NAME, recurse=False)

@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
+from torch.utils._pytree import tree_map
 
 from asyncvid.asyncdiff.config import AsyncDiffConfig
-from asyncvid.asyncdiff.plan import HIDDEN, Plan, transfers
+from asyncvid.asyncdiff.plan import Plan, transfers
+from asyncvid.asyncdiff.stage import StageRunner
 from asyncvid.asyncdiff.stale import predicted
-from asyncvid.asyncdiff.units import Program, run_units
+from asyncvid.asyncdiff.units import Key, Program
 
 ORACLE_HOOK = "asyncvid.asyncdiff.oracle"
 
@@ -28,8 +30,8 @@ ORACLE_HOOK = "asyncvid.asyncdiff.oracle"
 class Copy:
     """One copy of the staged UNet (one half of the guidance batch with CFG-parallel): each stage's inputs."""
 
-    inputs: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per stage, from the last round
-    before: list[dict[int, torch.Tensor]] = field(default_factory=list)  # per stage, from the round before that
+    inputs: list[dict[Key, torch.Tensor]] = field(default_factory=list)  # per stage, from the last round
+    before: list[dict[Key, torch.Tensor]] = field(default_factory=list)  # per stage, from the round before that
 
 
 class OracleHook(ModelHook):
@@ -37,10 +39,11 @@ class OracleHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler):
+    def __init__(self, runner: StageRunner, plan: Plan, config: AsyncDiffConfig, scheduler):
         super().__init__()
-        self.program, self.plan, self.config, self.scheduler = program, plan, config, scheduler
-        self.moves = transfers(plan, program)
+        self.runner, self.plan, self.config, self.scheduler = runner, plan, config, scheduler
+        self.program: Program = runner.program
+        self.moves = transfers(plan, self.program)
         self.reset_state(None)
 
     def reset_state(self, module):
@@ -67,11 +70,10 @@ class OracleHook(ModelHook):
 
     def _sequential(self, copy: Copy, args, kwargs) -> torch.Tensor:
         """A warm-up step: stage k runs on what stages < k produced this step; the inputs are kept for round one."""
-        ctx, x = self.program.prologue(*args, **kwargs)
         copy.before, copy.inputs = copy.inputs, [{} for _ in range(self.plan.num_stages)]
         out = None
         for k in range(self.plan.num_stages):
-            out = self._stage(k, ctx, x, copy.inputs[k])
+            out = self._stage(k, args, kwargs, copy.inputs[k])
             self._deliver(k, out, copy.inputs)
         return out[0]
 
@@ -87,8 +89,7 @@ class OracleHook(ModelHook):
             offsets = range(width) if k == last else [width - 1]
             for offset in offsets:
                 shifted_args, shifted_kwargs = _with_timestep(args, kwargs, self._timestep(step + offset))
-                ctx, x = self.program.prologue(*shifted_args, **shifted_kwargs)
-                out = self._stage(k, ctx, x, used[k])
+                out = self._stage(k, shifted_args, shifted_kwargs, used[k])
                 if k == last:
                     eps.append(out[0])
                 elif offset == width - 1:
@@ -98,19 +99,19 @@ class OracleHook(ModelHook):
         copy.before, copy.inputs = copy.inputs, fresh
         return eps
 
-    def _stage(self, k: int, ctx, x: torch.Tensor, inputs: dict[int, torch.Tensor]):
-        """Stage k's units on its inputs (left as they are, for the stride replicas); (hidden state, skips)."""
-        received = dict(inputs)
-        h = x if k == 0 else received.pop(HIDDEN)
-        h = run_units(self.program, ctx, h, self.plan.bounds[k], self.plan.bounds[k + 1], received)
-        return h, received
+    def _stage(self, k: int, args, kwargs, inputs: dict[Key, torch.Tensor]):
+        """The UNet's forward computing stage k's units on its inputs (left as they are, for the stride replicas);
+        (the forward's output, the unit outputs later stages take)."""
+        wanted = {m.key for m in self.moves if m.src == k}
+        out, produced = self.runner.run(self.fn_ref.original_forward, self.plan.units(k), inputs, wanted, args,
+                                        {**kwargs, "return_dict": False})
+        return out[0], produced
 
-    def _deliver(self, k: int, out, inputs: list[dict[int, torch.Tensor]]) -> None:
-        """What stage k sends: the hidden state to stage k + 1, each skip to the stage that pops it."""
-        h, skips = out
+    def _deliver(self, k: int, out, inputs: list[dict[Key, torch.Tensor]]) -> None:
+        """What stage k sends: each unit output to the stage that takes it."""
         for move in self.moves:
             if move.src == k:
-                inputs[move.dst][move.key] = h if move.key == HIDDEN else skips[move.key]
+                inputs[move.dst][move.key] = out[1][move.key]
 
     def _timestep(self, index: int):
         shift = 1 if self.config.time_shift else 0
@@ -121,7 +122,7 @@ def _half(args, kwargs, index: int):
     def cut(value):
         return value.chunk(2)[index] if torch.is_tensor(value) and value.dim() > 0 else value
 
-    return tuple(cut(a) for a in args), {k: cut(v) for k, v in kwargs.items()}
+    return tree_map(cut, (tuple(args), dict(kwargs)))
 
 
 def _with_timestep(args, kwargs, timestep):
@@ -132,10 +133,14 @@ def _with_timestep(args, kwargs, timestep):
 
 def apply_oracle(unet, program: Program, plan: Plan, config: AsyncDiffConfig, scheduler) -> OracleHook:
     """Attach the single-process schedule to `unet` (which holds every stage's weights); `remove_oracle` undoes it."""
-    hook = OracleHook(program, plan, config, scheduler)
+    hook = OracleHook(StageRunner(unet, program), plan, config, scheduler)
     HookRegistry.check_if_exists_or_initialize(unet).register_hook(hook, ORACLE_HOOK)
     return hook
 
 
 def remove_oracle(unet) -> None:
-    HookRegistry.check_if_exists_or_initialize(unet).remove_hook(ORACLE_HOOK, recurse=False)
+    registry = HookRegistry.check_if_exists_or_initialize(unet)
+    hook = registry.get_hook(ORACLE_HOOK)
+    if hook is not None:
+        hook.runner.remove()
+        registry.remove_hook(ORACLE_HOOK, recurse=False)

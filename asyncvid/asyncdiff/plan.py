@@ -5,17 +5,16 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass
 
-from asyncvid.asyncdiff.units import Program, skip_wiring
+from asyncvid.asyncdiff.units import Key, Program
 from asyncvid.errors import UsageError
-
-HIDDEN = -1  # transfer key of the hidden state entering a stage; skip tensors are keyed by their producer unit
 
 
 @dataclass(frozen=True)
 class Transfer:
-    """A tensor that stage `src` produces and stage `dst` consumes (`key` HIDDEN or a skip's producer index)."""
+    """A unit output (`key`: unit, leaf) that stage `src` produces and stage `dst` consumes: the hidden state at a
+    boundary, or a skip."""
 
-    key: int
+    key: Key
     src: int
     dst: int
 
@@ -111,19 +110,21 @@ def make_plan(names: list[str], costs: list[float], stages: int, split: list[str
 
 
 def transfers(plan: Plan, program: Program) -> list[Transfer]:
-    """Every tensor that crosses stages: the hidden state at each boundary and each skip popped by a later stage."""
-    pops, _ = skip_wiring(program.units)
-    moves = [Transfer(HIDDEN, k - 1, k) for k in range(1, plan.num_stages)]
-    for i, producer in enumerate(pops):
-        if producer is not None and plan.stage_of(producer) != plan.stage_of(i):
-            moves.append(Transfer(producer, plan.stage_of(producer), plan.stage_of(i)))
+    """Every unit output a later stage consumes, once per consuming stage, in one order all ranks share."""
+    moves = []
+    for k in range(plan.num_stages):
+        for key in sorted(program.needs_of(plan.units(k), last=k == plan.num_stages - 1)):
+            if plan.stage_of(key[0]) > k:
+                raise ValueError(f"{plan.names[key[0]]} feeds an earlier unit: the UNet's forward is not a chain")
+            moves.append(Transfer(key, plan.stage_of(key[0]), k))
     return moves
 
 
 def transfer_bytes(plan: Plan, profiles, move: Transfer) -> tuple[tuple[int, ...], int]:
     """Shape and bytes of a transfer, from the profile of the unit that produced it."""
-    producer = plan.bounds[move.dst] - 1 if move.key == HIDDEN else move.key
-    return profiles[producer].out_shape, profiles[producer].out_bytes
+    unit, leaf = move.key
+    profile = profiles[unit]
+    return profile.leaves[leaf] if profile.leaves else (profile.out_shape, profile.out_bytes)
 
 
 def describe(plan: Plan, profiles, moves: list[Transfer]) -> str:
@@ -139,7 +140,8 @@ def describe(plan: Plan, profiles, moves: list[Transfer]) -> str:
         for move in moves:
             if move.dst == k:
                 shape, size = transfer_bytes(plan, profiles, move)
-                what = "hidden state" if move.key == HIDDEN else f"skip of {plan.names[move.key]}"
+                what = ("hidden state" if move.key[0] == plan.bounds[move.dst] - 1
+                        else f"skip of {plan.names[move.key[0]]}")
                 lines.append(f"  <- stage {move.src}: {what} {list(shape)} ({size / 2**20:.3f} MiB)")
     sent = sum(transfer_bytes(plan, profiles, m)[1] for m in moves)
     lines.append(f"crossing stages per step: {len(moves)} tensors, {sent / 2**20:.3f} MiB")

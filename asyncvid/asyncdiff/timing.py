@@ -59,7 +59,7 @@ def reduced(shape: dict, flops: float, budget: float, unet, family) -> dict:
     with torch.device("meta"):
         sample = family.example_inputs(unet, **shape)[0][0]
     scale = shape.get("scale", 8)
-    frames, h, w = sample.shape[family.FRAME_DIM], sample.shape[-2], sample.shape[-1]
+    frames, h, w = sample.shape[family.frame_dim], sample.shape[-2], sample.shape[-1]
     fewer = max(min(2, frames), min(frames, math.ceil(frames * budget / flops)))
     flops *= fewer / frames
     side = min(1.0, math.sqrt(budget / flops))
@@ -82,7 +82,7 @@ def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dty
     arena = torch.empty(max(_arena_size(model, unit.owned) for unit in program.units), device=device, dtype=dtype)
     shared = torch.empty(_arena_size(model, list(program.shared)), device=device, dtype=dtype)
     with stand_in_weights(model, list(program.shared), shared):
-        return measure_times(program, args, kwargs, repeats=repeats,
+        return measure_times(model, program, args, kwargs, repeats=repeats,
                              materialise=lambda i: stand_in_weights(model, program.units[i].owned, arena))
 
 
@@ -123,8 +123,7 @@ def value_fill(name: str, shape: torch.Size) -> float:
 
 
 def _profile(unet, family, shape: dict) -> list[UnitProfile]:
-    return fake_profile(lambda: type(unet).from_config(unet.config), family.build_program,
-                        lambda model: family.example_inputs(model, **shape))
+    return fake_profile(unet, family, shape)
 
 
 def _to(value, device, dtype):

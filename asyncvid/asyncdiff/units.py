@@ -1,4 +1,5 @@
-"""A UNet forward pass as data: an ordered list of units (module names) over a hidden state and a skip stack.
+"""A UNet's forward pass as data: its units in call order, what each one's input is computed from, what every rank
+keeps. Derived by tracing the UNet's own forward (asyncvid.asyncdiff.trace), never written per family.
 
 Vocabulary used across asyncvid: a *unit* is one module of the UNet's forward order (a resnet, an attention, a
 temporal layer, a sampler, `conv_in`, `conv_out`); a *stage* is a contiguous run of units placed on one rank; a
@@ -8,21 +9,17 @@ temporal layer, a sampler, `conv_in`, `conv_out`); a *stage* is a contiguous run
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
 
-import torch
-
-UnitFn = Callable[[Any, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Key = tuple[int, int]  # one tensor of a unit's output: (unit index, leaf index in the output's pytree)
 
 
 @dataclass(frozen=True)
 class Unit:
-    """One module of the forward order: `run(ctx, h, skip) -> h`; `pops` takes a skip, `pushes` leaves one."""
+    """One module of the forward order; `needs` are the outputs of earlier units its input is computed from, through
+    whatever the UNet does between units (skip concatenation, FreeU, ControlNet residuals)."""
 
     name: str
-    run: UnitFn = field(repr=False, compare=False)
-    pops: bool = False
-    pushes: bool = False
+    needs: tuple[Key, ...] = ()
     modules: tuple[str, ...] = ()  # the modules whose weights it uses, when not just `name`
 
     @property
@@ -31,58 +28,37 @@ class Unit:
 
 
 @dataclass(frozen=True)
-class Program:
-    """A UNet family's forward as units, plus the prologue every stage needs (time and condition embeddings).
+class Block:
+    """A block of the UNet (`down_blocks.1`, `mid_block`) holding units [start, stop): skipped whole on a rank that
+    neither computes nor receives any of them, so its own code never runs on placeholders there."""
 
-    `prologue(*args, **kwargs) -> (ctx, x)` takes the UNet's forward arguments and returns the shared context and
-    the input of the first unit; the last unit returns the UNet's output sample.
-    """
+    name: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Program:
+    """The units of a UNet in forward order, the modules every rank keeps (embeddings, and the first parameter's,
+    which diffusers reads for the model's device and dtype), its blocks, and what its output is computed from."""
 
     units: tuple[Unit, ...]
-    shared: tuple[str, ...]  # modules every rank materialises (the embeddings)
-    prologue: Callable[..., tuple[Any, torch.Tensor]] = field(repr=False, compare=False)
-    output_type: type = field(repr=False, compare=False, default=tuple)  # the UNet's return_dict output class
+    shared: tuple[str, ...]
+    blocks: tuple[Block, ...] = ()
+    output_needs: tuple[Key, ...] = ()
+    output_type: type | None = field(default=None, compare=False)  # the UNet's return_dict output class
 
     @property
     def names(self) -> list[str]:
         return [u.name for u in self.units]
 
-    @property
-    def wiring(self) -> tuple[list[int | None], list[int | None]]:
-        """`skip_wiring` of the units, derived once (it runs on every stage call)."""
-        if "_wiring" not in self.__dict__:
-            object.__setattr__(self, "_wiring", skip_wiring(self.units))
-        return self.__dict__["_wiring"]
+    def needs_of(self, units: range, *, last: bool) -> set[Key]:
+        """The outputs of units outside `units` that computing them takes (and the UNet's output, on the last stage)."""
+        needed = {key for i in units for key in self.units[i].needs}
+        if last:
+            needed |= set(self.output_needs)
+        return {key for key in needed if key[0] not in units}
 
-
-def skip_wiring(units) -> tuple[list[int | None], list[int | None]]:
-    """For each unit, the id of the skip it pops and of the skip it pushes (a skip's id is its producer's index)."""
-    stack: list[int] = []
-    pops: list[int | None] = []
-    pushes: list[int | None] = []
-    for i, unit in enumerate(units):
-        pops.append(stack.pop() if unit.pops else None)
-        if unit.pushes:
-            stack.append(i)
-        pushes.append(i if unit.pushes else None)
-    if stack:
-        raise ValueError(f"unit program leaves {len(stack)} skip tensors unconsumed: it does not mirror a UNet")
-    return pops, pushes
-
-
-def run_units(program: Program, ctx, h: torch.Tensor, start: int, end: int, skips: dict[int, torch.Tensor]):
-    """Run units [start, end) on `h`; `skips` holds the skip tensors by id and receives the ones pushed here."""
-    pop_ids, push_ids = program.wiring
-    for i in range(start, end):
-        unit = program.units[i]
-        skip = skips.pop(pop_ids[i]) if unit.pops else None
-        h = unit.run(ctx, h, skip)
-        if unit.pushes:
-            skips[push_ids[i]] = h
-    return h
-
-
-def run_program(program: Program, *args, **kwargs) -> torch.Tensor:
-    """The whole forward pass, unit by unit (equal to the UNet's own forward)."""
-    ctx, x = program.prologue(*args, **kwargs)
-    return run_units(program, ctx, x, 0, len(program.units), {})
+    def wiring(self) -> tuple:
+        """What must agree between a plan and a call: the units and where each one's input comes from."""
+        return tuple((u.name, u.needs) for u in self.units), self.output_needs

@@ -3,18 +3,16 @@ published configs, profiled on fake tensors (shapes, FLOPs, weight bytes) and ti
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from diffusers import UNetMotionModel, UNetSpatioTemporalConditionModel
-from torch._subclasses.fake_tensor import FakeTensorMode
 
-from asyncvid.asyncdiff.costs import measure_times, profile
+from asyncvid.asyncdiff.costs import fake_trace, measure_times
 from asyncvid.asyncdiff.timing import scale_times
 from asyncvid.bench.checkpoints import SVD_XT_UNET
 from asyncvid.bench.costmodel import Stages, split
-from asyncvid.pipelines import motion_units, svd_units
+from asyncvid.pipelines import unet_inputs
 
 SVD_XT = {k: v for k, v in SVD_XT_UNET.items() if not k.startswith("_")}  # as published (bench.checkpoints)
 ANIMATEDIFF_SD15 = {  # the SD1.5 UNet merged with motion adapter v1-5-2, as UNetMotionModel.from_unet2d builds it
@@ -33,7 +31,7 @@ class Arch:
     """A full-size UNet: its config, the shape it samples at, and the small shape it is timed at on a GPU."""
 
     name: str
-    family: str  # "svd" or "animatediff": the tiny model of the same unit program
+    family: str  # "svd" or "animatediff": the tiny model of the same family
     config: dict
     shape: dict  # frames, height, width
     small: dict
@@ -44,7 +42,7 @@ class Arch:
 
     @property
     def units(self):
-        return svd_units if self.family == "svd" else motion_units
+        return unet_inputs.SVD if self.family == "svd" else unet_inputs.MOTION
 
 
 ARCHS = (
@@ -57,14 +55,12 @@ ARCHS = (
 def fake_costs(arch: Arch, shape: dict, stage_counts, unit_s=None):
     """(profiles, {stages: Stages}) of `arch` at `shape` on fake tensors; stages balanced on `unit_s` (default
     FLOPs). Weights and activations are shapes only, so a 1.5B-parameter UNet costs no memory."""
-    example = functools.partial(arch.units.example_inputs, **shape)
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        unet = arch.build().eval()
-        program = arch.units.build_program(unet)
-        args, kwargs = example(unet)
-        profiles = profile(program, unet, args, kwargs)
-        times = unit_s or [float(p.flops) for p in profiles]
-        stages = {n: split(profiles, times, program, n, profiles[-1].out_bytes) for n in stage_counts}
+    with torch.device("meta"):
+        unet = arch.build()
+    traced = fake_trace(unet, arch.units, shape)
+    profiles = traced.profiles
+    times = unit_s or [float(p.flops) for p in profiles]
+    stages = {n: split(profiles, times, traced.program, n, profiles[-1].out_bytes) for n in stage_counts}
     return profiles, stages
 
 
@@ -77,7 +73,7 @@ def cuda_unit_times(arch: Arch, device: torch.device, dtype=torch.float16) -> li
     unet = arch.build().to(device=device, dtype=dtype).eval()
     args, kwargs = arch.units.example_inputs(unet, **arch.small)
     args = tuple(a.to(device=device, dtype=dtype if a.is_floating_point() else a.dtype) for a in args)
-    times = measure_times(arch.units.build_program(unet), args, kwargs)
+    times = measure_times(unet, arch.units.build_program(unet), args, kwargs)
     del unet
     return scale_times(times, small, full)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asyncvid.asyncdiff.plan import HIDDEN, make_plan, transfers
+from asyncvid.asyncdiff.plan import make_plan, transfer_bytes, transfers
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,8 @@ def split(profiles, unit_s: list[float], program, stages: int, eps_bytes: int,
     plan = make_plan([p.name for p in profiles], list(balance_on or unit_s), stages)
     crossing: dict = {}
     for move in transfers(plan, program):
-        producer = plan.bounds[move.dst] - 1 if move.key == HIDDEN else move.key
-        crossing[(move.src, move.dst)] = crossing.get((move.src, move.dst), 0) + profiles[producer].out_bytes
+        crossing[(move.src, move.dst)] = (crossing.get((move.src, move.dst), 0)
+                                          + transfer_bytes(plan, profiles, move)[1])
     compute = tuple(sum(unit_s[i] for i in plan.units(k)) for k in range(stages))
     weights = tuple(sum(profiles[i].param_bytes for i in plan.units(k)) for k in range(stages))
     return Stages(compute, weights, crossing, eps_bytes)

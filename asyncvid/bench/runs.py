@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from asyncvid.asyncdiff.costs import fake_profile, measure_times
+from asyncvid.asyncdiff.costs import fake_trace, measure_times
 from asyncvid.asyncdiff.timing import measure_unit_costs
 from asyncvid.bench.costmodel import ping_pong, split
 from asyncvid.bench.measure import asyncdiff_sample, parataa_sample, sequential_sample
@@ -70,13 +70,13 @@ def _unit_costs(model, request, device, threads, stage_counts) -> dict:
     family = units_for(unet)
     shape = latent_shape(folder, request.num_frames, request.height, request.width)
     example = functools.partial(family.example_inputs, **shape)
-    profiles = fake_profile(lambda: type(unet).from_config(unet.config), family.build_program, example)
+    traced = fake_trace(unet, family, shape)
+    profiles, program = traced.profiles, traced.program
     with launch.cpu_threads(threads, device):
         # The split a run makes: balanced on the times asyncdiff.setup measures (or reuses from its cache).
         balance = measure_unit_costs(unet, family, shape, device, torch.float32)
         batch2 = fresh_unit_times(unet, family, example, device)
         batch1 = fresh_unit_times(unet, family, functools.partial(example, batch=1), device)
-    program = family.build_program(type(unet).from_config(unet.config))
     eps = profiles[-1].out_bytes
     stages = {n: split(profiles, batch2, program, n, eps, balance_on=balance) for n in stage_counts}
     return {"names": [p.name for p in profiles], "flops": [p.flops for p in profiles], "unit_s": batch2,
@@ -87,7 +87,7 @@ def fresh_unit_times(unet, family, example, device) -> list[float]:
     """Seconds per unit of a random-weight copy of `unet`, measured now (never from the cost cache)."""
     model = type(unet).from_config(unet.config).to(device=device).eval()
     args, kwargs = example(model)
-    return measure_times(family.build_program(model), tuple(a.to(device) for a in args), kwargs)
+    return measure_times(model, family.build_program(model), tuple(a.to(device) for a in args), kwargs)
 
 
 def busy_unit_costs(model: str, request, device: torch.device, ranks: int) -> dict:
