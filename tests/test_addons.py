@@ -184,3 +184,13 @@ def test_addon_equals_sequential_at_full_warmup_and_stays_near_it_at_the_default
     assert torch.equal(exact, reference)
     print(f"{addon}: defaults {psnr(defaults, reference):.1f} dB from sequential")
     assert psnr(defaults, reference) >= FLOOR[addon]
+
+
+def test_freeu_with_a_stage_boundary_inside_its_block_equals_sequential():
+    """FreeU scales the up path's hidden state in place between units: the producing rank must send its unit's
+    output as it was, not after its own copy of that code has scaled it (the consumer scales it once)."""
+    with launch.cpu_threads(1, CPU):
+        reference, = _frames(None, "freeu", [{}])
+    inside = dict(EXACT, split=["up_blocks.1.resnets.1"])  # FreeU acts on up blocks 0 and 1
+    exact, = launch.run(_frames, 2, CPU, "freeu", [inside], threads=1, oversubscribe=True)
+    assert torch.equal(exact, reference)
