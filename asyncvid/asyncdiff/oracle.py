@@ -105,7 +105,7 @@ class OracleHook(ModelHook):
         wanted = {m.key for m in self.moves if m.src == k}
         out, produced = self.runner.run(self.fn_ref.original_forward, self.plan.units(k), inputs, wanted, args,
                                         {**kwargs, "return_dict": False})
-        return out[0], produced
+        return (out[0] if out is not None else None), produced
 
     def _deliver(self, k: int, out, inputs: list[dict[Key, torch.Tensor]]) -> None:
         """What stage k sends: each unit output to the stage that takes it."""

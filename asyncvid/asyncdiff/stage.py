@@ -19,6 +19,10 @@ from asyncvid.errors import UsageError
 STAGE_HOOK = "asyncvid.asyncdiff.stage"
 
 
+class _StageDone(Exception):
+    """Raised after a stage's last unit when later units belong to other stages: nothing after it is needed here."""
+
+
 @dataclass
 class _Role:
     """What this call of the forward does: compute `units`, stand `received` in for others' outputs, keep `wanted`."""
@@ -50,7 +54,8 @@ class StageRunner:
 
     def run(self, forward: Callable, units: range, received: dict[Key, torch.Tensor], wanted: set[Key], args,
             kwargs):
-        """`forward(*args, **kwargs)` computing only `units`; returns its output and the `wanted` unit outputs."""
+        """`forward(*args, **kwargs)` computing only `units`; returns its output (None for a stage before the last,
+        whose forward stops after its last unit) and the `wanted` unit outputs."""
         structures = self._structures(forward, args, kwargs)
         device = next(t.device for t in tree_leaves((args, kwargs)) if torch.is_tensor(t))
         touched = set(units) | {key[0] for key in received}
@@ -58,9 +63,11 @@ class StageRunner:
         self.role = _Role(units, received, wanted, structures, device, run_blocks)
         try:
             out = forward(*args, **kwargs)
-            return out, self.role.produced
+        except _StageDone:
+            out = None
         finally:
-            self.role = None
+            role, self.role = self.role, None
+        return out, role.produced
 
     def _unit(self, index: int, forward, args, kwargs):
         role = self.role
@@ -72,6 +79,8 @@ class StageRunner:
             for unit, leaf in role.wanted:
                 if unit == index:  # a copy: diffusers' glue may change the output in place (FreeU) before it is sent
                     role.produced[(unit, leaf)] = leaves[leaf].clone()
+            if index == role.units.stop - 1 < len(self.program.units) - 1:
+                raise _StageDone
             return out
         structure = role.structures[self.program.units[index].name]
         return structure.build(lambda leaf, shape, dtype: (role.received[(index, leaf)].clone()
