@@ -1,5 +1,6 @@
 """Score videos for adherence: `python -m asyncvid.evaluate OUTPUT_FOLDER` reads each output and its sidecar
-(the prompt, or the conditioning image) and prints colour, shape and direction scores (asyncvid.eval.adherence)."""
+(the prompt, or the conditioning image) and prints colour, shape and direction scores (asyncvid.eval.adherence) and
+how smoothly the object moves and how still the background stays (asyncvid.eval.temporal)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def main(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write per-video scores and the summary here.")] = None,
     verbose: Annotated[bool, typer.Option(help="Print every video's reading.")] = False,
 ):
-    """Print the share of videos showing the asked colour, shape and direction."""
+    """Print the share of videos showing the asked colour, shape and direction, and moving smoothly."""
     try:  # every folder is read before anything is printed or written
         scored = [(folder, *score_folder(folder)) for folder in folders]
     except UsageError as err:
@@ -77,7 +78,7 @@ def main(
     for folder, scores, summary in scored:
         if verbose:
             for s in scores:
-                ok = "".join("x" if s[k] else "." for k in ("colour", "shape", "direction"))
+                ok = "".join("x" if s.get(k) else "." for k in ("colour", "shape", "direction", "smooth", "steady", "calm"))
                 wanted = s.get("want", s.get("prompt"))
                 typer.echo(f"{ok}  {s['output']}  seen {s['seen']}  wanted {wanted}")
         typer.echo(_line(summary, scores) + (f"  {folder}" if len(folders) > 1 else ""))
@@ -97,11 +98,16 @@ def _line(summary: dict, scores: list[dict]) -> str:
     direction: the clip should keep the image's colour and shape and move the way its first frame points."""
     kinds = {"image" in s for s in scores}
     if kinds == {True}:
-        return (f"{summary['videos']} image-to-video clip{'s' if summary['videos'] != 1 else ''}: colour kept {summary['colour']}%, shape kept "
+        line = (f"{summary['videos']} image-to-video clip{'s' if summary['videos'] != 1 else ''}: colour kept {summary['colour']}%, shape kept "
                 f"{summary['shape']}%, moving the way the first frame points {summary['direction']}%")
-    what = "videos" if kinds == {False} else "videos (text- and image-to-video)"
-    return (f"{summary['videos']} {what}: colour {summary['colour']}%, shape {summary['shape']}%, "
-            f"direction {summary['direction']}%")
+    else:
+        what = "videos" if kinds == {False} else "videos (text- and image-to-video)"
+        line = (f"{summary['videos']} {what}: colour {summary['colour']}%, shape {summary['shape']}%, "
+                f"direction {summary['direction']}%")
+    if "worst_flicker" in summary:  # asyncvid.eval.temporal
+        line += (f"; smooth {summary['smooth']}%, steady {summary['steady']}%, calm background {summary['calm']}% "
+                 f"(worst flicker {summary['worst_flicker']:g} levels)")
+    return line
 
 
 if __name__ == "__main__":

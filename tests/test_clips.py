@@ -62,16 +62,37 @@ def test_the_shape_moves_the_captioned_way(direction):
     assert np.sign(round(x1 - x0)) == dx and np.sign(round(y1 - y0)) == dy
 
 
-def test_first_frames_imply_their_captions_direction(tmp_path):
-    """The image-to-video evaluation's inputs: each held-out first frame points the way its caption moves."""
-    import numpy as np
+def test_heldout_images_show_every_colour_and_shape_on_every_background(tmp_path):
+    """The image-to-video set: 48 held-out captions, each colour on each plain background and each shape on each
+    background, written as images whose background is the named tone and whose first frame points the caption's
+    way."""
     from PIL import Image
 
-    from asyncvid.eval.adherence import implied_direction
-    from asyncvid.eval.clips import heldout_captions, write_first_frames
+    from asyncvid.eval.adherence import implied_direction, read_video
+    from asyncvid.eval.clips import BACKGROUNDS, heldout_images, write_heldout_images
 
-    paths = write_first_frames(tmp_path)
-    assert len(paths) == 50
-    for path, caption in zip(paths, heldout_captions()):
+    images = heldout_images()
+    held = set(heldout_captions())
+    assert len(images) == 48 and all(c in held for c, _ in images)
+    assert {(c.colour, b) for c, b in images} == {(c, b) for c in COLOURS for b in range(len(BACKGROUNDS))}
+    assert {(c.shape, b) for c, b in images} == {(s, b) for s in SHAPES for b in range(len(BACKGROUNDS))}
+    paths = write_heldout_images(tmp_path)
+    for path, (caption, background) in zip(paths, images):
         with Image.open(path) as im:
-            assert implied_direction(np.asarray(im.convert("RGB"))) == caption.direction, path.name
+            pixels = np.asarray(im.convert("RGB"))
+        assert tuple(pixels[0, 0]) == BACKGROUNDS[background], path.name
+        assert implied_direction(pixels) == caption.direction, path.name
+        seen = read_video(pixels)
+        assert (seen.colour, seen.shape) == (caption.colour, caption.shape), path.name
+
+
+def test_a_forced_background_changes_nothing_else_of_the_clip():
+    """Forcing the tone keeps the shape's size, start and motion (the draws are made either way)."""
+    from asyncvid.eval.clips import BACKGROUNDS
+    from asyncvid.eval.masks import object_masks
+
+    caption = Caption("red", "square", "up")
+    free, forced = render(caption, 7, 8), render(caption, 7, 8, background=3)
+    centroids = [[np.argwhere(m).mean(0) for m in object_masks(clip)] for clip in (free, forced)]
+    assert np.allclose(*centroids, atol=0.5)  # the edge pixels counted differ with the contrast
+    assert (forced[:, 0, 0] == BACKGROUNDS[3]).all()

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from asyncvid.eval.clips import COLOURS, DIRECTIONS, Caption
+from asyncvid.eval.masks import MIN_PIXELS, as_uint8, object_masks, seen_frames
+from asyncvid.eval.temporal import score_consistency
 
-FOREGROUND = 60.0  # RGB distance from the background that counts as object
-MIN_PIXELS = 12  # fewer object pixels than this in a frame: nothing there
 MIN_TRAVEL = 4.0  # pixels of centroid travel below which the object is "still"
 SQUARE_FILL, TRIANGLE_FILL = 0.9, 0.64  # fill ratios: square ~1, circle ~0.79, triangle ~0.5
 
@@ -28,25 +28,6 @@ class Reading:
     direction: str | None
     travel: float  # pixels the centroid moved along the direction's axis
     present: float  # share of frames with an object
-
-
-def _as_uint8(frames) -> np.ndarray:
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-    if frames.ndim == 3:
-        frames = frames[None]
-    if frames.ndim != 4 or frames.shape[-1] != 3:
-        raise ValueError(f"frames must be (frames, height, width, 3), got shape {frames.shape}")
-    return frames
-
-
-def object_masks(frames) -> np.ndarray:
-    """Boolean (frames, height, width): pixels far from the frame's border colour."""
-    frames = _as_uint8(frames).astype(np.float32)
-    border = np.concatenate([frames[:, 0], frames[:, -1], frames[:, :, 0], frames[:, :, -1]], axis=1)
-    background = np.median(border, axis=1)[:, None, None, :]
-    return np.linalg.norm(frames - background, axis=-1) > FOREGROUND
 
 
 def nearest_colour(rgb) -> str:
@@ -73,9 +54,9 @@ def _direction(dx: float, dy: float) -> tuple[str | None, float]:
 
 def read_video(frames) -> Reading:
     """Colour, shape and direction of the one object in a video (frames, H, W, 3), uint8 or floats in [0, 1]."""
-    pixels = _as_uint8(frames)
+    pixels = as_uint8(frames)
     masks = object_masks(pixels)
-    seen = [i for i in range(len(masks)) if masks[i].sum() >= MIN_PIXELS]
+    seen = seen_frames(masks)
     if not seen:
         return Reading(None, None, None, 0.0, 0.0)
     colour = nearest_colour(np.median(pixels[seen][masks[seen]], axis=0))
@@ -111,6 +92,7 @@ def score_video(frames, prompt: str) -> dict:
         "colour": float(seen.colour == want.colour),
         "shape": float(seen.shape == want.shape),
         "direction": float(seen.direction == want.direction),
+        **score_consistency(frames),
     }
 
 
@@ -126,15 +108,20 @@ def score_image_video(frames, image) -> dict:
         "colour": float(seen.colour is not None and seen.colour == first.colour),
         "shape": float(seen.shape is not None and seen.shape == first.shape),
         "direction": float(seen.direction is not None and seen.direction == want_direction),
+        **score_consistency(frames),
     }
 
 
 def summarize(scores: list[dict]) -> dict:
-    """Percentages of videos whose colour, shape and direction match, over a list of scores."""
+    """Percentages of videos whose colour, shape and direction match and that move smoothly, steadily and without
+    background flicker (asyncvid.eval.temporal), and the worst flicker, over a list of scores."""
     if not scores:
         raise ValueError("no scores to summarize; score at least one video")
-    keys = ("colour", "shape", "direction")
-    return {"videos": len(scores), **{k: round(100.0 * sum(s[k] for s in scores) / len(scores), 1) for k in keys}}
+    keys = [k for k in ("colour", "shape", "direction", "smooth", "steady", "calm") if all(k in s for s in scores)]
+    summary = {"videos": len(scores), **{k: round(100.0 * sum(s[k] for s in scores) / len(scores), 1) for k in keys}}
+    if all("motion" in s for s in scores):
+        summary["worst_flicker"] = max(s["motion"]["flicker"] for s in scores)
+    return summary
 
 
 __all__ = ["DIRECTIONS", "Reading", "implied_direction", "read_video", "score_image_video", "score_video",

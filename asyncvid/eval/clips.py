@@ -109,11 +109,13 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.n
     return np.clip(inside + 0.5, 0.0, 1.0)
 
 
-def _background(rng: np.random.Generator) -> np.ndarray:
-    """A plain background, or (a third of the time) one with faint stripes or a gradient."""
-    base = np.array(BACKGROUNDS[rng.integers(len(BACKGROUNDS))], dtype=np.float32)
-    img = np.broadcast_to(base, (SIZE, SIZE, 3)).copy()
-    kind = rng.integers(6)
+def _background(rng: np.random.Generator, plain: int | None = None) -> np.ndarray:
+    """A plain background, or (a third of the time) one with faint stripes or a gradient; `plain` picks the plain
+    tone BACKGROUNDS[plain] instead (the draws are made either way, so the rest of the clip is the same)."""
+    index, kind = rng.integers(len(BACKGROUNDS)), rng.integers(6)
+    if plain is not None:
+        index, kind = plain, 2
+    img = np.broadcast_to(np.array(BACKGROUNDS[index], dtype=np.float32), (SIZE, SIZE, 3)).copy()
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     if kind == 0:
         period = rng.uniform(6, 14)
@@ -123,10 +125,11 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     return img
 
 
-def render(caption: Caption, seed: int, num_frames: int = 16) -> np.ndarray:
-    """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3)."""
+def render(caption: Caption, seed: int, num_frames: int = 16, background: int | None = None) -> np.ndarray:
+    """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3); `background` forces a plain tone (an index
+    into BACKGROUNDS)."""
     rng = np.random.default_rng([seed, len(caption.text), *caption.text.encode()])
-    background = _background(rng)
+    background = _background(rng, background)
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[caption.direction]
     # Start START px off centre on the side opposite the motion, at most 8 px off centre across it.
@@ -145,15 +148,29 @@ def render(caption: Caption, seed: int, num_frames: int = 16) -> np.ndarray:
     return frames
 
 
-def write_first_frames(folder, captions: list[Caption] | None = None, seed: int = 0) -> list:
-    """The first frame of each caption's clip (default: the held-out ones) as `<caption>.png` under `folder`: the
-    image-to-video evaluation's inputs (`python -m asyncvid.eval.clips FOLDER`)."""
+def heldout_images() -> list[tuple[Caption, int]]:
+    """The image-to-video evaluation set: every colour on every plain background (48 images), shapes cycling so each
+    background shows each shape and each colour each shape twice, captions from the held-out ones; (caption,
+    background index into BACKGROUNDS) pairs."""
+    held = heldout_captions()
+    images = []
+    for b in range(len(BACKGROUNDS)):
+        for c, colour in enumerate(COLOURS):
+            shape = SHAPES[(b + c) % len(SHAPES)]
+            directions = [h for h in held if (h.colour, h.shape) == (colour, shape)]
+            images.append((directions[b % len(directions)], b))
+    return images
+
+
+def write_heldout_images(folder) -> list:
+    """The image-to-video evaluation's inputs (heldout_images) as `<i>-<caption>-on-<background>.png` under
+    `folder` (`python -m asyncvid.eval.clips FOLDER`); their seeds are none a training clip uses."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, caption in enumerate(captions or heldout_captions()):
-        path = folder / f"{i:02d}-{caption.text.replace(' ', '-')}.png"
-        Image.fromarray(render(caption, seed * 1000 + i, 1)[0]).save(path)
+    for i, (caption, background) in enumerate(heldout_images()):
+        path = folder / f"{i:02d}-{caption.text.replace(' ', '-')}-on-{background}.png"
+        Image.fromarray(render(caption, 100_000 + i, 1, background)[0]).save(path)
         paths.append(path)
     return paths
 
@@ -161,5 +178,5 @@ def write_first_frames(folder, captions: list[Caption] | None = None, seed: int 
 if __name__ == "__main__":
 
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m asyncvid.eval.clips FOLDER  (writes the held-out captions' first frames there)")
-    print(f"wrote {len(write_first_frames(sys.argv[1]))} first frames to {sys.argv[1]}")
+        sys.exit("usage: python -m asyncvid.eval.clips FOLDER  (writes the image-to-video evaluation set there)")
+    print(f"wrote {len(write_heldout_images(sys.argv[1]))} images to {sys.argv[1]}")
