@@ -34,7 +34,7 @@ from asyncvid.training.animatediff import (
 from asyncvid.training.export import export_all
 from asyncvid.training.loop import TrainConfig, train
 from asyncvid.training.svd import svd_loss_fn
-from asyncvid.training.vae import set_scaling_factor, vae_loss_fn
+from asyncvid.training.vae import build_vae, round_trip_scores, set_scaling_factor, vae_loss_fn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -50,6 +50,14 @@ Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")
 UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
 # The AnimateDiff recipe (r8): its step budget and how many of those steps end it with a decaying learning rate.
 ANIMATEDIFF_STEPS, ANNEAL = 3443, 700
+# The VAE recipe (r4), phase after phase, each resuming the last one's checkpoint: 32x32 windows around the shape
+# teach shapes fast; whole frames come last, because the VAE's group norms and attention see a window differently
+# from a frame (trained on windows only, it bowed the sides of squares in whole frames: docs/MODELS.md, round 6).
+VAE_RECIPE = (dict(steps=5000, anneal=1000, lr=1e-3, crop=32, batch=16),
+              dict(steps=8000, anneal=1500, lr=1e-3, crop=32, batch=16),
+              dict(steps=10000, anneal=1000, lr=3e-4, crop=32, batch=16),
+              dict(steps=11000, anneal=500, lr=3e-4, crop=64, batch=4))
+SVD_STEPS, SVD_ANNEAL = 3000, 600  # the SVD UNet's (r4)
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -70,27 +78,46 @@ def _trained(workdir: Path | None, stage: str, cls):
 
 
 @app.command()
-def vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 16, seed: Seed = 0,
-        threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
-    """AnimateDiff's AutoencoderKL on single frames."""
-    _train_vae("vae", build_tiny_animatediff(seed).vae, False, workdir, minutes, steps, batch, seed, threads, fresh,
-               clips, lr)
+def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wall-clock budget of the whole stage, all phases.")] = 150.0,
+        steps: Annotated[Optional[int], typer.Option("--steps", help="Step budget of one custom phase (with the options below; unset ones from the recipe's first phase) \\[default: the recipe, VAE_RECIPE].")] = None,
+        batch: Annotated[Optional[int], typer.Option(help="Frames (or windows) per step.")] = None,
+        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: Optional[float] = None,
+        anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = None,
+        crop: Annotated[Optional[int], typer.Option(help="Train on crop x crop windows around the shape; 64 (the frame) trains on whole frames.")] = None,
+        edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0):
+    """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
+    steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
+    resuming the last; about 75 minutes on two threads); its log records the round-trip adherence of the held-out
+    clips."""
+    given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
+    phases = [{**VAE_RECIPE[0], **given}] if given else VAE_RECIPE
+    for i, phase in enumerate(phases):
+        _train_vae("vae", build_vae(seed), False, workdir, minutes, seed=seed, threads=threads, fresh=fresh and i == 0,
+                   clips=clips, edge_weight=edge_weight, **phase, recipe=list(phases[:i + 1]))
 
 
 @app.command("svd-vae")
 def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 2, seed: Seed = 0,
             threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
     """SVD's AutoencoderKLTemporalDecoder on 8-frame clips (experimental: the shipped tiny-svd uses `vae`)."""
-    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes, steps, batch, seed, threads, fresh,
-               clips, lr)
+    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes, steps=steps, batch=batch, seed=seed,
+               threads=threads, fresh=fresh, clips=clips, lr=lr)
 
 
-def _train_vae(stage, model, temporal, workdir, minutes, steps, batch, seed, threads, fresh, clips, lr) -> None:
-    """One VAE stage: reconstruction training on clips, then the latent scaling factor."""
+def _train_vae(stage, model, temporal, workdir, minutes, *, steps, batch, seed, threads, fresh, clips, lr, anneal=0,
+               edge_weight=0.0, crop=32, recipe=()) -> None:
+    """One VAE stage: reconstruction training on clips, then the latent scaling factor (and, for the frame VAE,
+    its round-trip adherence)."""
     config = _config(workdir, stage, minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, ema=0.99)
-    log = train(model, vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed), config, name=stage)
+                     fresh=fresh, lr=lr, ema=0.99, anneal=anneal)
+    loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
+                       crop=crop)
+    log = train(model, loss, config, name=stage)
+    log.update(edge_weight=edge_weight, crop=crop, phases=recipe)  # the log's config is the last phase's
     log["scaling_factor"] = set_scaling_factor(model)
+    if not temporal:
+        log["round_trip"] = round_trip_scores(model)
+        typer.echo(f"{stage}: round trip of the held-out clips {log['round_trip']}")
     _finish(model, config, log)
 
 
@@ -139,10 +166,11 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
 
 
 @app.command()
-def svd(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 1200, batch: Batch = 8,
-        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4):
-    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r3: 1,200 steps,
-    24 minutes on one thread).
+def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD_STEPS, batch: Batch = 8,
+        seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
+        anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = SVD_ANNEAL):
+    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
+    the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
     (`svd-vae`) did not reach usable colours in the CPU budget.
@@ -150,7 +178,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 1200
     pipe = build_tiny_svd(seed)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr)
+                     fresh=fresh, lr=lr, anneal=anneal)
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
     _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
 
@@ -169,24 +197,22 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
 @app.command("all")
 def all_stages(workdir: Workdir = None, seed: Seed = 0,
                steps: Annotated[int, typer.Option(help="Step budget of the AnimateDiff UNet (the last --anneal of them annealed).")] = ANIMATEDIFF_STEPS,
-               svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff).")] = 1200,
+               svd_steps: Annotated[int, typer.Option(help="Step budget of the SVD UNet (it trains beside AnimateDiff; the last fifth annealed).")] = SVD_STEPS,
                minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
-               svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 60.0,
-               vae_steps: Annotated[int, typer.Option(help="Step budget of the VAE.")] = 800,
+               svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 120.0,
                anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
     if not 0 <= anneal <= steps:  # here, not an hour later when the AnimateDiff stage starts
         raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
     root = _workdir(workdir)
-    vae(workdir=root, minutes=30.0, steps=vae_steps, seed=seed, threads=os.cpu_count() or 1)
+    vae(workdir=root, seed=seed, threads=os.cpu_count() or 1)
     # Two one-thread processes use two cores better than one process with two threads (small tensors: one
     # AnimateDiff step took 1.2-1.4 s on two threads, about what one thread takes beside the SVD run).
     procs = {}
     for stage, budget, limit in (("animatediff", steps, minutes), ("svd", svd_steps, svd_minutes)):
         cmd = [sys.executable, "-m", "asyncvid.training.cli", stage, "--workdir", str(root), "--steps", str(budget),
                "--minutes", str(limit), "--seed", str(seed), "--threads", "1"]
-        if stage == "animatediff":
-            cmd += ["--anneal", str(anneal)]
+        cmd += ["--anneal", str(anneal if stage == "animatediff" else svd_steps // 5)]
         with (root / f"{stage}.log").open("w") as out:  # the child keeps its own copy of the descriptor
             procs[stage] = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         typer.echo(f"{stage}: training {budget} steps (at most {limit:g} min), log in {root / f'{stage}.log'}")

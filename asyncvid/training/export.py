@@ -101,6 +101,15 @@ def _forget_training_paths(folder: Path) -> None:
             config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def _round_trip(vae_log: dict) -> str:
+    """The VAE's round-trip adherence from its log (logs from before it was recorded have none)."""
+    rt = vae_log.get("round_trip")
+    if not rt:
+        return ""
+    return (f"; its round trip of the held-out clips keeps colour {rt['colour']:g}%, shape {rt['shape']:g}% and "
+            f"direction {rt['direction']:g}% (the ceiling of what the UNet can show)")
+
+
 def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
     """A short card: what the model is, what it saw, how it was trained and how well it follows prompts."""
     unet = pipe.unet
@@ -117,7 +126,9 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         "## Model", "",
         f"- UNet: `{type(unet).__name__}`, block_out_channels {list(unet.config.block_out_channels)}, "
         f"{unet.config.layers_per_block} layers per block, {params / 1e6:.2f}M parameters",
-        f"- VAE: `{type(pipe.vae).__name__}`, scaling factor {pipe.vae.config.scaling_factor}",
+        f"- VAE: `{type(pipe.vae).__name__}`, block_out_channels {list(pipe.vae.config.block_out_channels)}, "
+        f"{pipe.vae.config.layers_per_block} layers per block, scaling factor {pipe.vae.config.scaling_factor}"
+        + _round_trip(logs.get("vae", {})),
         "- Weights stored in float16; asyncvid loads them in the run's dtype.", "",
         "## Training", "",
         "`python -m asyncvid.training all` (or the stages `vae`, `svd-vae`, `animatediff`, `svd`, `export`); "
@@ -130,7 +141,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         lines.append(f"| {stage} | {log['steps']} | {log['minutes']} | {log['final_loss']} | {cfg['batch']} | "
                      f"{cfg['lr']} | {cfg['seed']} |")
     for stage, log in logs.items():
-        recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions", "high_noise",
+        recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions", "high_noise", "phases",
                                       "object_gain") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]

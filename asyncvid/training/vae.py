@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import torch
+from diffusers import AutoencoderKL
 
-from asyncvid.training.data import clip_set, object_weight, pick
+from asyncvid.eval.adherence import score_video, summarize
+from asyncvid.eval.clips import heldout_captions
+from asyncvid.training.data import clip_set, clip_tensor, object_weight, pick
 
 KL_WEIGHT = 1e-6
 CROP = 32  # the VAEs are convolutional: 32x32 windows on the shape train 4x faster than whole frames
+# The shipped AutoencoderKL (r4). The test builders' VAE (32 channels at every level, one layer per block) rounds
+# every corner: its round trip read 34% of held-out shapes right, this one 96% after 3,000 steps (round 6).
+VAE_CONFIG = dict(block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
+                  up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8, layers_per_block=2,
+                  sample_size=64)
 
 
-def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames: int = 8, seed: int = 0):
-    """A loss over a fixed pool of clips: object-weighted MSE + L1 of reconstructions, plus a small KL term.
+def build_vae(seed: int) -> AutoencoderKL:
+    """The shipped VAE's architecture with seeded random weights (64x64 frames -> 8x8x4 latents)."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames: int = 8, seed: int = 0,
+                edge_weight: float = 0.0, crop: int = CROP):
+    """A loss over a fixed pool of clips: object-weighted MSE + L1 of reconstructions, plus a small KL term, plus
+    (with `edge_weight`) an L1 of the differences between neighbouring pixels, which blur costs where MSE barely sees
+    it: at a square's rounded corner.
 
     `temporal` (SVD's decoder) reconstructs whole clips so its temporal layers see motion; batch counts clips.
     Otherwise the batch counts single frames.
@@ -22,18 +39,24 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
     def loss(model, batch, generator):
         if temporal:
             idx = pick(len(pool), batch, generator)
-            x = _crop(pool[idx], centres[idx, num_frames // 2], generator).flatten(0, 1)
+            x = _crop(pool[idx], centres[idx, num_frames // 2], generator, crop).flatten(0, 1)
         else:
             idx = pick(len(pool) * num_frames, batch, generator)
-            x = _crop(pool.flatten(0, 1)[idx], centres.flatten(0, 1)[idx], generator)
+            x = _crop(pool.flatten(0, 1)[idx], centres.flatten(0, 1)[idx], generator, crop)
         posterior = model.encode(x).latent_dist
         z = posterior.sample(generator=None)
         recon = model.decode(z, num_frames=num_frames).sample if temporal else model.decode(z).sample
         w = object_weight(x)
         err = recon - x
-        return (w * err.square()).mean() + (w * err.abs()).mean() + KL_WEIGHT * posterior.kl().mean()
+        total = (w * err.square()).mean() + (w * err.abs()).mean() + KL_WEIGHT * posterior.kl().mean()
+        if edge_weight:
+            total = total + edge_weight * sum((d(recon) - d(x)).abs().mean() for d in _DIFFS)
+        return total
 
     return loss
+
+
+_DIFFS = (lambda x: x[..., 1:, :] - x[..., :-1, :], lambda x: x[..., :, 1:] - x[..., :, :-1])  # down, across
 
 
 def _centres(pool: torch.Tensor) -> torch.Tensor:
@@ -44,12 +67,15 @@ def _centres(pool: torch.Tensor) -> torch.Tensor:
     return torch.stack([(mask * grid[:, None]).sum((-1, -2, -3)) / area, (mask * grid).sum((-1, -2, -3)) / area], -1)
 
 
-def _crop(x: torch.Tensor, centres: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """A CROP x CROP window per item of x (..., 3, H, W) around its centre, jittered by up to 8 pixels."""
+def _crop(x: torch.Tensor, centres: torch.Tensor, generator: torch.Generator, crop: int) -> torch.Tensor:
+    """A crop x crop window per item of x (..., 3, H, W) around its centre, jittered by up to 8 pixels; whole
+    frames when crop covers them."""
     size = x.shape[-1]
     jitter = torch.randint(-8, 9, (len(x), 2), generator=generator)
-    corner = (centres.round().long() - CROP // 2 + jitter).clamp(0, size - CROP)
-    return torch.stack([x[i, ..., y:y + CROP, c:c + CROP] for i, (y, c) in enumerate(corner.tolist())])
+    if crop >= size:
+        return x
+    corner = (centres.round().long() - crop // 2 + jitter).clamp(0, size - crop)
+    return torch.stack([x[i, ..., y:y + crop, c:c + crop] for i, (y, c) in enumerate(corner.tolist())])
 
 
 @torch.no_grad()
@@ -60,3 +86,14 @@ def set_scaling_factor(vae, *, num_frames: int = 8, seed: int = 1) -> float:
     factor = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=round(factor, 5))
     return factor
+
+
+@torch.no_grad()
+def round_trip_scores(vae, *, num_frames: int = 16, seed: int = 0) -> dict:
+    """Adherence of held-out clips encoded and decoded (latent means): the ceiling a UNet on these latents can reach."""
+    scores = []
+    for caption in heldout_captions():
+        clip = clip_tensor(caption, seed, num_frames)
+        frames = vae.decode(vae.encode(clip).latent_dist.mean).sample
+        scores.append(score_video(((frames + 1) / 2).permute(0, 2, 3, 1).numpy(), caption.text))
+    return summarize(scores)
