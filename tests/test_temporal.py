@@ -60,3 +60,31 @@ def test_summary_reports_motion_shares_and_the_worst_flicker():
     summary = summarize(scores)
     assert (summary["smooth"], summary["steady"], summary["calm"]) == (50.0, 100.0, 100.0)
     assert summary["worst_flicker"] == max(s["motion"]["flicker"] for s in scores)
+
+
+def test_a_frame_without_the_object_is_not_a_jump():
+    """Two frames lose the object (too faint to see): the step across the gap is two frames' travel, not a jump."""
+    clip = render(Caption("red", "circle", "right"), 0, 16)
+    gappy = clip.copy()
+    gappy[[5, 6]] = clip[0, 0, 0]  # the background's tone everywhere
+    reading = read_consistency(gappy)
+    assert reading.smooth and reading.steady and reading.jump < 1.5
+
+
+def test_nothing_to_judge_is_not_credited():
+    """A video with no object, or whose object covers every pixel of a frame, is neither smooth, steady nor calm."""
+    clip = render(Caption("blue", "triangle", "down"), 0, 8)
+    empty = np.broadcast_to(clip[:, :1, :1], clip.shape).copy()
+    assert read_consistency(empty).jump is None
+    assert not any((read_consistency(empty).smooth, read_consistency(empty).steady))
+    noise = np.random.default_rng(0).integers(0, 256, clip.shape, dtype=np.uint8)
+    assert read_consistency(noise).flicker is None and not read_consistency(noise).calm
+    assert summarize([score_consistency(empty), score_consistency(clip)]).get("worst_flicker", 0) < 1.0
+
+
+def test_a_still_object_shifting_a_pixel_is_not_a_jump():
+    """Mask rounding moves a still object by a pixel now and then; that is neither a jump nor a step back."""
+    clip = render(Caption("green", "square", "left"), 0, 16)[[0] * 8]
+    clip[4:] = np.roll(clip[4:], (1, 1), axis=(1, 2))  # one pixel down and across: 1.4 px
+    reading = read_consistency(clip)
+    assert reading.smooth and reading.steady

@@ -284,3 +284,24 @@ def test_vae_recipe_runs_its_phases_each_resuming_the_last(tmp_path, monkeypatch
     assert log["steps"] == 3 and log["crop"] == 64 and log["config"]["lr"] == 3e-4
     assert [p["steps"] for p in log["phases"]] == [2, 3]
     assert len(torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["losses"]) == 3
+
+
+def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
+    """A work folder from an older recipe (another VAE architecture) gives one clear line, not a size-mismatch dump."""
+    train(_toy(), _loss, TrainConfig(tmp_path, steps=1), name="toy")
+    wider = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    with pytest.raises(ValueError, match="different model.*--fresh"):
+        train(wider, _loss, TrainConfig(tmp_path, steps=2), name="toy")
+
+
+@pytest.mark.parametrize("args, message", [(["vae", "--steps", "10", "--anneal", "20"], "--anneal 20"),
+                                           (["vae", "--crop", "30"], "--crop 30"),
+                                           (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11")])
+def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from asyncvid.training.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--workdir", str(tmp_path)])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not any(tmp_path.iterdir())  # nothing trained, nothing written

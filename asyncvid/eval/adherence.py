@@ -119,8 +119,9 @@ def summarize(scores: list[dict]) -> dict:
         raise ValueError("no scores to summarize; score at least one video")
     keys = [k for k in ("colour", "shape", "direction", "smooth", "steady", "calm") if all(k in s for s in scores)]
     summary = {"videos": len(scores), **{k: round(100.0 * sum(s[k] for s in scores) / len(scores), 1) for k in keys}}
-    if all("motion" in s for s in scores):
-        summary["worst_flicker"] = max(s["motion"]["flicker"] for s in scores)
+    flickers = [s["motion"]["flicker"] for s in scores if "motion" in s and s["motion"]["flicker"] is not None]
+    if flickers:
+        summary["worst_flicker"] = max(flickers)
     return summary
 
 

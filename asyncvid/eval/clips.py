@@ -111,15 +111,15 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, radius: float) -> np.n
 
 def _background(rng: np.random.Generator, plain: int | None = None) -> np.ndarray:
     """A plain background, or (a third of the time) one with faint stripes or a gradient; `plain` picks the plain
-    tone BACKGROUNDS[plain] instead (the draws are made either way, so the rest of the clip is the same)."""
+    tone BACKGROUNDS[plain] instead (with the same draws, so the rest of the clip is the same)."""
     index, kind = rng.integers(len(BACKGROUNDS)), rng.integers(6)
+    period, slant = (rng.uniform(6, 14), rng.uniform(-1, 1)) if kind == 0 else (None, None)  # stripes' draws
     if plain is not None:
         index, kind = plain, 2
     img = np.broadcast_to(np.array(BACKGROUNDS[index], dtype=np.float32), (SIZE, SIZE, 3)).copy()
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
     if kind == 0:
-        period = rng.uniform(6, 14)
-        img += 10.0 * np.sign(np.sin((xx + yy * rng.uniform(-1, 1)) * 2 * np.pi / period))[..., None]
+        img += 10.0 * np.sign(np.sin((xx + yy * slant) * 2 * np.pi / period))[..., None]
     elif kind == 1:
         img += (20.0 * (yy / SIZE - 0.5))[..., None]
     return img

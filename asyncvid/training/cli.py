@@ -57,7 +57,7 @@ VAE_RECIPE = (dict(steps=5000, anneal=1000, lr=1e-3, crop=32, batch=16),
               dict(steps=8000, anneal=1500, lr=1e-3, crop=32, batch=16),
               dict(steps=10000, anneal=1000, lr=3e-4, crop=32, batch=16),
               dict(steps=11000, anneal=500, lr=3e-4, crop=64, batch=4))
-SVD_STEPS, SVD_ANNEAL = 3000, 600  # the SVD UNet's (r4)
+SVD_STEPS = 3000  # the SVD UNet's (r4), the last fifth annealed
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -87,33 +87,46 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0):
     """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
     steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
-    resuming the last; about 75 minutes on two threads); its log records the round-trip adherence of the held-out
+    resuming the last; about 70 minutes here); its log records the round-trip adherence of the held-out
     clips."""
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
-    phases = [{**VAE_RECIPE[0], **given}] if given else VAE_RECIPE
-    for i, phase in enumerate(phases):
-        _train_vae("vae", build_vae(seed), False, workdir, minutes, seed=seed, threads=threads, fresh=fresh and i == 0,
-                   clips=clips, edge_weight=edge_weight, **phase, recipe=list(phases[:i + 1]))
+    phases = [{**VAE_RECIPE[0], "anneal": 0, **given}] if given else list(VAE_RECIPE)
+    _train_vae("vae", build_vae(seed), False, workdir, minutes, phases, seed=seed, threads=threads, fresh=fresh,
+               clips=clips, edge_weight=edge_weight)
 
 
 @app.command("svd-vae")
 def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3000, batch: Batch = 2, seed: Seed = 0,
             threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: float = 1e-3):
     """SVD's AutoencoderKLTemporalDecoder on 8-frame clips (experimental: the shipped tiny-svd uses `vae`)."""
-    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes, steps=steps, batch=batch, seed=seed,
-               threads=threads, fresh=fresh, clips=clips, lr=lr)
+    _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes,
+               [dict(steps=steps, anneal=0, lr=lr, crop=32, batch=batch)], seed=seed, threads=threads, fresh=fresh,
+               clips=clips)
 
 
-def _train_vae(stage, model, temporal, workdir, minutes, *, steps, batch, seed, threads, fresh, clips, lr, anneal=0,
-               edge_weight=0.0, crop=32, recipe=()) -> None:
-    """One VAE stage: reconstruction training on clips, then the latent scaling factor (and, for the frame VAE,
-    its round-trip adherence)."""
-    config = _config(workdir, stage, minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, ema=0.99, anneal=anneal)
-    loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
-                       crop=crop)
-    log = train(model, loss, config, name=stage)
-    log.update(edge_weight=edge_weight, crop=crop, phases=recipe)  # the log's config is the last phase's
+def _check_budget(steps: int, anneal: int) -> None:
+    if not 0 <= anneal <= steps:  # here, not after the clips are rendered
+        raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
+
+
+def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
+               edge_weight=0.0) -> None:
+    """One VAE stage: reconstruction training phase after phase, each resuming the last one's checkpoint, then the
+    latent scaling factor (and, for the frame VAE, its round-trip adherence), once, from the last phase."""
+    for phase in phases:
+        _check_budget(phase["steps"], phase["anneal"])
+        if phase["crop"] % 8 or not 8 <= phase["crop"] <= 64:
+            raise typer.BadParameter(f"--crop {phase['crop']} must be a multiple of 8 from 8 to 64 (the frame)")
+    for i, phase in enumerate(phases):
+        config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
+                         threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
+        loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
+                           crop=phase["crop"])
+        log = train(model, loss, config, name=stage)
+        if log["steps"] < config.steps:
+            break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
+    # The log's config is the last phase's; `phases` lists those run so far.
+    log.update(edge_weight=edge_weight, crop=phase["crop"], phases=phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)
@@ -140,6 +153,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
     107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
     budget, so a slower machine trains the same model, only later."""
+    _check_budget(steps, anneal)
     train_text = TRAIN_TEXT if train_text is None else train_text
     mean_share = (0.0 if sd_schedule else MEAN_SHARE) if mean_share is None else mean_share
     text_layers = TEXT_LAYERS if text_layers is None else text_layers
@@ -168,13 +182,15 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
 @app.command()
 def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD_STEPS, batch: Batch = 8,
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
-        anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = SVD_ANNEAL):
+        anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
     the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
     (`svd-vae`) did not reach usable colours in the CPU budget.
     """
+    anneal = steps // 5 if anneal is None else anneal
+    _check_budget(steps, anneal)
     pipe = build_tiny_svd(seed)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
@@ -202,8 +218,7 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 120.0,
                anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
     """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
-    if not 0 <= anneal <= steps:  # here, not an hour later when the AnimateDiff stage starts
-        raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
+    _check_budget(steps, anneal)  # here, not an hour later when the AnimateDiff stage starts
     root = _workdir(workdir)
     vae(workdir=root, seed=seed, threads=os.cpu_count() or 1)
     # Two one-thread processes use two cores better than one process with two threads (small tensors: one

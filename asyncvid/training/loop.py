@@ -78,7 +78,11 @@ def _train(model, loss_fn, config, name) -> dict:
     step, seconds, losses = 0, 0.0, []
     if config.resume and config.checkpoint.is_file():
         state = torch.load(config.checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as e:  # e.g. a VAE checkpoint from before the r4 architecture
+            raise ValueError(f"{config.checkpoint} holds a different model than {name} builds now "
+                             f"({str(e).splitlines()[0]}); start over with --fresh or choose another --workdir") from None
         average.load_state_dict(state["average"])
         opt.load_state_dict(state["opt"])
         generator.set_state(state["generator"])

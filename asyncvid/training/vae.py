@@ -11,8 +11,8 @@ from asyncvid.training.data import clip_set, clip_tensor, object_weight, pick
 
 KL_WEIGHT = 1e-6
 CROP = 32  # the VAEs are convolutional: 32x32 windows on the shape train 4x faster than whole frames
-# The shipped AutoencoderKL (r4). The test builders' VAE (32 channels at every level, one layer per block) rounds
-# every corner: its round trip read 34% of held-out shapes right, this one 96% after 3,000 steps (round 6).
+# The embedded models' AutoencoderKL (r4). The test builders' VAE (32 channels at every level, one layer per block)
+# rounds every corner: its round trip reads 34% of held-out shapes right, this one 98% (docs/MODELS.md, round 6).
 VAE_CONFIG = dict(block_out_channels=[32, 32, 64, 64], down_block_types=["DownEncoderBlock2D"] * 4,
                   up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4, norm_num_groups=8, layers_per_block=2,
                   sample_size=64)
