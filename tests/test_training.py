@@ -109,6 +109,21 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.text_encoder.parameters())
 
 
+def test_svd_object_gain_weighs_the_shape_more():
+    """`svd --object-gain`: the same draws give a larger loss, at most 1 + gain times the plain one (the weight is
+    1 on the background and 1 + gain on the shape's latent pixels)."""
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.svd import svd_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_svd()
+    pipe.vae.register_to_config(scaling_factor=3.6)  # unit-variance latents, as training sets the factor
+    with torch.random.fork_rng(), torch.no_grad():
+        plain, weighted = (svd_loss_fn(pipe, clips_per_caption=1, num_frames=2, object_gain=gain)(
+            pipe.unet, 2, torch.Generator().manual_seed(0)) for gain in (0.0, 4.0))
+    assert plain < weighted < 5 * plain
+
+
 def test_training_encodes_captions_as_the_pipeline_does():
     """A training text encoder sees the same token ids as in `AnimateDiffPipeline.encode_prompt`."""
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff

@@ -182,6 +182,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
 @app.command()
 def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD_STEPS, batch: Batch = 8,
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
+        object_gain: Annotated[float, typer.Option(help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
     the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
@@ -195,7 +196,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal)
-    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, cache_dir=config.workdir)
+    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
     _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
 
 

@@ -8,6 +8,7 @@ import math
 import torch
 from PIL import Image
 
+from asyncvid.training.animatediff import object_mask
 from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, pick
 
 CONDITION_DROPOUT = 0.1
@@ -17,9 +18,12 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
 
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
-                motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, cache_dir=None):
+                motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, object_gain: float = 0.0,
+                cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
-    pipeline feeds them (fps - 1). With `cache_dir`, the encoded clips are kept there for the next run."""
+    pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
+    background's (the shape is ~4 of 64 latent pixels, and its corners are what tells a square from a disc). With
+    `cache_dir`, the encoded clips are kept there for the next run."""
 
     def encode():
         _, clips = clip_set(clips_per_caption, num_frames, seed)
@@ -35,6 +39,9 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
     name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed)
     latents, first, image_embeds = cached(cache_dir and cache_dir / name, encode)
     n = len(latents)
+    # object_mask reads (N, C, F, h, w); SVD's latents are (N, F, C, h, w)
+    pixel_weight = (1.0 + object_gain * object_mask(latents.transpose(1, 2)).transpose(1, 2)
+                    if object_gain > 0 else None)
     time_ids = torch.tensor([[fps - 1, motion_bucket_id, noise_aug_strength]], dtype=torch.float32)
 
     def loss(model, batch, generator):
@@ -59,6 +66,8 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         out = model(model_in, 0.25 * log_sigma, encoder_hidden_states=embeds,
                     added_time_ids=time_ids.expand(batch, -1)).sample
         target = (x0 - c_skip * noisy) / c_out
-        return torch.nn.functional.mse_loss(out, target)
+        if pixel_weight is None:
+            return torch.nn.functional.mse_loss(out, target)
+        return (pixel_weight[pick_] * (out - target).square()).mean()
 
     return loss
