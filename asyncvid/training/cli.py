@@ -197,7 +197,9 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal)
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
-    _finish(pipe.unet, config, train(pipe.unet, loss, config, name="svd"))
+    log = train(pipe.unet, loss, config, name="svd")
+    log.update(object_gain=object_gain)
+    _finish(pipe.unet, config, log)
 
 
 @app.command()
