@@ -247,6 +247,39 @@ def test_vae_round_trip_is_scored_on_what_the_decoder_returns(reverse):
         assert build_vae(0).encode(torch.zeros(1, 3, 64, 64)).latent_dist.mean.shape == (1, 4, 8, 8)
 
 
+def test_vae_kl_weight_scales_the_kl_term():
+    """`vae --kl-weight`: the loss grows by the weight times the posterior's mean KL."""
+    from types import SimpleNamespace
+
+    from asyncvid.training.vae import vae_loss_fn
+
+    posterior = lambda x: SimpleNamespace(sample=lambda generator: x, kl=lambda: torch.full((len(x),), 2.0))  # noqa: E731
+    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior(x)),
+                            decode=lambda z: SimpleNamespace(sample=z))
+    losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, kl_weight=w)(
+        model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 0.5)]
+    assert losses[1] - losses[0] == pytest.approx(1.0)
+
+
+def test_mean_latent_clips_are_the_average_of_the_encodings_decoded():
+    """`mean_latent_scores` decodes the average of a caption's encoded clips (what the first zero-SNR sampling step
+    predicts); of one clip, that is the round trip."""
+    from types import SimpleNamespace
+
+    from asyncvid.eval.clips import heldout_captions
+    from asyncvid.training.data import clip_tensor
+    from asyncvid.training.vae import mean_latent_scores, round_trip_scores
+
+    decoded = []
+    identity = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=SimpleNamespace(mean=x)),
+                               decode=lambda z: decoded.append(z) or SimpleNamespace(sample=z))
+    assert mean_latent_scores(identity, clips=1) == round_trip_scores(identity)
+    decoded.clear()
+    mean_latent_scores(identity, clips=2, num_frames=4)
+    first = heldout_captions()[0]
+    assert torch.allclose(decoded[0], (clip_tensor(first, 0, 4) + clip_tensor(first, 1, 4)) / 2)
+
+
 def test_edge_loss_charges_blur_and_not_a_perfect_copy():
     """The VAE's edge term (neighbouring-pixel differences) is zero for an exact reconstruction and adds to the
     loss of a blurred one, on top of what its pixel terms already charge."""
@@ -292,7 +325,8 @@ def test_vae_recipe_runs_its_phases_each_resuming_the_last(tmp_path, monkeypatch
 
     monkeypatch.setattr(cli, "VAE_RECIPE", (dict(steps=2, anneal=0, lr=1e-3, crop=32, batch=2),
                                             dict(steps=3, anneal=1, lr=3e-4, crop=64, batch=1)))
-    monkeypatch.setattr(cli, "round_trip_scores", lambda vae: {"shape": 0.0})  # scored for real in the test above
+    monkeypatch.setattr(cli, "round_trip_scores", lambda vae: {"shape": 0.0})  # scored for real in the tests above
+    monkeypatch.setattr(cli, "mean_latent_scores", lambda vae: {"colour": 0.0})
     monkeypatch.setattr(cli, "set_scaling_factor", lambda vae: 1.0)
     cli.vae(workdir=tmp_path, clips=1)
     log = json.loads((tmp_path / "vae" / "train_log.json").read_text())

@@ -34,7 +34,14 @@ from asyncvid.training.animatediff import (
 from asyncvid.training.export import export_all
 from asyncvid.training.loop import TrainConfig, train
 from asyncvid.training.svd import svd_loss_fn
-from asyncvid.training.vae import build_vae, round_trip_scores, set_scaling_factor, vae_loss_fn
+from asyncvid.training.vae import (
+    KL_WEIGHT,
+    build_vae,
+    mean_latent_scores,
+    round_trip_scores,
+    set_scaling_factor,
+    vae_loss_fn,
+)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -84,7 +91,8 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: Optional[float] = None,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = None,
         crop: Annotated[Optional[int], typer.Option(help="Train on crop x crop windows around the shape; 64 (the frame) trains on whole frames.")] = None,
-        edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0):
+        edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
+        kl_weight: Annotated[float, typer.Option(help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT):
     """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
     steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
     resuming the last; about 70 minutes here); its log records the round-trip adherence of the held-out
@@ -92,7 +100,7 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
     phases = [{**VAE_RECIPE[0], "anneal": 0, **given}] if given else list(VAE_RECIPE)
     _train_vae("vae", build_vae(seed), False, workdir, minutes, phases, seed=seed, threads=threads, fresh=fresh,
-               clips=clips, edge_weight=edge_weight)
+               clips=clips, edge_weight=edge_weight, kl_weight=kl_weight)
 
 
 @app.command("svd-vae")
@@ -110,7 +118,7 @@ def _check_budget(steps: int, anneal: int) -> None:
 
 
 def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
-               edge_weight=0.0) -> None:
+               edge_weight=0.0, kl_weight=KL_WEIGHT) -> None:
     """One VAE stage: reconstruction training phase after phase, each resuming the last one's checkpoint, then the
     latent scaling factor (and, for the frame VAE, its round-trip adherence), once, from the last phase."""
     for phase in phases:
@@ -121,16 +129,18 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
         loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
-                           crop=phase["crop"])
+                           crop=phase["crop"], kl_weight=kl_weight)
         log = train(model, loss, config, name=stage)
         if log["steps"] < config.steps:
             break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
     # The log's config is the last phase's; `phases` lists those run so far.
-    log.update(edge_weight=edge_weight, crop=phase["crop"], phases=phases[:i + 1])
+    log.update(edge_weight=edge_weight, kl_weight=kl_weight, crop=phase["crop"], phases=phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)
         typer.echo(f"{stage}: round trip of the held-out clips {log['round_trip']}")
+        log["mean_latent"] = mean_latent_scores(model)
+        typer.echo(f"{stage}: the held-out captions' mean latent clips, decoded {log['mean_latent']}")
     _finish(model, config, log)
 
 
