@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, pick
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
@@ -140,11 +140,3 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         return (weight[t] * per_clip).mean()
 
     return loss
-
-
-def object_mask(latents: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
-    """(N, 1, F, h, w) 1 where a latent pixel differs from its frame's background (the median of the border) by more
-    than `threshold` in some channel (latents have unit standard deviation)."""
-    border = torch.cat([latents[..., 0, :], latents[..., -1, :], latents[..., :, 0], latents[..., :, -1]], dim=-1)
-    background = border.median(dim=-1).values[..., None, None]
-    return ((latents - background).abs().amax(dim=1, keepdim=True) > threshold).float()

@@ -31,6 +31,14 @@ def object_weight(images: torch.Tensor, gain: float = 9.0) -> torch.Tensor:
     return 1.0 + gain * far.float()
 
 
+def object_mask(latents: torch.Tensor, threshold: float = 1.0) -> torch.Tensor:
+    """(N, 1, F, h, w) 1 where a latent pixel differs from its frame's background (the median of the border) by more
+    than `threshold` in some channel (latents have unit standard deviation)."""
+    border = torch.cat([latents[..., 0, :], latents[..., -1, :], latents[..., :, 0], latents[..., :, -1]], dim=-1)
+    background = border.median(dim=-1).values[..., None, None]
+    return ((latents - background).abs().amax(dim=1, keepdim=True) > threshold).float()
+
+
 @torch.no_grad()
 def encode_frames(vae, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Latent means of (N, 3, 64, 64) frames, scaled by the VAE's scaling factor, in chunks."""
@@ -62,4 +70,4 @@ def pick(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (batch,), generator=generator)
 
 
-__all__ = ["clip_set", "clip_tensor", "encode_frames", "np", "object_weight", "pick"]
+__all__ = ["clip_set", "clip_tensor", "encode_frames", "np", "object_mask", "object_weight", "pick"]

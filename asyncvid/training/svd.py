@@ -8,8 +8,7 @@ import math
 import torch
 from PIL import Image
 
-from asyncvid.training.animatediff import object_mask
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, pick
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
 
 CONDITION_DROPOUT = 0.1
 P_MEAN, P_STD = 0.7, 1.6  # SVD's log-normal training sigmas
