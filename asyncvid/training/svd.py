@@ -21,7 +21,7 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
                 cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
-    background's (the shape is ~4 of 64 latent pixels, and its corners are what tells a square from a disc). With
+    background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc). With
     `cache_dir`, the encoded clips are kept there for the next run."""
 
     def encode():

@@ -91,23 +91,22 @@ def set_scaling_factor(vae, *, num_frames: int = 8, seed: int = 1) -> float:
 @torch.no_grad()
 def round_trip_scores(vae, *, num_frames: int = 16, seed: int = 0) -> dict:
     """Adherence of held-out clips encoded and decoded (latent means): the ceiling a UNet on these latents can reach."""
-    scores = []
-    for caption in heldout_captions():
-        clip = clip_tensor(caption, seed, num_frames)
-        frames = vae.decode(vae.encode(clip).latent_dist.mean).sample
-        scores.append(score_video(((frames + 1) / 2).permute(0, 2, 3, 1).numpy(), caption.text))
-    return summarize(scores)
+    return _decoded_mean_scores(vae, [seed], num_frames)
 
 
-@torch.no_grad()
 def mean_latent_scores(vae, *, clips: int = 8, num_frames: int = 16) -> dict:
     """Adherence of each held-out caption's mean latent clip (over `clips` seeds), decoded: at zero terminal SNR the
     first sampling step predicts exactly that mean, so a latent space whose averages decode to another colour (red
     to pink) starts every video on the wrong colour. Colour is what this scores; a mean's shape is a blur."""
+    return _decoded_mean_scores(vae, range(clips), num_frames)
+
+
+@torch.no_grad()
+def _decoded_mean_scores(vae, seeds, num_frames: int) -> dict:
+    """Each held-out caption's clips at `seeds`, encoded (latent means), averaged, decoded and scored."""
     scores = []
     for caption in heldout_captions():
-        latents = torch.stack([vae.encode(clip_tensor(caption, seed, num_frames)).latent_dist.mean
-                               for seed in range(clips)])
+        latents = torch.stack([vae.encode(clip_tensor(caption, seed, num_frames)).latent_dist.mean for seed in seeds])
         frames = vae.decode(latents.mean(0)).sample
         scores.append(score_video(((frames + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).numpy(), caption.text))
     return summarize(scores)
