@@ -181,3 +181,32 @@ def test_load_refuses_build_functions_workers_cannot_import():
         asyncvid.load(lambda: _build("tiny-svd"), devices=2, sampler=config)
     with pytest.raises(asyncvid.UsageError, match="returned a object"):
         asyncvid.load(object)
+
+
+def _traces(rank, model: str) -> list[int]:
+    """How often the UNet is traced to attach AsyncDiff: by `parallelize`, then by the loader the CLI uses."""
+    from asyncvid.asyncdiff import costs
+    from asyncvid.runtime.loaders import ModelSpec, load_sampler
+
+    counted = []
+    real = costs.trace
+
+    def counting(*args, **kwargs):
+        counted[-1] += 1
+        return real(*args, **kwargs)
+
+    config = asyncvid.AsyncDiffConfig(stages=1, warmup=1, cost="flops")
+    costs.trace = counting
+    try:
+        counted.append(0)
+        asyncvid.parallelize(_build(model), config, num_frames=4, height=64, width=64).remove()
+        counted.append(0)
+        load_sampler(rank, ModelSpec(model, config, dtype="float32", plan_shape=(4, 64, 64)))
+    finally:
+        costs.trace = real
+    return counted
+
+
+def test_attaching_traces_the_unet_once_per_rank():
+    """The program and the FLOPs plan come from one trace: a trace costs seconds per rank on a real UNet."""
+    assert launch.run(_traces, 1, CPU, "tiny-svd", threads=1) == [1, 1]

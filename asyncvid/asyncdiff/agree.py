@@ -17,13 +17,13 @@ from asyncvid.asyncdiff.timing import measure_unit_costs
 from asyncvid.errors import UsageError
 
 
-def agreed_plan(unet, family, config: AsyncDiffConfig, shape: dict, settings: dict, group, device,
-                dtype) -> tuple[list[UnitProfile], Plan]:
-    """The split every rank of `group` runs: steps 1-2 touch no collective, so bad settings fail on every rank at
-    once instead of hanging the others."""
+def agreed_plan(unet, family, config: AsyncDiffConfig, shape: dict, settings: dict, group, device, dtype,
+                profiles: list[UnitProfile] | None = None) -> tuple[list[UnitProfile], Plan]:
+    """The split every rank of `group` runs (`profiles`: the units' at `shape`, where the caller traced them): steps
+    1-2 touch no collective, so bad settings fail on every rank at once instead of hanging the others."""
     # 1. Validate locally: layout vs world size, then a plan from FLOPs (checks stages and a manual split).
     config.check_world_size(dist.get_world_size(group))
-    profiles, plan = flops_plan(unet, family, config, shape)
+    profiles, plan = flops_plan(unet, family, config, shape, profiles)
 
     # 2. Agree: every rank must run the same model and settings.
     _check_agreement(settings, group)
@@ -39,10 +39,11 @@ def agreed_plan(unet, family, config: AsyncDiffConfig, shape: dict, settings: di
     return profiles, plan
 
 
-def flops_plan(unet, family, config: AsyncDiffConfig, shape: dict) -> tuple[list[UnitProfile], Plan]:
-    """Each unit's profile at `shape` (fake tensors: no weights, no compute) and the split balanced on FLOPs; fails
-    on a bad stage count or manual split before anything is loaded or exchanged."""
-    profiles = fake_profile(unet, family, shape)
+def flops_plan(unet, family, config: AsyncDiffConfig, shape: dict,
+               profiles: list[UnitProfile] | None = None) -> tuple[list[UnitProfile], Plan]:
+    """Each unit's profile at `shape` (fake tensors: no weights, no compute; traced here unless given) and the split
+    balanced on FLOPs; fails on a bad stage count or manual split before anything is loaded or exchanged."""
+    profiles = fake_profile(unet, family, shape) if profiles is None else profiles
     plan = make_plan([p.name for p in profiles], [float(p.flops) for p in profiles], config.stages, config.split,
                      [float(p.param_bytes) for p in profiles], config.weight_cap)
     return profiles, plan

@@ -14,8 +14,10 @@ from diffusers.hooks import HookRegistry
 
 from asyncvid.asyncdiff.agree import agreed_plan, stage_groups
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
+from asyncvid.asyncdiff.costs import fake_trace
 from asyncvid.asyncdiff.hook import HOOK_NAME, AsyncDiffHook, apply_asyncdiff, remove_asyncdiff
 from asyncvid.asyncdiff.plan import Plan
+from asyncvid.asyncdiff.units import Program
 from asyncvid.asyncdiff.weights import materialised_share, owned
 from asyncvid.errors import UsageError
 
@@ -58,21 +60,23 @@ class Attached:
 
 
 def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, keep_weights: bool = False,
-           settings: dict | None = None, plan: Plan | None = None) -> Attached:
+           settings: dict | None = None, plan: Plan | None = None, program: Program | None = None) -> Attached:
     """Run `pipe`'s UNet (traced as `family`'s pipelines call it) as this rank's stage; every rank of `group` calls this
     with the same pipeline. Without `keep_weights` the other stages' weights leave the device: to host memory from
-    an accelerator, dropped (meta) on the CPU. A `plan` agreed before (asyncdiff.setup, which loads only the stage's
-    weights) is taken as it is."""
+    an accelerator, dropped (meta) on the CPU. A `plan` agreed before and the `program` traced before (asyncdiff.setup,
+    which loads only the stage's weights) are taken as they are: a trace costs seconds per rank on a real UNet."""
     unet = pipe.unet
     if HookRegistry.check_if_exists_or_initialize(unet).get_hook(HOOK_NAME) is not None:
         raise UsageError("this pipeline's UNet is parallelized already; call remove() on its handle first")
-    program = family.build_program(unet)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device, dtype = unet.device, unet.dtype
     settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": _public(unet.config),
                 "sampler": asdict(config), "shape": shape, "dtype": str(dtype)}
     if plan is None:
-        _, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
+        traced = fake_trace(unet, family, shape)  # the program and the units' FLOPs: one trace, seconds on a real UNet
+        program = traced.program
+        _, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype, traced.profiles)
+    program = program or family.build_program(unet)
 
     stage_group, cfg = stage_groups(config, rank, world, group)
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)

@@ -40,12 +40,14 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     rank = dist.get_rank(group)
     unet = adapter.unet_skeleton(folder, motion_adapter)  # every form, a base model plus adapter too: no weights
     family = units_for(unet)
-    profiles, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype)
+    traced = fake_trace(unet, family, shape)  # the program and the units' FLOPs: one trace, seconds on a real UNet
+    profiles, plan = agreed_plan(unet, family, config, shape, settings, group, device, dtype, traced.profiles)
 
     # 4. Materialise only this rank's stage plus the shared modules, then assemble the pipeline around it.
     stage = Layout(config.stages, config.stride).stage_of(rank % config.group_size)
-    load_owned(unet, adapter.unet_weights(folder, motion_adapter, variant),
-               stage_modules(family.build_program(unet), plan, stage), device=device, dtype=dtype)
+    program = traced.program
+    load_owned(unet, adapter.unet_weights(folder, motion_adapter, variant), stage_modules(program, plan, stage),
+               device=device, dtype=dtype)
     pipe = adapter.load(folder, dtype=dtype, unet=unet, variant=variant)
     move_materialised(unet, device)  # what this rank holds of the UNet; Module.to would fail on the meta rest
     _move_except_unet(pipe, device)
@@ -54,7 +56,8 @@ def setup_asyncdiff(folder, adapter, units_for, config: AsyncDiffConfig, *, shap
     set_scheduler(pipe, scheduler)  # before the hook, which reads the timesteps of pipe.scheduler
 
     # 5. The hook, as asyncvid.parallelize attaches it; the other stages' weights were never loaded.
-    attached = attach(pipe, family, config, shape=shape, group=group, keep_weights=True, plan=plan)
+    attached = attach(pipe, family, config, shape=shape, group=group, keep_weights=True, plan=plan,
+                      program=program)
     return StagedPipeline(pipe, adapter, plan, attached.hook, profiles, attached.weight_share)
 
 
