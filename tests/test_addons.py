@@ -173,14 +173,31 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
+def _addons_on_ranks(rank, addons: list[str], tiny_lora) -> dict[str, list[torch.Tensor]]:
+    return {addon: _frames(rank, addon, [EXACT, DEFAULTS], tiny_lora) for addon in addons}
+
+
+@pytest.fixture(scope="module")
+def distributed(tiny_lora):
+    """An add-on's frames at full warm-up and at the defaults on 2 real ranks. Every add-on runs in the one launch
+    (even under -k): starting the ranks costs about as much as an add-on's runs."""
+    runs: dict[str, list[torch.Tensor]] = {}
+
+    def frames(addon: str) -> list[torch.Tensor]:
+        if not runs:
+            runs.update(launch.run(_addons_on_ranks, 2, CPU, list(FLOOR), tiny_lora, threads=1, oversubscribe=True))
+        return runs[addon]
+
+    return frames
+
+
 @pytest.mark.parametrize("addon", list(FLOOR))
-def test_addon_equals_sequential_at_full_warmup_and_stays_near_it_at_the_defaults(addon, tiny_lora):
+def test_addon_equals_sequential_at_full_warmup_and_stays_near_it_at_the_defaults(addon, tiny_lora, distributed):
     with launch.cpu_threads(1, CPU):
         reference, = _frames(None, addon, [{}], tiny_lora)
         off, = _frames(None, addon, [{}], tiny_lora, on=False)
     assert reference.shape != off.shape or not torch.equal(reference, off)  # the add-on is in effect
-    exact, defaults = launch.run(_frames, 2, CPU, addon, [EXACT, DEFAULTS], tiny_lora, threads=1,
-                                 oversubscribe=True)
+    exact, defaults = distributed(addon)
     assert torch.equal(exact, reference)
     print(f"{addon}: defaults {psnr(defaults, reference):.1f} dB from sequential")
     assert psnr(defaults, reference) >= FLOOR[addon]

@@ -75,13 +75,44 @@ CASES = {
 }
 
 
+def _config(case: str) -> AsyncDiffConfig:
+    return AsyncDiffConfig(cost="flops", **CASES[case][2])
+
+
+def _cases_on_ranks(rank, cases: list[str], red_circle) -> dict[str, torch.Tensor] | None:
+    """AsyncDiff latents of each case, one after another on the same ranks (call through `launch.run`)."""
+    latents = {}
+    for case in cases:
+        family, scheduler, _ = CASES[case]
+        model, request = _request(family, red_circle)
+        sample = asyncdiff_sample(rank, model, request, _config(case), torch.float32, 1, scheduler)
+        if sample is not None:
+            latents[case] = sample.latents
+    return latents if rank.rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def distributed(red_circle):
+    """A case's latents on real ranks. The cases of one world size run in one launch: starting the ranks (imports,
+    the group) costs more than a 5-step run, and each case loads and splits its pipeline afresh all the same."""
+    runs: dict[int, dict] = {}
+
+    def latents(case: str) -> torch.Tensor:
+        world = _config(case).world_size
+        if world not in runs:
+            cases = [c for c in CASES if _config(c).world_size == world]
+            runs[world] = launch.run(_cases_on_ranks, world, CPU, cases, red_circle, threads=1, oversubscribe=True)
+        return runs[world][case]
+
+    return latents
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_distributed_asyncdiff_equals_the_oracle(case, red_circle):
-    family, scheduler, settings = CASES[case]
+def test_distributed_asyncdiff_equals_the_oracle(case, red_circle, distributed):
+    family, scheduler, _ = CASES[case]
     model, request = _request(family, red_circle)
-    config = AsyncDiffConfig(cost="flops", **settings)
-    want = oracle_latents(model, request, config, scheduler)
-    got = distributed_latents(model, request, config, scheduler)
+    want = oracle_latents(model, request, _config(case), scheduler)
+    got = distributed(case)
     assert torch.equal(got, want), f"{case}: max difference {(got - want).abs().max().item():.3g}"
 
 
