@@ -36,29 +36,71 @@ def _sequential(model, request, scheduler=None):
         return sequential_sample(model, request, scheduler=scheduler)
 
 
-@pytest.fixture(scope="module", params=["svd", "animatediff"])
-def family(request, red_circle):
-    return request.param, red_circle
+FAMILIES = ("svd", "animatediff")
+RUNS = {
+    # id: (family, steps, frames, scheduler, config)
+    **{f"warmup-all-{f}": (f, 4, 4, None, dict(stages=2, warmup=4, cost="flops")) for f in FAMILIES},
+    **{f"one-stage-{f}": (f, 4, 4, None, dict(stages=1, warmup=1)) for f in FAMILIES},
+    **{f"defaults-{f}": (f, 25, 8, None, dict(stages=2)) for f in FAMILIES},  # stride 1, warm-up 3, measured costs
+    **{f"weight-cap-{f}": (f, 2, 4, None, dict(stages=2, warmup=1, cost="flops", weight_cap=0.6)) for f in FAMILIES},
+    **{f"cfg-parallel-{f}": (f, 4, 4, None, dict(stages=1, warmup=1, cfg_parallel=True)) for f in FAMILIES},
+    "stride-svd": ("svd", 4, 4, None, dict(stages=2, stride=2, warmup=4, cost="flops")),
+    "dpm-animatediff": ("animatediff", 8, 4, "dpm-solver", dict(stages=2, warmup=8, cost="flops")),
+}
 
 
-def test_warmup_of_all_steps_reproduces_sequential_sampling(family):
-    model, request = _request(*family[:1], steps=4, frames=4, red_circle=family[1])
-    parallel = _parallel(model, request, 2, stages=2, warmup=4, cost="flops")
-    reference = _sequential(model, request)
+def _run(run: str, red_circle):
+    """(model, request, scheduler, config) of one of RUNS."""
+    family, steps, frames, scheduler, config = RUNS[run]
+    return (*_request(family, steps, frames, red_circle), scheduler, AsyncDiffConfig(**config))
+
+
+def _runs_on_ranks(rank, runs: list[str], red_circle) -> dict | None:
+    """Each run's Sample, one after another on the same ranks (call through `launch.run`)."""
+    samples = {}
+    for run in runs:
+        model, request, scheduler, config = _run(run, red_circle)
+        samples[run] = asyncdiff_sample(rank, model, request, config, torch.float32, 1, scheduler)
+    return samples if rank.rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def distributed(red_circle):
+    """A run's Sample on real ranks. The runs of one world size share one launch: starting the ranks (imports, the
+    group) costs more than most of these runs, and each run loads and splits its pipeline afresh all the same."""
+    done: dict[int, dict] = {}
+
+    def sample(run: str):
+        world = _run(run, red_circle)[3].world_size
+        if world not in done:
+            runs = [r for r in RUNS if _run(r, red_circle)[3].world_size == world]
+            done[world] = launch.run(_runs_on_ranks, world, CPU, runs, red_circle, threads=1, oversubscribe=True)
+        return done[world][run]
+
+    return sample
+
+
+def _reference(run: str, red_circle):
+    model, request, scheduler, _ = _run(run, red_circle)
+    return _sequential(model, request, scheduler)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_warmup_of_all_steps_reproduces_sequential_sampling(family, red_circle, distributed):
+    parallel, reference = distributed(f"warmup-all-{family}"), _reference(f"warmup-all-{family}", red_circle)
     assert torch.equal(parallel.latents, reference.latents)
     assert np.array_equal(parallel.frames, reference.frames)
 
 
-def test_one_stage_reproduces_sequential_sampling(family):
-    model, request = _request(*family[:1], steps=4, frames=4, red_circle=family[1])
-    parallel = _parallel(model, request, 1, stages=1, warmup=1)
-    assert torch.equal(parallel.latents, _sequential(model, request).latents)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_stage_reproduces_sequential_sampling(family, red_circle, distributed):
+    parallel, reference = distributed(f"one-stage-{family}"), _reference(f"one-stage-{family}", red_circle)
+    assert torch.equal(parallel.latents, reference.latents)
 
 
-def test_two_stages_run_the_defaults_and_hold_part_of_the_weights(family):
-    model, request = _request(*family[:1], steps=25, red_circle=family[1])
-    parallel = _parallel(model, request, 2, stages=2)  # the defaults: stride 1, warm-up 3, measured costs
-    reference = _sequential(model, request)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_stages_run_the_defaults_and_hold_part_of_the_weights(family, red_circle, distributed):
+    parallel, reference = distributed(f"defaults-{family}"), _reference(f"defaults-{family}", red_circle)
     assert not torch.equal(parallel.latents, reference.latents)  # the method is approximate after warm-up
     # What the schedule computes is pinned bit for bit by test_asyncdiff_exact.py; how far it lands from sequential
     # sampling is a fidelity figure, measured by `asyncvid bench` (docs/BENCHMARKS.md), not a floor here.
@@ -66,16 +108,13 @@ def test_two_stages_run_the_defaults_and_hold_part_of_the_weights(family):
     assert sum(parallel.bytes_sent) > 0
 
 
-def test_weight_cap_limits_what_each_rank_materialises(family):
-    model, request = _request(*family[:1], steps=2, frames=4, red_circle=family[1])
-    parallel = _parallel(model, request, 2, stages=2, warmup=1, cost="flops", weight_cap=0.6)
-    assert max(parallel.weight_share) <= 0.6
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weight_cap_limits_what_each_rank_materialises(family, distributed):
+    assert max(distributed(f"weight-cap-{family}").weight_share) <= 0.6
 
 
-def test_stride_with_full_warmup_is_exact(red_circle):
-    model, request = _request("svd", steps=4, frames=4, red_circle=red_circle)
-    parallel = _parallel(model, request, 3, stages=2, stride=2, warmup=4, cost="flops")
-    assert torch.equal(parallel.latents, _sequential(model, request).latents)
+def test_stride_with_full_warmup_is_exact(red_circle, distributed):
+    assert torch.equal(distributed("stride-svd").latents, _reference("stride-svd", red_circle).latents)
 
 
 def test_layout_not_matching_world_size_fails_before_any_collective(red_circle):
@@ -84,19 +123,17 @@ def test_layout_not_matching_world_size_fails_before_any_collective(red_circle):
         _parallel(model, request, 2, stages=2, stride=2)
 
 
-def test_cfg_parallel_alone_matches_sequential_closely(family):
-    model, request = _request(*family[:1], steps=4, frames=4, red_circle=family[1])
-    parallel = _parallel(model, request, 2, stages=1, warmup=1, cfg_parallel=True)
-    reference = _sequential(model, request)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cfg_parallel_alone_matches_sequential_closely(family, red_circle, distributed):
+    parallel, reference = distributed(f"cfg-parallel-{family}"), _reference(f"cfg-parallel-{family}", red_circle)
     # Each half of the guidance batch runs as a batch of one: the same maths, but CPU kernels round differently
     # (1e-5 per UNet call), and the random-weight tiny SVD amplifies rounding along its trajectory: changing the
     # thread count alone gives 51.7 dB there. So: as close as a rounding change, far above AsyncDiff's error.
     assert psnr(parallel.frames, reference.frames) >= 45.0
 
 
-def test_dpm_solver_multistep_is_exact_with_full_warmup(red_circle):
-    model, request = _request("animatediff", steps=8, frames=4)
-    reference = _sequential(model, request, scheduler="dpm-solver")
-    exact = _parallel(model, request, 2, scheduler="dpm-solver", stages=2, warmup=8, cost="flops")
+def test_dpm_solver_multistep_is_exact_with_full_warmup(red_circle, distributed):
+    exact, reference = distributed("dpm-animatediff"), _reference("dpm-animatediff", red_circle)
     assert torch.equal(exact.latents, reference.latents)
+    model, request, _, _ = _run("dpm-animatediff", red_circle)
     assert not torch.equal(reference.latents, _sequential(model, request).latents)  # DDIM's output really differs
