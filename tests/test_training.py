@@ -220,6 +220,81 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
                             schedule={"prediction_type": "epsilon", "rescale_betas_zero_snr": False})
 
 
+def test_a_window_trains_on_consecutive_frames_of_one_clip(tmp_path):
+    """window 2 of 4-frame clips: each sample the UNet sees is frames s, s + 1 of one cached clip (read back at a
+    nearly clean step, a one-step schedule), every start occurs, and the caption's embedding is given per frame."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    schedule = {"num_train_timesteps": 1, "prediction_type": "epsilon", "rescale_betas_zero_snr": False}
+    loss = animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, schedule=schedule,
+                               mean_share=0.0, window=2)
+    _, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
+    kept = float(DDPMScheduler.from_config(pipe.scheduler.config, **schedule).alphas_cumprod[0].sqrt())
+    windows = torch.stack([latents[:, :, s:s + 2] for s in range(3)], dim=1)  # (clips, start, C, 2, h, w)
+    seen = []
+
+    def unet(sample, t, encoder_hidden_states):
+        seen.append((sample, encoder_hidden_states))
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+    for seed in range(4):
+        loss(unet, 8, torch.Generator().manual_seed(seed))
+    starts = set()
+    for sample, hidden in seen:
+        assert sample.shape[2] == 2 and torch.equal(hidden[0::2], hidden[1::2])
+        error = (sample[:, None, None] / kept - windows[None]).abs().mean(dim=(3, 4, 5, 6)).flatten(1)
+        best = error.min(dim=1)
+        assert float(best.values.max()) < 0.1, best.values  # the noise at this step: about 0.03 x |N(0, 1)|
+        starts.update((best.indices % 3).tolist())
+    assert starts == {0, 1, 2}
+    with pytest.raises(ValueError, match="window must be from 1 to num_frames"):
+        animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, window=5)
+
+
+def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tmp_path, monkeypatch):
+    """With --image-steps, single frames train first (animatediff-image), and the clips' stage starts from its
+    averaged weights; run again, the trained image stage is loaded, not retrained."""
+    import json
+
+    from diffusers import UNetMotionModel
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
+    starts = []
+    real_train = cli.train
+
+    def train(model, loss, config, name):
+        starts.append((name, {k: v.clone() for k, v in model.unet.state_dict().items()}))
+        return real_train(model, loss, config, name=name)
+
+    monkeypatch.setattr(cli, "train", train)
+    args = ["animatediff", "--workdir", str(tmp_path), "--steps", "2", "--anneal", "0", "--batch", "1", "--clips", "1",
+            "--image-steps", "2", "--image-batch", "2", "--threads", "1"]
+    first = CliRunner().invoke(cli.app, args)
+    assert first.exit_code == 0, first.output
+    image = UNetMotionModel.from_pretrained(tmp_path / "animatediff-image" / "final").state_dict()
+    assert [name for name, _ in starts] == ["animatediff-image", "animatediff"]
+    assert all(torch.equal(starts[1][1][k], image[k]) for k in image)
+    assert not all(torch.equal(starts[0][1][k], image[k]) for k in image)  # the image stage did train
+    log = json.loads((tmp_path / "animatediff" / "train_log.json").read_text())
+    assert log["image_stage"] == {"steps": 2, "batch": 2, "lr": cli.IMAGE_LR}
+    starts.clear()
+    again = CliRunner().invoke(cli.app, [*args, "--steps", "3"])
+    assert again.exit_code == 0 and "animatediff-image: trained already" in again.output, again.output
+    assert [name for name, _ in starts] == ["animatediff"]
+    assert all(torch.equal(starts[0][1][k], image[k]) for k in image)
+
+
 def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):
     from typer.testing import CliRunner
 

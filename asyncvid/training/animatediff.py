@@ -65,7 +65,7 @@ def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
 def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None,
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
-                        mean_share: float = MEAN_SHARE):
+                        mean_share: float = MEAN_SHARE, window: int | None = None):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -75,9 +75,14 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     weighs the latent pixels of the moving shape (about a tenth of them) 1 + gain times the background's.
     `high_noise` = (share, start): that share of steps is drawn from timesteps >= start x the schedule's length.
     `mean_share`: that share of samples is taken at the last (pure-noise) timestep with its caption's mean latent
-    clip as x0 (needs a zero-terminal-SNR schedule, where that mean is the optimal prediction).
+    clip as x0 (needs a zero-terminal-SNR schedule, where that mean is the optimal prediction). `window`: each
+    sample is that many consecutive frames of a clip from a random start; 1 trains an image model, AnimateDiff's
+    first stage (default: the whole clip).
     """
     high_share, high_from = high_noise
+    window = num_frames if window is None else window
+    if not 1 <= window <= num_frames:
+        raise ValueError(f"window must be from 1 to num_frames ({num_frames}), got {window}")
 
     def encode():
         captions, clips = clip_set(clips_per_caption, num_frames, seed)
@@ -116,9 +121,18 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             return model.unet, model.encode(ids[cond])
         return model, embeds[cond]
 
+    def frames(x, start):
+        """Each clip of `x` cut to `window` frames from its `start`."""
+        if window == num_frames or not x.ndim:
+            return x
+        return torch.stack([clip[:, s:s + window] for clip, s in zip(x, start.tolist())])
+
     def loss(model, batch, generator):
         pick_ = pick(n, batch, generator)
-        x0 = latents[pick_]
+        start = None
+        if window < num_frames:
+            start = torch.randint(0, num_frames - window + 1, (batch,), generator=generator)
+        x0 = frames(latents[pick_], start)
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, steps, (batch,), generator=generator)
         if high_share > 0:
@@ -129,13 +143,13 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         if mean_share > 0:
             at_mean = torch.rand(batch, generator=generator) < mean_share
             t = torch.where(at_mean, steps - 1, t)
-            x0 = torch.where(at_mean[:, None, None, None, None], means[cond], x0)
+            x0 = torch.where(at_mean[:, None, None, None, None], frames(means[cond], start), x0)
         # The pipeline repeats the prompt embedding once per frame; so does training.
         unet, hidden = conditioning(model, cond)
-        hidden = hidden.repeat_interleave(num_frames, dim=0)
+        hidden = hidden.repeat_interleave(window, dim=0)
         pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
         target = noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
-        weight_map = pixel_weight[pick_] if pixel_weight.ndim else pixel_weight
+        weight_map = frames(pixel_weight[pick_] if pixel_weight.ndim else pixel_weight, start)
         per_clip = (weight_map * (pred - target).square()).mean(dim=(1, 2, 3, 4))
         return (weight[t] * per_clip).mean()
 
