@@ -1,5 +1,5 @@
 """Shared fixtures: a private model home for the session, the CPU thread count restored after each test, an empty
-offline Hugging Face cache, the sample image."""
+offline Hugging Face cache, the sample image, runs on real ranks batched by world size."""
 
 from pathlib import Path
 
@@ -30,6 +30,32 @@ def _torch_threads():
     before = torch.get_num_threads()
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def one_launch_per_world():
+    """`batch(target, names, world_of, *args)` -> `result(name)`: `target(rank, names_of_one_world, *args)` runs on
+    real CPU ranks (one thread each) once per world size, at the first result asked of it, and returns a dict by
+    name. Starting the ranks (imports, the process group) costs more than most of the tests' runs, and each run
+    loads and splits its pipeline afresh all the same."""
+    import torch
+
+    from asyncvid.runtime import launch
+
+    def batch(target, names, world_of, *args):
+        done: dict[int, dict] = {}
+
+        def result(name):
+            world = world_of(name)
+            if world not in done:
+                same = [n for n in names if world_of(n) == world]
+                done[world] = launch.run(target, world, torch.device("cpu"), same, *args, threads=1,
+                                         oversubscribe=True)
+            return done[world][name]
+
+        return result
+
+    return batch
 
 
 @pytest.fixture

@@ -178,17 +178,10 @@ def _addons_on_ranks(rank, addons: list[str], tiny_lora) -> dict[str, list[torch
 
 
 @pytest.fixture(scope="module")
-def distributed(tiny_lora):
+def distributed(tiny_lora, one_launch_per_world):
     """An add-on's frames at full warm-up and at the defaults on 2 real ranks. Every add-on runs in the one launch
     (even under -k): starting the ranks costs about as much as an add-on's runs."""
-    runs: dict[str, list[torch.Tensor]] = {}
-
-    def frames(addon: str) -> list[torch.Tensor]:
-        if not runs:
-            runs.update(launch.run(_addons_on_ranks, 2, CPU, list(FLOOR), tiny_lora, threads=1, oversubscribe=True))
-        return runs[addon]
-
-    return frames
+    return one_launch_per_world(_addons_on_ranks, list(FLOOR), lambda addon: 2, tiny_lora)
 
 
 @pytest.mark.parametrize("addon", list(FLOOR))

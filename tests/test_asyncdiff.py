@@ -65,19 +65,9 @@ def _runs_on_ranks(rank, runs: list[str], red_circle) -> dict | None:
 
 
 @pytest.fixture(scope="module")
-def distributed(red_circle):
-    """A run's Sample on real ranks. The runs of one world size share one launch: starting the ranks (imports, the
-    group) costs more than most of these runs, and each run loads and splits its pipeline afresh all the same."""
-    done: dict[int, dict] = {}
-
-    def sample(run: str):
-        world = _run(run, red_circle)[3].world_size
-        if world not in done:
-            runs = [r for r in RUNS if _run(r, red_circle)[3].world_size == world]
-            done[world] = launch.run(_runs_on_ranks, world, CPU, runs, red_circle, threads=1, oversubscribe=True)
-        return done[world][run]
-
-    return sample
+def distributed(red_circle, one_launch_per_world):
+    """A run's Sample on real ranks; the runs of one world size share one launch."""
+    return one_launch_per_world(_runs_on_ranks, RUNS, lambda run: _run(run, red_circle)[3].world_size, red_circle)
 
 
 def _reference(run: str, red_circle):

@@ -92,19 +92,10 @@ def _cases_on_ranks(rank, cases: list[str], red_circle) -> dict[str, torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def distributed(red_circle):
-    """A case's latents on real ranks. The cases of one world size run in one launch: starting the ranks (imports,
-    the group) costs more than a 5-step run, and each case loads and splits its pipeline afresh all the same."""
-    runs: dict[int, dict] = {}
-
-    def latents(case: str) -> torch.Tensor:
-        world = _config(case).world_size
-        if world not in runs:
-            cases = [c for c in CASES if _config(c).world_size == world]
-            runs[world] = launch.run(_cases_on_ranks, world, CPU, cases, red_circle, threads=1, oversubscribe=True)
-        return runs[world][case]
-
-    return latents
+def distributed(red_circle, one_launch_per_world):
+    """A case's latents on real ranks; the cases of one world size share one launch (more than a 5-step run
+    costs)."""
+    return one_launch_per_world(_cases_on_ranks, list(CASES), lambda case: _config(case).world_size, red_circle)
 
 
 @pytest.mark.parametrize("case", list(CASES))
