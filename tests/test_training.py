@@ -420,7 +420,8 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
 
 @pytest.mark.parametrize("args, message", [(["vae", "--steps", "10", "--anneal", "20"], "--anneal 20"),
                                            (["vae", "--crop", "30"], "--crop 30"),
-                                           (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11")])
+                                           (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11"),
+                                           (["animatediff", "--image-steps", "-1"], "'--image-steps'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 

@@ -162,8 +162,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 high_noise_from: Annotated[Optional[float], typer.Option(help="Where the noisy end starts, as a fraction of the schedule \\[default: HIGH_NOISE_FROM].")] = None,
                 mean_share: Annotated[Optional[float], typer.Option(help="Share of samples trained at pure noise against their caption's mean clip \\[default: MEAN_SHARE].")] = None,
                 anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = ANNEAL,
-                image_steps: Annotated[int, typer.Option(help="Steps of the image stage before the clips (single frames; the last fifth annealed); 0 skips it.")] = IMAGE_STEPS,
-                image_batch: Annotated[int, typer.Option(help="Frames per step of the image stage.")] = IMAGE_BATCH,
+                image_steps: Annotated[int, typer.Option(min=0, help="Steps of the image stage before the clips (single frames; the last fifth annealed); 0 skips it.")] = IMAGE_STEPS,
+                image_batch: Annotated[int, typer.Option(min=1, help="Frames per step of the image stage.")] = IMAGE_BATCH,
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
@@ -172,9 +172,6 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
     budget, so a slower machine trains the same model, only later."""
     _check_budget(steps, anneal)
-    if image_steps < 0 or image_batch < 1:
-        raise typer.BadParameter(f"--image-steps {image_steps} must be 0 or more and --image-batch {image_batch} "
-                                 f"at least 1")
     train_text = TRAIN_TEXT if train_text is None else train_text
     mean_share = (0.0 if sd_schedule else MEAN_SHARE) if mean_share is None else mean_share
     text_layers = TEXT_LAYERS if text_layers is None else text_layers
@@ -210,12 +207,10 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
 def _image_stage(pipe, model, config, settings, train_text) -> bool:
     """AnimateDiff's first stage: `model` trained on single frames of the clips (or loaded, once trained), so the
     clips' stage starts from an image model. False when the time limit stopped it before its step budget."""
-    final = config.workdir / "final"
-    done = (config.workdir / "train_log.json").is_file() and (final / "config.json").is_file()
-    if done and config.resume:
-        log = json.loads((config.workdir / "train_log.json").read_text())
-        done = log["steps"] >= config.steps
-    if not (done and config.resume):
+    final, log_file = config.workdir / "final", config.workdir / "train_log.json"
+    finished = (config.resume and log_file.is_file() and (final / "config.json").is_file()
+                and json.loads(log_file.read_text())["steps"] >= config.steps)
+    if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
         loss = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
