@@ -59,6 +59,23 @@ def test_a_run_stopped_by_its_time_limit_says_how_to_finish_it(tmp_path, capsys)
     assert log["steps"] == 8 and "stopped by" not in capsys.readouterr().err
 
 
+def test_lr_gains_scale_the_rate_of_the_parameters_they_name(tmp_path):
+    """AnimateDiff's --motion-gain: Adam's first step moves every weight by about the rate whatever its gradient, so
+    the named layer's weights move `gain` times as far as the rest."""
+    moved = {}
+    for gains in ((), (("2.", 3.0),)):  # "2." is the second Linear's weight and bias
+        model = _toy()
+        config = TrainConfig(tmp_path / str(len(gains)), steps=1, lr=1e-3, warmup=1, ema=0.0, lr_gains=gains)
+        train(model, _loss, config, name="toy")
+        with torch.no_grad():
+            moved[gains] = [float((a - b).abs().mean()) for a, b in zip(model.parameters(), _toy().parameters())]
+    plain, gained = moved[()], moved[(("2.", 3.0),)]
+    assert gained[:2] == pytest.approx(plain[:2], rel=1e-3)  # the first Linear: as without gains
+    assert gained[2:] == pytest.approx([3 * m for m in plain[2:]], rel=1e-2)
+    with pytest.raises(ValueError, match="'motion' must be positive"):
+        TrainConfig(tmp_path, lr_gains=(("motion", 0.0),))
+
+
 def test_config_rejects_empty_budgets(tmp_path):
     with pytest.raises(ValueError, match="must be positive"):
         TrainConfig(tmp_path, minutes=0)
@@ -421,7 +438,8 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
 @pytest.mark.parametrize("args, message", [(["vae", "--steps", "10", "--anneal", "20"], "--anneal 20"),
                                            (["vae", "--crop", "30"], "--crop 30"),
                                            (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11"),
-                                           (["animatediff", "--image-steps", "-1"], "'--image-steps'")])
+                                           (["animatediff", "--image-steps", "-1"], "'--image-steps'"),
+                                           (["animatediff", "--motion-gain", "0"], "'--motion-gain'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 

@@ -69,6 +69,9 @@ VAE_RECIPE = (dict(steps=5000, anneal=1000, lr=1e-3, crop=32, batch=16),
 # (chance); as an image model it was, after about 2,400 steps (docs/MODELS.md, rounds 8-9). Off in the shipped
 # recipe (r8) until a model trained this way ships.
 IMAGE_STEPS, IMAGE_BATCH, IMAGE_LR = 0, 64, 8e-4
+# The motion modules' rate in the clips' stage, as a multiple of --lr: after an image stage the spatial layers need
+# small steps to keep what they learnt, the motion modules (new to them) larger ones (docs/MODELS.md, round 10).
+MOTION_GAIN = 1.0
 SVD_STEPS = 3000  # the SVD UNet's (r4), the last fifth annealed
 
 
@@ -164,7 +167,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps; 0 keeps it constant.")] = ANNEAL,
                 image_steps: Annotated[int, typer.Option(min=0, help="Steps of the image stage before the clips (single frames; the last fifth annealed); 0 skips it.")] = IMAGE_STEPS,
                 image_batch: Annotated[int, typer.Option(min=1, help="Frames per step of the image stage.")] = IMAGE_BATCH,
-                image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR):
+                image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
+                motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
@@ -190,7 +194,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
         if not _image_stage(pipe, model, image, settings, train_text):
             return
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal)
+                     fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
                                **settings)
     log = train(model, loss, config, name="animatediff")
@@ -198,7 +202,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
                train_text=train_text, text_layers=text_layers, text_positions=text_positions,
                high_noise={"share": high_noise[0], "from": high_noise[1]},
-               image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr})
+               image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
+               motion_gain=motion_gain)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)

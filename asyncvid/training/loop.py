@@ -29,6 +29,8 @@ class TrainConfig:
     threads: int = 1
     ema: float = 0.995
     anneal: int = 0  # the last `anneal` steps of the budget decay the learning rate linearly to zero
+    # (name part, gain): a parameter whose name contains the part trains at `gain` times the rate (the first match)
+    lr_gains: tuple[tuple[str, float], ...] = ()
     checkpoint_every: int = 100
     resume: bool = True
 
@@ -43,6 +45,9 @@ class TrainConfig:
         if not 0 <= self.anneal <= self.steps:
             raise ValueError(f"anneal ({self.anneal}) must be between 0 and the step budget ({self.steps}); "
                              f"lower --anneal or raise --steps")
+        for part, gain in self.lr_gains:
+            if not gain > 0:
+                raise ValueError(f"the learning-rate gain of {part!r} must be positive, got {gain}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of step `step` (0-based): linear warm-up, constant, then (with `anneal`) linear decay to
@@ -74,7 +79,8 @@ def _train(model, loss_fn, config, name) -> dict:
     generator = torch.Generator().manual_seed(config.seed)
     average = copy.deepcopy(model).requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    groups = _gain_groups(model, config.lr_gains)
+    opt = torch.optim.AdamW([{"params": group} for group in groups.values()], lr=config.lr, weight_decay=0.0)
     step, seconds, losses = 0, 0.0, []
     if config.resume and config.checkpoint.is_file():
         state = torch.load(config.checkpoint, weights_only=False)
@@ -95,8 +101,8 @@ def _train(model, loss_fn, config, name) -> dict:
     with Progress(*columns) as bar:
         task = bar.add_task(name, total=config.steps, completed=step, loss=float("nan"))
         while step < config.steps and time.perf_counter() - start < config.minutes * 60:
-            for group in opt.param_groups:
-                group["lr"] = config.lr_at(step)
+            for group, gain in zip(opt.param_groups, groups):
+                group["lr"] = config.lr_at(step) * gain
             loss = loss_fn(model, config.batch, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -121,6 +127,17 @@ def _train(model, loss_fn, config, name) -> dict:
            "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()}}
     (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
     return log
+
+
+def _gain_groups(model: torch.nn.Module, gains) -> dict[float, list[torch.nn.Parameter]]:
+    """The trained parameters by learning-rate gain (AdamW's steps ignore a gradient's scale, so a per-module rate
+    must be a parameter group): one group, gain 1, without gains."""
+    groups: dict[float, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            gain = next((g for part, g in gains if part in name), 1.0)
+            groups.setdefault(gain, []).append(param)
+    return groups
 
 
 def _mean_tail(losses: list[float], n: int = 100) -> float | None:
