@@ -22,13 +22,13 @@ def skeleton(unet: torch.nn.Module) -> torch.nn.Module:
         return type(unet).from_config(unet.config).eval()
 
 
-def fake_trace(unet: torch.nn.Module, family, shape: dict) -> Trace:
-    """The program and per-unit profiles (FLOPs, weight and output bytes) of `unet`'s architecture called as
-    `family`'s pipeline calls it at `shape`: shapes only, no memory, any size."""
+def fake_trace(unet: torch.nn.Module, family, shape: dict, *, flops: bool = True) -> Trace:
+    """The program and per-unit profiles (with `flops`, FLOPs; weight and output bytes) of `unet`'s architecture
+    called as `family`'s pipeline calls it at `shape`: shapes only, no memory, any size."""
     model = skeleton(unet)
     with torch.device("meta"):
         args, kwargs = family.example_inputs(model, **shape)
-    return trace(model, args, kwargs, flops=True)
+    return trace(model, args, kwargs, flops=flops)
 
 
 def fake_profile(unet: torch.nn.Module, family, shape: dict) -> list[UnitProfile]:
