@@ -51,12 +51,11 @@ def distributed_latents(model: str, request, config: AsyncDiffConfig, scheduler:
 
 
 CASES = {
-    # id: (family, scheduler, config)
+    # id: (family, scheduler, config). Each option is here on real ranks at least once, most with each family; the
+    # cases are combinations rather than one option at a time because each costs a trace and a run on every rank.
     "svd-n2-w1": ("svd", None, dict(stages=2, warmup=1)),
     "animatediff-n2-w2": ("animatediff", None, dict(stages=2, warmup=2)),
     "svd-n2-w2-shift": ("svd", None, dict(stages=2, warmup=2, time_shift=True)),
-    "animatediff-n2-w1-shift": ("animatediff", None, dict(stages=2, warmup=1, time_shift=True)),
-    "animatediff-n3-w2": ("animatediff", None, dict(stages=3, warmup=2)),
     "svd-n4-w1": ("svd", None, dict(stages=4, warmup=1)),
     "svd-n2-s2-w1": ("svd", None, dict(stages=2, stride=2, warmup=1)),  # rounds of 2 steps, then 1
     "animatediff-n2-s2-w2-shift": ("animatediff", None, dict(stages=2, stride=2, warmup=2, time_shift=True)),
@@ -66,11 +65,9 @@ CASES = {
     "animatediff-euler-n2-w1": ("animatediff", "euler", dict(stages=2, warmup=1)),
     "animatediff-dpm-n2-s2-w1": ("animatediff", "dpm-solver", dict(stages=2, stride=2, warmup=1)),
     # The cases above extrapolate the stale inputs (the default); the paper's reuse of them as they are:
-    "svd-n2-w2-reuse": ("svd", None, dict(stages=2, warmup=2, stale="reuse")),
     "animatediff-n3-s2-w1-reuse": ("animatediff", None, dict(stages=3, stride=2, warmup=1, stale="reuse")),
     "svd-cfg-n2-w1-reuse": ("svd", None, dict(stages=2, warmup=1, cfg_parallel=True, stale="reuse")),
-    # A synchronous refresh step every 2 (steps 2 and 4) or 3 (step 3) steps after warm-up.
-    "svd-n2-w1-refresh2": ("svd", None, dict(stages=2, warmup=1, refresh=2)),
+    # A synchronous refresh step every 3 steps after warm-up (step 3; every step: the test below).
     "animatediff-n3-w1-refresh3": ("animatediff", None, dict(stages=3, warmup=1, refresh=3)),
 }
 

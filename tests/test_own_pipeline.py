@@ -70,20 +70,44 @@ def _oracle(model: str, image_path, config: asyncvid.AsyncDiffConfig) -> torch.T
         return _call(pipe, image_path)
 
 
+EXACT = dict(stages=2, warmup=STEPS, cost="flops")  # warm-up = steps: the sequential forward, relayed
+DEFAULTS = dict(stages=2, warmup=1, cost="flops")  # past warm-up the stages run on stale inputs
+
+
+def _runs_on_ranks(rank, names: list[str], red_circle) -> dict:
+    """The module's runs on 2 ranks, one after another in one launch (starting the ranks costs more than a run)."""
+    runs = {
+        "tiny-svd exact": lambda: _parallel(rank, "tiny-svd", red_circle, EXACT, False),
+        "tiny-animatediff exact": lambda: _parallel(rank, "tiny-animatediff", red_circle, EXACT, False),
+        "defaults, keep weights": lambda: _parallel(rank, "tiny-animatediff", red_circle, DEFAULTS, True),
+        "defaults": lambda: _parallel(rank, "tiny-animatediff", red_circle, DEFAULTS, False),
+        "free-init exact": lambda: _free_init(rank, EXACT),
+        "video-to-video exact": lambda: _video_to_video(rank, EXACT),
+        "video-to-video defaults": lambda: _video_to_video(rank, DEFAULTS),
+    }
+    return {name: runs[name]() for name in names}
+
+
+RUNS = ["tiny-svd exact", "tiny-animatediff exact", "defaults, keep weights", "defaults", "free-init exact",
+        "video-to-video exact", "video-to-video defaults"]
+
+
+@pytest.fixture(scope="module")
+def on_ranks(red_circle, one_launch_per_world):
+    return one_launch_per_world(_runs_on_ranks, RUNS, lambda name: 2, red_circle)
+
+
 @pytest.mark.parametrize("model", ["tiny-svd", "tiny-animatediff"])
-def test_warmup_equal_to_steps_equals_the_pipeline(model, red_circle):
-    config = dict(stages=2, warmup=STEPS, cost="flops")
-    staged, _, _, _ = launch.run(_parallel, 2, CPU, model, red_circle, config, False, threads=1, oversubscribe=True)
+def test_warmup_equal_to_steps_equals_the_pipeline(model, red_circle, on_ranks):
+    staged, _, _, _ = on_ranks(f"{model} exact")
     assert torch.equal(staged, _sequential(model, red_circle))
 
 
 @pytest.mark.parametrize("keep_weights", [True, False])
-def test_default_schedule_equals_the_oracle_and_remove_restores_the_pipeline(keep_weights, red_circle):
-    config = dict(stages=2, warmup=1, cost="flops")
-    staged, after, share, caught = launch.run(_parallel, 2, CPU, "tiny-animatediff", red_circle, config,
-                                              keep_weights, threads=1, oversubscribe=True)
+def test_default_schedule_equals_the_oracle_and_remove_restores_the_pipeline(keep_weights, red_circle, on_ranks):
+    staged, after, share, caught = on_ranks("defaults, keep weights" if keep_weights else "defaults")
     reference = _sequential("tiny-animatediff", red_circle)
-    assert torch.equal(staged, _oracle("tiny-animatediff", red_circle, asyncvid.AsyncDiffConfig(**config)))
+    assert torch.equal(staged, _oracle("tiny-animatediff", red_circle, asyncvid.AsyncDiffConfig(**DEFAULTS)))
     assert not torch.equal(staged, reference)  # past warm-up the stages run on stale inputs
     if keep_weights:
         assert torch.equal(after, reference) and share == 1.0 and not caught
@@ -100,12 +124,10 @@ def _free_init(rank, config: dict):
     return _call(pipe, None)
 
 
-def test_free_init_loops_restart_the_schedule():
+def test_free_init_loops_restart_the_schedule(on_ranks):
     with launch.cpu_threads(1, CPU):
         reference = _free_init(None, {})
-    staged = launch.run(_free_init, 2, CPU, dict(stages=2, warmup=STEPS, cost="flops"), threads=1,
-                        oversubscribe=True)
-    assert torch.equal(staged, reference)
+    assert torch.equal(on_ranks("free-init exact"), reference)
 
 
 def _video_to_video(rank, config: dict):
@@ -121,16 +143,12 @@ def _video_to_video(rank, config: dict):
     return calls[0]
 
 
-def test_video_to_video_follows_the_part_of_the_schedule_it_runs():
+def test_video_to_video_follows_the_part_of_the_schedule_it_runs(on_ranks):
     with launch.cpu_threads(1, CPU):
         reference = _video_to_video(None, {})
-    staged = launch.run(_video_to_video, 2, CPU, dict(stages=2, warmup=STEPS, cost="flops"), threads=1,
-                        oversubscribe=True)
-    assert torch.equal(staged, reference)
+    assert torch.equal(on_ranks("video-to-video exact"), reference)
     # Past warm-up the second step runs as a parallel round, on stale inputs: not the sequential latents.
-    rounds = launch.run(_video_to_video, 2, CPU, dict(stages=2, warmup=1, cost="flops"), threads=1,
-                        oversubscribe=True)
-    assert not torch.equal(rounds, reference)
+    assert not torch.equal(on_ranks("video-to-video defaults"), reference)
 
 
 def test_refuses_without_a_process_group_and_a_second_time(monkeypatch):
