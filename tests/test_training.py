@@ -74,6 +74,8 @@ def test_lr_gains_scale_the_rate_of_the_parameters_they_name(tmp_path):
     assert gained[2:] == pytest.approx([3 * m for m in plain[2:]], rel=1e-2)
     with pytest.raises(ValueError, match="'motion' must be positive"):
         TrainConfig(tmp_path, lr_gains=(("motion", 0.0),))
+    with pytest.raises(ValueError, match="other learning-rate gains.*--fresh"):  # resumed with another split
+        train(_toy(), _loss, TrainConfig(tmp_path / "0", steps=2, lr_gains=(("2.", 3.0),)), name="toy")
 
 
 def test_config_rejects_empty_budgets(tmp_path):

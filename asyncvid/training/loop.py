@@ -90,7 +90,11 @@ def _train(model, loss_fn, config, name) -> dict:
             raise ValueError(f"{config.checkpoint} holds a different model than {name} builds now "
                              f"({str(e).splitlines()[0]}); start over with --fresh or choose another --workdir") from None
         average.load_state_dict(state["average"])
-        opt.load_state_dict(state["opt"])
+        try:
+            opt.load_state_dict(state["opt"])
+        except ValueError:  # another split into learning-rate groups (lr_gains) than the checkpoint's
+            raise ValueError(f"{config.checkpoint} was trained with other learning-rate gains than {name} asks for "
+                             f"now; resume with the same gains, or start over with --fresh") from None
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, seconds, losses = state["step"], state["seconds"], state["losses"]
