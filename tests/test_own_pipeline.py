@@ -74,9 +74,9 @@ EXACT = dict(stages=2, warmup=STEPS, cost="flops")  # warm-up = steps: the seque
 DEFAULTS = dict(stages=2, warmup=1, cost="flops")  # past warm-up the stages run on stale inputs
 
 
-def _runs_on_ranks(rank, names: list[str], red_circle) -> dict:
-    """The module's runs on 2 ranks, one after another in one launch (starting the ranks costs more than a run)."""
-    runs = {
+def _runs(rank, red_circle) -> dict:
+    """The module's runs on 2 ranks by name, each a call not yet made."""
+    return {
         "tiny-svd exact": lambda: _parallel(rank, "tiny-svd", red_circle, EXACT, False),
         "tiny-animatediff exact": lambda: _parallel(rank, "tiny-animatediff", red_circle, EXACT, False),
         "defaults, keep weights": lambda: _parallel(rank, "tiny-animatediff", red_circle, DEFAULTS, True),
@@ -85,16 +85,17 @@ def _runs_on_ranks(rank, names: list[str], red_circle) -> dict:
         "video-to-video exact": lambda: _video_to_video(rank, EXACT),
         "video-to-video defaults": lambda: _video_to_video(rank, DEFAULTS),
     }
+
+
+def _runs_on_ranks(rank, names: list[str], red_circle) -> dict:
+    """The runs, one after another in one launch (starting the ranks costs more than a run)."""
+    runs = _runs(rank, red_circle)
     return {name: runs[name]() for name in names}
-
-
-RUNS = ["tiny-svd exact", "tiny-animatediff exact", "defaults, keep weights", "defaults", "free-init exact",
-        "video-to-video exact", "video-to-video defaults"]
 
 
 @pytest.fixture(scope="module")
 def on_ranks(red_circle, one_launch_per_world):
-    return one_launch_per_world(_runs_on_ranks, RUNS, lambda name: 2, red_circle)
+    return one_launch_per_world(_runs_on_ranks, list(_runs(None, red_circle)), lambda name: 2, red_circle)
 
 
 @pytest.mark.parametrize("model", ["tiny-svd", "tiny-animatediff"])
