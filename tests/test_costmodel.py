@@ -97,3 +97,30 @@ def test_fake_costs_of_a_full_size_unet_cost_no_memory():
     assert unit_s == pytest.approx([p.flops / 1e12 for p in profiles])
     assert max(stages[2].compute_s) <= 1.1 * sum(unit_s) / 2  # balanced
     assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before
+
+
+def test_a_process_traces_an_architecture_at_a_shape_once(monkeypatch):
+    """fake_trace keeps its latest traces: the same architecture and shape again is not traced and gives what a
+    fresh trace gives; FLOPs asked of a trace made without them, or another shape, trace anew."""
+    from asyncvid.asyncdiff import costs
+    from asyncvid.pipelines import unet_inputs
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+
+    unet = build_tiny_svd().unet.eval()
+    real, made = costs.trace, []
+    monkeypatch.setattr(costs, "trace", lambda *a, flops: made.append(flops) or real(*a, flops=flops))
+    monkeypatch.setattr(costs, "_TRACES", {})
+    two, four = dict(frames=2, height=64, width=64), dict(frames=4, height=64, width=64)
+    program = costs.fake_trace(unet, unet_inputs.SVD, two, flops=False).program
+    counted = costs.fake_trace(unet, unet_inputs.SVD, two)
+    assert made == [False, True]  # the first had no FLOPs to give
+    again = costs.fake_trace(unet, unet_inputs.SVD, two)
+    assert costs.fake_trace(unet, unet_inputs.SVD, two, flops=False).program == program
+    assert made == [False, True]
+    assert again.program == counted.program == program and again.profiles == counted.profiles
+    assert sum(p.flops for p in again.profiles) > 0
+    longer = costs.fake_trace(unet, unet_inputs.SVD, four)
+    assert made == [False, True, True]
+    assert sum(p.flops for p in longer.profiles) > sum(p.flops for p in again.profiles)
+    monkeypatch.setattr(costs, "_TRACES", {})  # forgotten: a fresh trace gives the same
+    assert costs.fake_trace(unet, unet_inputs.SVD, four).profiles == longer.profiles and len(made) == 4

@@ -14,7 +14,7 @@ from diffusers.hooks import HookRegistry
 
 from asyncvid.asyncdiff.agree import agreed_plan, stage_groups
 from asyncvid.asyncdiff.config import AsyncDiffConfig, Layout
-from asyncvid.asyncdiff.costs import fake_trace
+from asyncvid.asyncdiff.costs import fake_trace, public_config
 from asyncvid.asyncdiff.hook import HOOK_NAME, AsyncDiffHook, apply_asyncdiff, remove_asyncdiff
 from asyncvid.asyncdiff.plan import Plan
 from asyncvid.asyncdiff.units import Program
@@ -70,7 +70,7 @@ def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, ke
         raise UsageError("this pipeline's UNet is parallelized already; call remove() on its handle first")
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     device, dtype = unet.device, unet.dtype
-    settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": _public(unet.config),
+    settings = {**(settings or {}), "pipeline": type(pipe).__name__, "unet": public_config(unet.config),
                 "sampler": asdict(config), "shape": shape, "dtype": str(dtype)}
     if plan is None:
         traced = fake_trace(unet, family, shape)  # the program and the units' FLOPs: one trace, seconds on a real UNet
@@ -94,12 +94,6 @@ def attach(pipe, family, config: AsyncDiffConfig, *, shape: dict, group=None, ke
 def stage_modules(program, plan: Plan, stage: int) -> list[str]:
     """The modules a rank running `stage` holds: the shared ones and its units'."""
     return list(program.shared) + [m for i in plan.units(stage) for m in program.units[i].owned]
-
-
-def _public(config) -> dict:
-    """A config without its private entries: `_use_default_values` of a model built in code lists a set, in an
-    order that differs between processes."""
-    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 class SchedulerOf:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import statistics
 import time
 
@@ -11,6 +12,7 @@ import torch
 
 from asyncvid.asyncdiff.trace import Trace, UnitProfile, registered, trace, unit_hook
 from asyncvid.asyncdiff.units import Program
+from asyncvid.models.weights import empty_model
 
 TIMING_HOOK = "asyncvid.asyncdiff.timing"
 __all__ = ["UnitProfile", "fake_profile", "fake_trace", "measure_times", "skeleton"]
@@ -18,17 +20,38 @@ __all__ = ["UnitProfile", "fake_profile", "fake_trace", "measure_times", "skelet
 
 def skeleton(unet: torch.nn.Module) -> torch.nn.Module:
     """A UNet of the same config with no weights (meta): what planning traces, whatever add-ons `unet` carries."""
-    with torch.device("meta"):
-        return type(unet).from_config(unet.config).eval()
+    return empty_model(type(unet), unet.config, buffers=False)
 
 
 def fake_trace(unet: torch.nn.Module, family, shape: dict, *, flops: bool = True) -> Trace:
     """The program and per-unit profiles (with `flops`, FLOPs; weight and output bytes) of `unet`'s architecture
     called as `family`'s pipeline calls it at `shape`: shapes only, no memory, any size."""
-    model = skeleton(unet)
-    with torch.device("meta"):
-        args, kwargs = family.example_inputs(model, **shape)
-    return trace(model, args, kwargs, flops=flops)
+    key = (type(unet), json.dumps(public_config(unet.config), sort_keys=True, default=str), family,
+           json.dumps(shape, sort_keys=True, default=str))
+    traced, counted = _TRACES.pop(key, (None, False))
+    if traced is None or (flops and not counted):
+        model = skeleton(unet)
+        with torch.device("meta"):
+            args, kwargs = family.example_inputs(model, **shape)
+        traced, counted = trace(model, args, kwargs, flops=flops), flops
+    _TRACES[key] = traced, counted  # the latest last: the oldest goes first
+    while len(_TRACES) > TRACES_KEPT:
+        _TRACES.pop(next(iter(_TRACES)))
+    return Trace(traced.program, dict(traced.structures), list(traced.profiles))
+
+
+# The traces last made in this process, by architecture and shape: a trace is a function of those alone (the
+# skeleton carries no weights or add-ons) and costs seconds of torch's Python meta kernels on a real UNet, while
+# a process that loads and splits a model again (a worker pool's next request, each run of a batch) traces it
+# again at setup, for its measured costs and for its oracle.
+TRACES_KEPT = 8
+_TRACES: dict[tuple, tuple[Trace, bool]] = {}  # key -> (trace, whether it counted FLOPs)
+
+
+def public_config(config) -> dict:
+    """A config without its private entries: `_use_default_values` of a model built in code lists a set, in an
+    order that differs between processes."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
 def fake_profile(unet: torch.nn.Module, family, shape: dict) -> list[UnitProfile]:

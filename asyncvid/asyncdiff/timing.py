@@ -8,12 +8,12 @@ import functools
 import math
 
 import torch
-from accelerate import init_empty_weights
 from accelerate.utils import set_module_tensor_to_device
 
 from asyncvid.asyncdiff.cost_cache import cached, key
 from asyncvid.asyncdiff.costs import UnitProfile, fake_profile, measure_times
 from asyncvid.asyncdiff.weights import owned
+from asyncvid.models.weights import empty_model
 
 # FLOPs of one UNet call that are timed as they are; a larger shape is timed smaller and scaled by FLOPs. Large
 # enough that the units compute rather than wait on their weights (at SVD-xt's smallest shape, 7e10 FLOPs, the
@@ -71,8 +71,7 @@ def time_units(unet, family, shape: dict, device: torch.device, dtype: torch.dty
     """Median seconds per unit on an empty skeleton whose shared modules hold stand-in weights throughout, and each
     unit's own only while it runs, in one buffer the size of the largest unit's: memory stays near that, whatever
     the model's size (tensor-by-tensor allocations left 1.7 GB of freed heap behind for SVD-xt's 0.4 GB units)."""
-    with init_empty_weights(include_buffers=False):
-        model = type(unet).from_config(unet.config).eval()
+    model = empty_model(type(unet), unet.config)
     for name, buffer in list(model.named_buffers()):  # computed at construction; in the run's dtype, as a run's are
         dtype_of = dtype if buffer.is_floating_point() else buffer.dtype
         set_module_tensor_to_device(model, name, device, value=buffer, dtype=dtype_of)
