@@ -64,6 +64,8 @@ def test_svd_xt_every_sampler(hub, red_circle, tmp_path):
     frames = run_all(["i2v", red_circle, "--model", SVD], tmp_path)
     assert all(f.shape == (4, 64, 64, 3) for f in frames.values())
     np.testing.assert_array_equal(frames["asyncdiff"], frames["sequential"])
+    if hub != "fp16":
+        return  # the forms differ in their files, not in what the UNet computes: the check below once is enough
     # The equality is not for want of a UNet that matters: with stale activations (warm-up 1) the frames move.
     stale = invoke("i2v", red_circle, "--model", SVD, *FAST, *SAMPLERS["asyncdiff"], "--warmup", "1",
                    "--out", tmp_path / "stale")
