@@ -20,7 +20,7 @@ __all__ = ["UnitProfile", "fake_profile", "fake_trace", "measure_times", "skelet
 
 def skeleton(unet: torch.nn.Module) -> torch.nn.Module:
     """A UNet of the same config with no weights (meta): what planning traces, whatever add-ons `unet` carries."""
-    return empty_model(type(unet), unet.config, buffers=False)
+    return empty_model(type(unet), unet.config, real_buffers=False)
 
 
 def fake_trace(unet: torch.nn.Module, family, shape: dict, *, flops: bool = True) -> Trace:
