@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from asyncvid.asyncdiff.costs import public_config
+
 UNITS = 2  # the unit list's version: 2 traced from the native forward (conv_norm_out a unit of its own)
 
 
@@ -22,7 +24,7 @@ def cache_dir() -> Path:
 
 def key(unet_config: dict, shapes: list, device: torch.device, dtype: torch.dtype) -> str:
     """What the times depend on: the architecture, the input shapes, the device, dtype, threads and torch."""
-    facts = {"units": UNITS, "config": {k: v for k, v in unet_config.items() if not k.startswith("_")}, "shapes": shapes,
+    facts = {"units": UNITS, "config": public_config(unet_config), "shapes": shapes,
              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
              "dtype": str(dtype), "threads": torch.get_num_threads(), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:20]
