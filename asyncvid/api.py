@@ -22,9 +22,9 @@ from PIL import Image
 from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.errors import UsageError
 from asyncvid.models.devices import resolve_device, resolve_dtype
-from asyncvid.models.sampling_defaults import GUIDANCE
+from asyncvid.models.sampling_defaults import Recommended
 from asyncvid.parataa.config import ParaTAAConfig
-from asyncvid.pipelines import preflight, recommended_guidance
+from asyncvid.pipelines import preflight, recommended_sampling
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
 from asyncvid.runtime.layout import RankLayout
@@ -100,20 +100,23 @@ class VideoPipeline:
         return self._pool.pids if self._pool is not None else []
 
     @cached_property
-    def _guidance(self) -> float:
-        """The model's recommended guidance scale, read once (its folder's sampling.json; else 7.5)."""
-        return GUIDANCE if callable(self.spec.model) else recommended_guidance(self.spec.model)
+    def _recommended(self) -> Recommended:
+        """The model's recommended sampling settings, read once (its folder's sampling.json; else diffusers')."""
+        return Recommended() if callable(self.spec.model) else recommended_sampling(self.spec.model)
 
     def text_to_video(self, prompt: str | list[str], *, negative_prompt: str = "", num_frames: int | None = None,
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int | None = None,
-                      generator: torch.Generator | None = None, fps: int = 8) -> Video | list[Video]:
+                      generator: torch.Generator | None = None, fps: int = 8,
+                      shared_noise: float | None = None) -> Video | list[Video]:
         """A video of `prompt` (AnimateDiff), or one per prompt of a list (made by the data-parallel groups at
-        once, returned in order); `None` sizes and frames mean the model's defaults, `None` guidance the model's
-        recommended scale (its folder's sampling.json; else 7.5)."""
+        once, returned in order); `None` sizes and frames mean the model's defaults, `None` guidance and shared
+        noise the model's recommended ones (its folder's sampling.json; else 7.5 and independent noise)."""
+        own = self._recommended
         requests = [TextToVideo(p, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
                                 width=width, num_inference_steps=num_inference_steps,
-                                guidance_scale=self._guidance if guidance_scale is None else guidance_scale,
+                                guidance_scale=own.guidance_scale if guidance_scale is None else guidance_scale,
+                                shared_noise=own.shared_noise if shared_noise is None else shared_noise,
                                 seed=_seed(seed, generator), fps=fps) for p in _listed(prompt)]
         return self._generate(requests) if isinstance(prompt, list) else self._generate(requests)[0]
 

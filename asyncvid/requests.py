@@ -47,6 +47,9 @@ class TextToVideo:
     guidance_scale: float = 7.5
     seed: int = 0
     fps: int = 8
+    # The share of each frame's initial noise common to all frames, whose spatial means are then shared outright
+    # (pipelines/initial_noise.py); 0 draws diffusers' independent noise.
+    shared_noise: float = 0.0
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -54,6 +57,9 @@ class TextToVideo:
         if not 0 <= self.guidance_scale < math.inf:  # also refuses nan, which JSON sidecars cannot hold
             raise UsageError(f"guidance must be a number >= 0 (1 disables guidance), got {self.guidance_scale}; "
                              f"try --guidance 7.5")
+        if not 0 <= self.shared_noise < 1:
+            raise UsageError(f"shared noise must be in [0, 1) (the share of the initial noise the frames have in "
+                             f"common; 0 turns it off), got {self.shared_noise}; try --shared-noise 0.5")
         _check_common(self)
 
     def describe(self) -> dict:

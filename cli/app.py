@@ -23,7 +23,8 @@ from asyncvid.cli.run import quiet_libraries, run, sampler_config
 from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 
-PROVISIONAL_GUIDANCE = 7.5  # checks the request before the model's own scale is read (the same range applies)
+# Check the request before the model's own settings are read (the same ranges apply).
+PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0)
 
 app = typer.Typer(
     cls=Group,
@@ -61,6 +62,7 @@ def generate(
     height: Height = None,
     width: Width = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 disables it) \\[default: the model's own (sampling.json in its folder; tiny-animatediff: 2.5), else 7.5].")] = None,
+    shared_noise: Annotated[Optional[float], typer.Option(help="Share of each frame's initial noise that all frames have in common, their noise means wholly (PYoCo's mixed noise prior: a steadier background); 0 draws every frame's noise on its own \\[default: the model's own (sampling.json; tiny-animatediff: 0.5), else 0].")] = None,
     negative_prompt: Annotated[str, typer.Option(help="What the video should not show.")] = "",
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second of the written video.")] = 8,
@@ -105,22 +107,24 @@ def generate(
 
     def build():
         prompts = read_prompts(prompt_file)
-        # Checked now with a stand-in scale; `finish` puts in the model's own once the model is known.
-        scale = PROVISIONAL_GUIDANCE if guidance is None else guidance
+        # Checked now with stand-ins for unset settings; `finish` puts in the model's own once the model is known.
+        given = {k: v for k, v in dict(guidance_scale=guidance, shared_noise=shared_noise).items() if v is not None}
         requests = [
             TextToVideo(p, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
-                        num_inference_steps=steps, guidance_scale=scale, seed=seed, fps=fps)
+                        num_inference_steps=steps, seed=seed, fps=fps, **{**PROVISIONAL, **given})
             for p in prompts
         ]
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
 
     def finish(requests):
-        if guidance is not None:
+        unset = [name for name, value in (("guidance_scale", guidance), ("shared_noise", shared_noise))
+                 if value is None]
+        if not unset:
             return requests
-        from asyncvid.pipelines import recommended_guidance  # diffusers: imported once the logs are quiet
+        from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
 
-        scale = recommended_guidance(model)
-        return [dataclasses.replace(r, guidance_scale=scale) for r in requests]
+        own = recommended_sampling(model)
+        return [dataclasses.replace(r, **{name: getattr(own, name) for name in unset}) for r in requests]
 
     run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value, finish=finish,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,

@@ -170,6 +170,7 @@ def check_loras(adapter, skeleton, loras: tuple) -> None:
                                        f"module of this model and are not applied"), stacklevel=2)
 
 
-def recommended_guidance(model: str) -> float:
-    """The guidance scale `model` is sampled with when the user gives none: its folder's sampling.json, else 7.5."""
-    return sampling_defaults.guidance(resolve_folder(model, EMBEDDED, materialize))
+def recommended_sampling(model: str) -> sampling_defaults.Recommended:
+    """What `model` is sampled with where the user sets nothing: its folder's sampling.json, else diffusers' defaults
+    (guidance 7.5, independent noise per frame)."""
+    return sampling_defaults.recommended(resolve_folder(model, EMBEDDED, materialize))

@@ -18,6 +18,7 @@ from asyncvid.models.sources import adapter_variant, check_weights, takes, varia
 from asyncvid.models.variants import forms, weight_files
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import animatediff_parataa
+from asyncvid.pipelines.initial_noise import shared_frame_noise
 from asyncvid.requests import TextToVideo, UsageWarning
 
 TASK = "text-to-video"
@@ -162,6 +163,19 @@ def _warn_if_truncated(tokenizer, request: TextToVideo) -> None:
         ), stacklevel=1)
 
 
+def initial_noise(pipe: AnimateDiffPipeline, request: TextToVideo, generator) -> torch.Tensor | None:
+    """The request's initial latents (before the scheduler's scaling) with `shared_noise`; None (the pipeline draws
+    its own) without. Drawn first from `generator`, where the pipeline draws its own."""
+    if not request.shared_noise:
+        return None
+    frames = request.num_frames or DEFAULT_FRAMES
+    height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (1, pipe.unet.config.in_channels, frames, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+    return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
+                              device=pipe._execution_device, dtype=pipe.text_encoder.dtype)
+
+
 def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):
     """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1], or the latents."""
     out = pipe(
@@ -173,6 +187,7 @@ def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback
         num_inference_steps=request.num_inference_steps,
         guidance_scale=request.guidance_scale,
         generator=generator,
+        latents=initial_noise(pipe, request, generator),
         output_type=output_type,
         callback_on_step_end=callback,
     )
@@ -194,4 +209,4 @@ def decode(pipe: AnimateDiffPipeline, latents, request: TextToVideo, start: int,
 def parataa_problem(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, eta: float = 0.0):
     """ParaTAA's view of the request (asyncvid.parataa.problem.Problem), prepared as the pipeline prepares it."""
     return animatediff_parataa.prepare(pipe, request, frames=request.num_frames or DEFAULT_FRAMES, generator=generator,
-                                       eta=eta)
+                                       eta=eta, latents=initial_noise(pipe, request, generator))

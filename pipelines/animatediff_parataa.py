@@ -10,8 +10,10 @@ from asyncvid.parataa.trajectory import from_scheduler
 from asyncvid.requests import TextToVideo
 
 
-def prepare(pipe, request: TextToVideo, *, frames: int, generator: torch.Generator, eta: float = 0.0) -> Problem:
-    """Mirror `AnimateDiffPipeline.__call__` up to its denoising loop (steps 3-5), drawing noise in the same order."""
+def prepare(pipe, request: TextToVideo, *, frames: int, generator: torch.Generator, eta: float = 0.0,
+            latents: torch.Tensor | None = None) -> Problem:
+    """Mirror `AnimateDiffPipeline.__call__` up to its denoising loop (steps 3-5), drawing noise in the same order;
+    `latents` are the initial ones the pipeline is given (else it draws them)."""
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device, guidance = pipe._execution_device, request.guidance_scale
@@ -21,7 +23,7 @@ def prepare(pipe, request: TextToVideo, *, frames: int, generator: torch.Generat
     embeds = torch.stack([negative, positive] if guided else [positive]).repeat_interleave(frames, dim=1)
     trajectory = from_scheduler(pipe.scheduler, request.num_inference_steps, eta=eta, device=device)
     latents = pipe.prepare_latents(1, pipe.unet.config.in_channels, frames, height, width, positive.dtype, device,
-                                   generator)
+                                   generator, latents)
     noise = None
     if trajectory.stochastic:
         noise = randn_tensor((trajectory.steps, *latents.shape[1:]), generator=generator, device=device,

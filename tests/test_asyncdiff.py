@@ -9,7 +9,7 @@ from asyncvid.bench.measure import asyncdiff_sample, psnr, sequential_sample
 from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
-from asyncvid.training.animatediff import GUIDANCE
+from asyncvid.training.animatediff import GUIDANCE, SHARED_NOISE
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -18,10 +18,10 @@ CPU = torch.device("cpu")
 def _request(family, steps, frames=8, red_circle=None):
     if family == "svd":
         return "tiny-svd", ImageToVideo(red_circle, num_inference_steps=steps, num_frames=frames, height=64, width=64)
-    # At the guidance the CLI samples tiny-animatediff with (its sampling.json): at 7.5 its colours saturate and
+    # With the settings the CLI samples tiny-animatediff with (its sampling.json): at 7.5 its colours saturate and
     # two seeds' videos differ by only 16.7 dB, too little for a PSNR floor to tell close from unrelated.
     return "tiny-animatediff", TextToVideo("a red circle moving left", num_inference_steps=steps, num_frames=frames,
-                                           height=64, width=64, guidance_scale=GUIDANCE)
+                                           height=64, width=64, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE)
 
 
 def _parallel(model, request, world, scheduler=None, **config):

@@ -100,6 +100,7 @@ CASES = {
     "guidance nan": (lambda f: [G, f["prompts"], *FAST, "--guidance", "nan"], ["guidance", "nan"]),
     "guidance inf": (lambda f: [G, f["prompts"], *FAST, "--guidance", "inf"], ["guidance", "inf"]),
     "guidance negative": (lambda f: [G, f["prompts"], *FAST, "--guidance", "-1"], ["guidance", "-1"]),
+    "shared noise 1": (lambda f: [G, f["prompts"], *FAST, "--shared-noise", "1"], ["shared noise", "got 1.0", "[0, 1)"]),
     "seed negative": (lambda f: [G, f["prompts"], *FAST, "--seed", "-1"], ["seed", "-1"]),
     "seed too large": (lambda f: [G, f["prompts"], *FAST, "--seed", str(2**63)], ["seed"]),
     "fps 0": (lambda f: [G, f["prompts"], *FAST, "--fps", "0"], ["fps", "got 0"]),

@@ -64,6 +64,19 @@ def test_problem_is_the_pipelines_own(model):
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 
+def test_the_problem_starts_from_the_requests_shared_noise():
+    """With shared noise the pipeline is given its initial latents; ParaTAA's problem must start from the same."""
+    pipe, adapter = load("tiny-animatediff")
+    request = TextToVideo("a red circle moving left", num_frames=4, num_inference_steps=2, seed=3, shared_noise=0.5)
+    want = pipeline_latents(pipe, adapter, request)
+    with torch.inference_mode():
+        problem = adapter.parataa_problem(pipe, request, generator=torch.Generator().manual_seed(request.seed))
+        got = sample_sequential(problem.x0, problem.trajectory, problem.direction())
+    means = problem.x0.mean((-2, -1))  # (channels, frames): the frames' noise means are common
+    assert torch.allclose(means, means[:, :1].expand_as(means), atol=1e-6)
+    assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
+
+
 def test_converged_output_matches_sequential(model):
     """At the default tolerance; docs/PARATAA.md has 25 and 50 steps."""
     name, pipe, adapter = model

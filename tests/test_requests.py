@@ -23,7 +23,7 @@ def test_text_to_video_keeps_settings_and_describes_itself():
     req = TextToVideo("a red circle", num_frames=4, height=64, width=96, num_inference_steps=2, seed=3, fps=12)
     assert req.describe() == {
         "task": "text-to-video", "prompt": "a red circle", "negative_prompt": "", "num_frames": 4, "height": 64,
-        "width": 96, "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 3, "fps": 12,
+        "width": 96, "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 3, "fps": 12, "shared_noise": 0.0,
     }
 
 
@@ -46,6 +46,9 @@ def test_text_to_video_none_means_model_defaults():
         (dict(seed=2**63), f"seed must be in [0, 2**63), got {2**63}"),
         (dict(fps=0), "fps must be at least 1, got 0"),
         (dict(guidance_scale=-0.5), "guidance must be a number >= 0 (1 disables guidance), got -0.5"),
+        (dict(shared_noise=1.0), "shared noise must be in [0, 1)"),
+        (dict(shared_noise=-0.1), "got -0.1; try --shared-noise 0.5"),
+        (dict(shared_noise=float("nan")), "got nan"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

@@ -18,7 +18,7 @@ import torch
 from asyncvid.bench.grid import sample_image
 from asyncvid.eval.fidelity import psnr
 from asyncvid.parataa.config import ParaTAAConfig
-from asyncvid.pipelines import recommended_guidance
+from asyncvid.pipelines import recommended_sampling
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime.loaders import ModelSpec, load_sampler, quiet_libraries
 
@@ -26,10 +26,11 @@ BEGIN, END = "<!-- rounds table: begin -->", "<!-- rounds table: end -->"
 
 
 def requests(model: str, steps: int, seed: int = 0):
-    """The CLI's default request of each embedded model, at `steps` steps (and the model's recommended guidance)."""
+    """The CLI's default request of each embedded model, at `steps` steps (and the model's recommended settings)."""
     if model == "tiny-animatediff":
+        own = recommended_sampling(model)
         return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
-                           guidance_scale=recommended_guidance(model))
+                           guidance_scale=own.guidance_scale, shared_noise=own.shared_noise)
     return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed)
 
 

@@ -1,17 +1,27 @@
 """Sampling settings a model folder recommends (`sampling.json` beside `model_index.json`), used where the user
 sets none. Diffusers folders have no place for them, and they belong to the weights: the tiny models trained here
-with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours."""
+with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours, and
+tiny-animatediff flickers less when its frames' initial noise shares a part (pipelines/initial_noise.py)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from asyncvid.errors import UsageError
 
 FILE = "sampling.json"
 GUIDANCE = 7.5  # diffusers' default, for folders that recommend nothing
-KEYS = ("guidance_scale",)
+KEYS = ("guidance_scale", "shared_noise")
+
+
+@dataclass(frozen=True)
+class Recommended:
+    """What a model is sampled with where the user sets nothing: diffusers' defaults unless its folder says."""
+
+    guidance_scale: float = GUIDANCE
+    shared_noise: float = 0.0  # the share of each frame's initial noise common to all frames; 0: independent
 
 
 def read(folder: Path) -> dict:
@@ -27,9 +37,16 @@ def read(folder: Path) -> dict:
     if unknown is None or unknown:
         raise UsageError(f"'{path}' may hold only {', '.join(KEYS)}, got {unknown or settings!r}; fix or delete it")
     scale = settings.get("guidance_scale", GUIDANCE)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or scale < 0:
+    if not _number(scale) or scale < 0:
         raise UsageError(f"'{path}': guidance_scale must be a number >= 0, got {scale!r}; fix or delete it")
+    share = settings.get("shared_noise", 0.0)
+    if not _number(share) or not 0 <= share < 1:
+        raise UsageError(f"'{path}': shared_noise must be a number in [0, 1), got {share!r}; fix or delete it")
     return settings
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def write(folder: Path, **settings) -> None:
@@ -37,6 +54,6 @@ def write(folder: Path, **settings) -> None:
     (Path(folder) / FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
-def guidance(folder: Path) -> float:
-    """The guidance scale to use with this model when the user gives none."""
-    return float(read(folder).get("guidance_scale", GUIDANCE))
+def recommended(folder: Path) -> Recommended:
+    """The settings to use with this model where the user gives none."""
+    return Recommended(**{key: float(value) for key, value in read(folder).items()})

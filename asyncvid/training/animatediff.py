@@ -37,6 +37,11 @@ MEAN_SHARE = 0.75
 # the 46 training captions (r8, sampling seed 0): colour 98% / 91% / 87% / 85% at guidance 2.5 / 4 / 5.5 / 7.5,
 # direction 100% at each.
 GUIDANCE = 2.5
+# The share of the initial noise `export` recommends the frames have in common (sampling.json; their noise means are
+# then shared outright, pipelines/initial_noise.py). Sampling r8 with independent noise, a frame's noise mean sets its
+# brightness and the background flickers by up to 27 levels of 255; with 0.5 by up to 6, with 0.2 / 0.8 up to 7 / 13
+# (12 held-out prompts, seed 0: docs/MODELS.md, round 12).
+SHARED_NOISE = 0.5
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 SD_SCHEDULE = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "linspace"}

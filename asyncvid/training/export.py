@@ -22,7 +22,7 @@ import asyncvid.pipelines
 from asyncvid.eval.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
-from asyncvid.training.animatediff import GUIDANCE, SD_SCHEDULE
+from asyncvid.training.animatediff import GUIDANCE, SD_SCHEDULE, SHARED_NOISE
 
 NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
 
@@ -81,8 +81,8 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)
-        if stage == "animatediff":  # the guidance it is sampled with unless the user says otherwise
-            sampling_defaults.write(tmp, guidance_scale=GUIDANCE)
+        if stage == "animatediff":  # what it is sampled with unless the user says otherwise
+            sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():

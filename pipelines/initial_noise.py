@@ -1,0 +1,29 @@
+"""The initial noise of a video, with a part shared by its frames: PYoCo's mixed noise prior (Ge et al., 2023,
+"Preserve Your Own Correlation"), with each frame's spatial mean shared outright.
+
+A video model trained on independent noise per frame reads a frame's noise mean as that frame's brightness, so
+independent means make the background flicker from frame to frame (docs/MODELS.md, round 12). Every frame stays
+N(0, I), so the spatial layers see the noise they were trained on; only what the frames have in common changes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+
+def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, generator: torch.Generator,
+                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Noise of `shape` (..., H, W) whose frames (along `frame_dim`) are each N(0, I), with their spatial means
+    common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own."""
+    if not 0 <= share < 1:
+        raise ValueError(f"share must be in [0, 1), got {share}")
+    own = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    common_shape = list(shape)
+    common_shape[frame_dim] = 1
+    common = randn_tensor(tuple(common_shape), generator=generator, device=device, dtype=torch.float32)
+    mixed = math.sqrt(share) * common + math.sqrt(1 - share) * own
+    # A white Gaussian's spatial mean is independent of the rest, so swapping in the common frame's keeps N(0, I).
+    return (mixed - mixed.mean((-2, -1), keepdim=True) + common.mean((-2, -1), keepdim=True)).to(dtype)
