@@ -450,3 +450,36 @@ def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, messa
     result = CliRunner().invoke(app, [*args, "--workdir", str(tmp_path)])
     assert result.exit_code == 2 and message in result.output, result.output
     assert not any(tmp_path.iterdir())  # nothing trained, nothing written
+
+
+def test_shared_noise_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
+    """At the pure-noise step (mean_share 1) the UNet's input is the noise itself: with shared_noise its frames have
+    one spatial mean and the rest correlates by the share, as pipelines/initial_noise.py draws it for sampling."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    seen = []
+
+    def unet(sample, t, encoder_hidden_states):
+        seen.append(sample)
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+    for share in (0.0, 0.5):
+        seen.clear()
+        loss = animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
+                                   shared_noise=share)
+        loss(unet, 64, torch.Generator().manual_seed(0))
+        [noise] = seen  # (clips, C, frames, h, w)
+        means = noise.mean((-2, -1))
+        rest = noise - means[..., None, None]
+        correlation = float((rest[:, :, 0] * rest[:, :, 3]).mean() / rest[:, :, 0].square().mean())
+        assert abs(float(noise.std()) - 1) < 0.05
+        if share:
+            assert torch.allclose(means, means[:, :, :1].expand_as(means), atol=1e-3)
+            assert abs(correlation - share) < 0.05
+        else:
+            assert float((means - means[:, :, :1]).abs().max()) > 0.1 and abs(correlation) < 0.05

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from asyncvid.pipelines.initial_noise import shared_frame_noise
 from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
 
 CAPTION_DROPOUT = 0.1
@@ -70,7 +71,7 @@ def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
 def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None,
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
-                        mean_share: float = MEAN_SHARE, window: int | None = None):
+                        mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -82,7 +83,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     `mean_share`: that share of samples is taken at the last (pure-noise) timestep with its caption's mean latent
     clip as x0 (needs a zero-terminal-SNR schedule, where that mean is the optimal prediction). `window`: each
     sample is that many consecutive frames of a clip from a random start; 1 trains an image model, AnimateDiff's
-    first stage (default: the whole clip).
+    first stage (default: the whole clip). `shared_noise` > 0: each clip's frames are noised with noise that shares
+    their spatial means and that part of the rest, as the pipeline draws it for a request's `shared_noise`
+    (PYoCo trains and samples with its prior; 0 draws every frame's noise on its own, r8's recipe).
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -112,6 +115,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     # The plain loss weighs a step's x0 error by SNR + 1 (v) or SNR (epsilon); Min-SNR caps that weight.
     plain = snr + 1 if v_prediction else snr.clamp(min=1e-12)
     weight = (plain.clamp(max=snr_cap + 1) / plain) if snr_cap > 0 else torch.ones_like(snr)
+    if not 0 <= shared_noise < 1:
+        raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
     if not 0 <= mean_share <= 1:
         raise ValueError(f"mean_share must be in [0, 1], got {mean_share}")
     if mean_share > 0 and float(alphas[-1]) > 1e-6:
@@ -138,7 +143,11 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         if window < num_frames:
             start = torch.randint(0, num_frames - window + 1, (batch,), generator=generator)
         x0 = frames(latents[pick_], start)
-        noise = torch.randn(x0.shape, generator=generator)
+        if shared_noise:
+            noise = shared_frame_noise(x0.shape, frame_dim=2, share=shared_noise, generator=generator,
+                                       device=x0.device, dtype=x0.dtype)
+        else:
+            noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, steps, (batch,), generator=generator)
         if high_share > 0:
             noisy_end = torch.randint(int(steps * high_from), steps, (batch,), generator=generator)

@@ -169,7 +169,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 image_steps: Annotated[int, typer.Option(min=0, help="Steps of the image stage before the clips (single frames; the last fifth annealed); 0 skips it.")] = IMAGE_STEPS,
                 image_batch: Annotated[int, typer.Option(min=1, help="Frames per step of the image stage.")] = IMAGE_BATCH,
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
-                motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN):
+                motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN,
+                shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
@@ -177,6 +178,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
     budget, so a slower machine trains the same model, only later."""
     _check_budget(steps, anneal)
+    if not 0 <= shared_noise < 1:
+        raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
     train_text = TRAIN_TEXT if train_text is None else train_text
     mean_share = (0.0 if sd_schedule else MEAN_SHARE) if mean_share is None else mean_share
     text_layers = TEXT_LAYERS if text_layers is None else text_layers
@@ -197,14 +200,14 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
-                               **settings)
+                               shared_noise=shared_noise, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
     log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
                train_text=train_text, text_layers=text_layers, text_positions=text_positions,
                high_noise={"share": high_noise[0], "from": high_noise[1]},
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
-               motion_gain=motion_gain)
+               motion_gain=motion_gain, shared_noise=shared_noise)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)

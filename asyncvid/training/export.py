@@ -142,7 +142,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
                      f"{cfg['lr']} | {cfg['seed']} |")
     for stage, log in logs.items():
         recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions", "high_noise", "phases",
-                                      "object_gain") if k in log}
+                                      "object_gain", "shared_noise") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]
