@@ -105,20 +105,21 @@ def generate(
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
     from asyncvid.video.naming import output_stem, read_prompts  # numpy, PIL: not at --help time
 
+    chosen = dict(guidance_scale=guidance, shared_noise=shared_noise)  # None: the model's own
+    unset = [name for name, value in chosen.items() if value is None]
+
     def build():
         prompts = read_prompts(prompt_file)
         # Checked now with stand-ins for unset settings; `finish` puts in the model's own once the model is known.
-        given = {k: v for k, v in dict(guidance_scale=guidance, shared_noise=shared_noise).items() if v is not None}
+        settings = {name: PROVISIONAL[name] if value is None else value for name, value in chosen.items()}
         requests = [
             TextToVideo(p, negative_prompt=negative_prompt, num_frames=frames, height=height, width=width,
-                        num_inference_steps=steps, seed=seed, fps=fps, **{**PROVISIONAL, **given})
+                        num_inference_steps=steps, seed=seed, fps=fps, **settings)
             for p in prompts
         ]
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
 
     def finish(requests):
-        unset = [name for name, value in (("guidance_scale", guidance), ("shared_noise", shared_noise))
-                 if value is None]
         if not unset:
             return requests
         from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
