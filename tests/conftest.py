@@ -17,6 +17,12 @@ def asyncvid_home(tmp_path_factory):
     home = tmp_path_factory.mktemp("asyncvid-home")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ASYNCVID_HOME", str(home))
+        mp.setenv("TRANSFORMERS_VERBOSITY", "error")  # what the CLI sets (setdefault) the first time it runs here
+        # Ranks are forked from a server while the environment is the one it started with: start it now, before
+        # any test patches the environment (those tests' ranks are spawned afresh instead).
+        from asyncvid.runtime import launch
+
+        launch.start_server()
         yield home
 
 

@@ -4,7 +4,6 @@ parallel samples, unit times for the cost model, and the link between two ranks.
 from __future__ import annotations
 
 import functools
-import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -36,8 +35,8 @@ class Entry:
 
 
 def isolated(fn, *args):
-    """`fn(*args)` in a fresh spawned process (not a daemon, so it may start rank processes of its own)."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as pool:
+    """`fn(*args)` in a process of its own (not a daemon, so it may start rank processes of its own)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=launch.start_context()) as pool:
         return pool.submit(fn, *args).result()
 
 

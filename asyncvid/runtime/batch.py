@@ -62,9 +62,9 @@ class Job:
     # Per request, whether to make it (None: decide from the outputs and their sidecars, asyncvid.video.resume).
     make: list[bool] | None = None
     data_parallel: int = 1  # groups of the sampler's ranks, each making whole videos (asyncvid.runtime.layout)
-    # How local workers start (asyncvid.runtime.pool.WorkerPool): "fork" skips their ~4 s of imports, for a
-    # caller that has run no tensor work yet (the CLI).
-    start_method: str = "spawn"
+    # How local workers start (asyncvid.runtime.pool.WorkerPool; None: from launch's fork server): "fork" skips
+    # their ~4 s of imports, for a caller that has run no tensor work yet (the CLI).
+    start_method: str | None = None
 
     def rank_layout(self, world_size: int | None = None) -> RankLayout:
         """The groups on `world_size` processes (default: --devices)."""

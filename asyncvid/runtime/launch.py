@@ -13,6 +13,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
+from multiprocessing import forkserver
 from typing import Callable
 
 import torch
@@ -24,6 +25,12 @@ from asyncvid.runtime.layout import RankLayout
 TIMEOUT_S = float(os.environ.get("ASYNCVID_COLLECTIVE_TIMEOUT", "300"))
 USAGE_EXIT = 2
 USAGE_GRACE_S = 10.0  # bad input fails on every rank: give rank 0 time to report it itself
+# What every rank imports whatever it runs (diffusers.hooks brings torch._dynamo, peft and transformers): about 9 s
+# of a fresh interpreter's start here, paid once by the fork server instead of by every rank of every launch.
+PRELOAD = ["torch", "torch.distributed", "diffusers", "diffusers.hooks", "asyncvid.asyncdiff"]
+# The settings the fork server was started with, when it was (it is multiprocessing's, one per process): a rank
+# forked from it has the server's environment, not the caller's of the moment.
+_server_env: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,7 +133,7 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
         return _in_group(fn, rank, world, local, device, None, args, threads)
     check_device_count(world_size, device, oversubscribe)
     port = free_port()
-    ctx = mp.get_context("spawn")
+    ctx = start_context()
     errors = ctx.SimpleQueue()
     workers = [
         ctx.Process(target=_worker, args=(fn, r, world_size, device, port, errors, args, os.getpid(), threads),
@@ -144,6 +151,37 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
         for w in workers:
             w.join(timeout=10)
         _stop(workers)
+
+
+def start_context():
+    """How workers start: forked from a server that imported PRELOAD once (a rank is ready in about a second rather
+    than the nine a fresh interpreter takes here), or spawned afresh where the environment has changed since that
+    server started (a rank must see the caller's settings: HF_HOME, CUDA_VISIBLE_DEVICES, ...) or there is none."""
+    global _server_env
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    env = _settings()
+    if _server_env is None:
+        mp.set_forkserver_preload(PRELOAD)
+        _server_env = env
+    return mp.get_context("forkserver" if env == _server_env else "spawn")
+
+
+def start_server() -> None:
+    """Start the fork server now, with this environment: it imports PRELOAD in the background while the caller (a
+    test session, a notebook) does other work, and the first launch finds it ready."""
+    if start_context().get_start_method() == "forkserver":
+        forkserver.ensure_running()
+
+
+# Variables that change between launches and that no rank reads at import: the rendezvous process_group sets on rank
+# 0 for each launch, and pytest's name of the test phase running.
+_PER_LAUNCH = ("MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST")
+
+
+def _settings() -> dict[str, str]:
+    """This process's environment, less what changes from one launch to the next (_PER_LAUNCH)."""
+    return {k: v for k, v in os.environ.items() if k not in _PER_LAUNCH}
 
 
 def _in_group(fn, rank, world, local, device, port, args, threads):
@@ -173,9 +211,9 @@ def process_group(rank: int, world: int, local: int, device: torch.device, port:
         dist.destroy_process_group()
 
 
-def _worker(fn, rank, world, device, port, errors, args, parent_pid, threads):
+def _worker(fn, rank, world, device, port, errors, args, launcher_pid, threads):
     # A worker must not outlive the process that started it (a killed CLI or notebook kernel).
-    watch_parent(parent_pid)
+    watch_parent(launcher_pid)
     try:
         _in_group(fn, rank, world, rank, device, port, args, threads)
     except BaseException as err:  # report anything, then exit non-zero
@@ -193,16 +231,39 @@ def place(rank: Rank, layout: RankLayout) -> Rank:
     return rank.within(groups[layout.group_of(rank.rank)], rank.rank % layout.group_size, layout.group_size)
 
 
-def watch_parent(parent_pid: int) -> None:
-    """End this process as soon as `parent_pid` is no longer its parent (the parent died, even by SIGKILL)."""
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+def watch_parent(launcher_pid: int) -> None:
+    """End this process as soon as the process that started it (`launcher_pid`) has ended, even by SIGKILL. That
+    process is its parent when spawned or forked; a fork server's child watches it by pid (the server outlives it
+    while any of its children runs)."""
+    parent = os.getppid()
+    threading.Thread(target=_exit_with_parent, args=(parent, launcher_pid), daemon=True).start()
 
 
-def _exit_with_parent(parent_pid: int) -> None:
+def _exit_with_parent(parent_pid: int, launcher_pid: int) -> None:
     while True:
-        if os.getppid() != parent_pid:
+        if os.getppid() != parent_pid or not _alive(launcher_pid):
             os._exit(1)
         time.sleep(0.5)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs: it exists and, where /proc tells, is not a zombie (a killed process stays one
+    until its parent reaps it, which may wait for our output to end)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        if os.path.isdir("/proc/self"):
+            return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _watch(workers, errors, done: threading.Event) -> None:

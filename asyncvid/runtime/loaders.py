@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -246,8 +245,8 @@ def _metadata(spec: ModelSpec, folder, device, dtype, sampler: dict) -> dict:
 
 
 def quiet_libraries() -> None:
-    """Hide diffusers/transformers warnings and loading bars (workers start with default logging)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    """Hide diffusers/transformers warnings and loading bars (workers start with default logging). Leaves
+    os.environ alone: a changed environment makes later launches spawn their ranks instead of forking them."""
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()

@@ -43,17 +43,18 @@ class WorkerPool:
     """`world_size` ranks that each load `spec` once (loaders.load_sampler) and sample every request sent to them."""
 
     def __init__(self, spec, world_size: int, device: torch.device, *, threads: int | None = None,
-                 oversubscribe: bool = False, layout: RankLayout | None = None, start_method: str = "spawn"):
-        """`start_method` "spawn" (the default: each worker imports torch and diffusers afresh) or "fork" (they
-        start at once, sharing the caller's imports; only where the caller has run no tensor work and holds no
-        CUDA state or other threads, e.g. the CLI before its first video: a fork copies a thread pool half-made).
+                 oversubscribe: bool = False, layout: RankLayout | None = None, start_method: str | None = None):
+        """`start_method` None (the default: launch.start_context, forked by a server that imported torch and
+        diffusers once), "spawn" (each worker imports them afresh) or "fork" (they start at once, sharing the
+        caller's imports; only where the caller has run no tensor work and holds no CUDA state or other threads,
+        e.g. the CLI before its first video: a fork copies a thread pool half-made).
         """
         self.layout = layout or RankLayout(1, world_size)
         self.layout.check_world_size(world_size)
         launch.check_device_count(world_size, device, oversubscribe, self.layout)
         if not callable(spec.model):  # build an embedded model once, here, rather than on every rank at once
             resolve_model(spec.model, variant=spec.variant)
-        ctx = mp.get_context(start_method)
+        ctx = mp.get_context(start_method) if start_method else launch.start_context()
         port = launch.free_port()
         self._conns, self._procs = [], []
         # Ends the workers when the pool is closed, garbage-collected, or at interpreter exit (finalize runs atexit).
