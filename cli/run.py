@@ -170,16 +170,17 @@ def _check_auto(config, devices: int | None, threads: int | None, data_parallel:
         raise UsageError(f"threads must be at least 1, got {threads}; use --threads 1 or more")
 
 
-def _start_method(device, computed: bool) -> str:
+def _start_method(device, computed: bool) -> str | None:
     """Fork the local workers where that is safe, so that they start in under a second instead of importing torch
     and diffusers again for ~4 s each (on 8 prompts of the embedded model that is the difference between 1.1x
     and 1.3x for two data-parallel groups): on the CPU, on Linux, and only while this process has run no tensor
     work (the checks read files and headers, and plans use fake tensors; --parallel auto's timing does run some,
-    and a fork after OpenMP has started its threads leaves a child that hangs in its first parallel op)."""
+    and a fork after OpenMP has started its threads leaves a child that hangs in its first parallel op). Else None:
+    launch.start_context's fork server, which has run no tensor work and holds no CUDA state, where it can."""
     import multiprocessing
 
     fork = device.type == "cpu" and not computed and "fork" in multiprocessing.get_all_start_methods()
-    return "fork" if fork and sys.platform == "linux" else "spawn"
+    return "fork" if fork and sys.platform == "linux" else None
 
 
 def check_out_dir(out: Path) -> None:

@@ -22,7 +22,7 @@ def asyncvid_home(tmp_path_factory):
         # any test patches the environment (those tests' ranks are spawned afresh instead).
         from asyncvid.runtime import launch
 
-        launch.start_server()
+        launch.start_context()
         yield home
 
 

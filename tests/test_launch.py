@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.distributed as dist
 from test_pool import wait_gone
@@ -23,9 +24,19 @@ def _rank_1s(rank, name):
     return box[0]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="ranks are forked by a server on Linux only")
 def test_ranks_are_forked_by_the_server_while_the_environment_is_unchanged():
     parent, _ = launch.run(_rank_1s, 2, CPU, "ASYNCVID_PROBE", threads=1, oversubscribe=True)
     assert parent != os.getpid()  # the fork server's child, not this process's
+
+
+def test_ranks_are_spawned_where_the_server_holds_other_copies_of_the_libraries(monkeypatch):
+    """The fork server imports PRELOAD with a fresh interpreter's sys.path: where that finds another diffusers than
+    this process's (a development copy ahead on sys.path), the ranks are spawned and import this one."""
+    launch.run(_rank_1s, 2, CPU, "ASYNCVID_PROBE", threads=1, oversubscribe=True)  # the server runs from here on
+    monkeypatch.setitem(launch._server["modules"], "diffusers", "/elsewhere/diffusers/__init__.py")
+    parent, _ = launch.run(_rank_1s, 2, CPU, "ASYNCVID_PROBE", threads=1, oversubscribe=True)
+    assert parent == os.getpid()
 
 
 def test_a_rank_sees_the_callers_environment_of_the_moment(monkeypatch):

@@ -4,6 +4,8 @@ local worker processes that asyncvid starts itself (gloo on CPU, NCCL with one G
 from __future__ import annotations
 
 import datetime
+import importlib
+import logging
 import multiprocessing as mp
 import os
 import socket
@@ -13,7 +15,7 @@ import time
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import forkserver
+from multiprocessing import connection as mp_connection
 from typing import Callable
 
 import torch
@@ -28,9 +30,11 @@ USAGE_GRACE_S = 10.0  # bad input fails on every rank: give rank 0 time to repor
 # What every rank imports whatever it runs (diffusers.hooks brings torch._dynamo, peft and transformers): about 9 s
 # of a fresh interpreter's start here, paid once by the fork server instead of by every rank of every launch.
 PRELOAD = ["torch", "torch.distributed", "diffusers", "diffusers.hooks", "asyncvid.asyncdiff"]
-# The settings the fork server was started with, when it was (it is multiprocessing's, one per process): a rank
-# forked from it has the server's environment, not the caller's of the moment.
-_server_env: dict[str, str] | None = None
+# What a rank forked by this process's fork server starts with (_state, asked of a probe rank once): the server's
+# environment and copies of PRELOAD, not the caller's of the moment. The server is multiprocessing's, one a process.
+_server: dict | None = None
+_server_lock = threading.Lock()
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -136,7 +140,7 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
     ctx = start_context()
     errors = ctx.SimpleQueue()
     workers = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, device, port, errors, args, os.getpid(), threads),
+        ctx.Process(target=_worker, args=(fn, r, world_size, device, port, errors, args, threads),
                     daemon=True)
         for r in range(1, world_size)
     ]
@@ -155,23 +159,56 @@ def run(fn: Callable, world_size: int, device: torch.device, *args, threads: int
 
 def start_context():
     """How workers start: forked from a server that imported PRELOAD once (a rank is ready in about a second rather
-    than the nine a fresh interpreter takes here), or spawned afresh where the environment has changed since that
-    server started (a rank must see the caller's settings: HF_HOME, CUDA_VISIBLE_DEVICES, ...) or there is none."""
-    global _server_env
-    if "forkserver" not in mp.get_all_start_methods():
+    than the nine a fresh interpreter takes here) while what such a rank starts with is the caller's (environment,
+    copies of PRELOAD, cores), else spawned afresh, so a rank always sees the caller's settings (HF_HOME,
+    CUDA_VISIBLE_DEVICES, a sys.path entry ahead of site-packages). The first call starts the server and waits for
+    its imports; Linux only (forking a process that imported torch is unsafe on macOS; Windows has no fork)."""
+    global _server
+    if sys.platform != "linux":
         return mp.get_context("spawn")
-    env = _settings()
-    if _server_env is None:
-        mp.set_forkserver_preload(PRELOAD)
-        _server_env = env
-    return mp.get_context("forkserver" if env == _server_env else "spawn")
+    with _server_lock:
+        for name in PRELOAD:  # here too, first: importing diffusers sets TORCHINDUCTOR_CACHE_DIR in os.environ
+            importlib.import_module(name)
+        if _server is None:
+            mp.set_forkserver_preload(PRELOAD)  # no effect on a server already running: the probe reads that one
+            _server = _probe()
+            if _server is not None:  # what C code set (readline sets LINES and COLUMNS) reaches a started
+                # interpreter's os.environ, not ours: every rank has it, spawned or forked
+                _server["env"] = {k: v for k, v in _server["env"].items() if k in os.environ}
+        here = _state()
+        if here != _server:
+            log.debug("ranks spawned afresh: this process's %s differ from what the fork server's ranks start with",
+                      [k for k in ("env", "modules", "cores") if _server is None or here[k] != _server[k]])
+        return mp.get_context("forkserver" if here == _server else "spawn")
 
 
-def start_server() -> None:
-    """Start the fork server now, with this environment: it imports PRELOAD in the background while the caller (a
-    test session, a notebook) does other work, and the first launch finds it ready."""
-    if start_context().get_start_method() == "forkserver":
-        forkserver.ensure_running()
+def _state() -> dict:
+    """What a rank inherits rather than asks for: the environment (less _PER_LAUNCH), the files PRELOAD's packages
+    were imported from (the fork server imports them with a fresh interpreter's sys.path, not the caller's), and
+    the cores this process may run on."""
+    packages = {name.partition(".")[0] for name in PRELOAD}
+    return {"env": _settings(), "modules": {p: sys.modules[p].__file__ for p in packages if p in sys.modules},
+            "cores": sorted(os.sched_getaffinity(0))}
+
+
+def _probe() -> dict | None:
+    """_state() of a rank forked by the fork server (starting it); None if the probe fails."""
+    ctx = mp.get_context("forkserver")
+    ours, theirs = ctx.Pipe(duplex=False)
+    probe = ctx.Process(target=_report_state, args=(theirs,), daemon=True)
+    probe.start()
+    theirs.close()
+    try:
+        state = ours.recv() if ours.poll(TIMEOUT_S) else None
+    except (EOFError, OSError):  # the probe died: no state
+        state = None
+    probe.join(timeout=10)
+    ours.close()
+    return state
+
+
+def _report_state(conn) -> None:
+    conn.send(_state())
 
 
 # Variables that change between launches and that no rank reads at import: the rendezvous process_group sets on rank
@@ -211,9 +248,8 @@ def process_group(rank: int, world: int, local: int, device: torch.device, port:
         dist.destroy_process_group()
 
 
-def _worker(fn, rank, world, device, port, errors, args, launcher_pid, threads):
-    # A worker must not outlive the process that started it (a killed CLI or notebook kernel).
-    watch_parent(launcher_pid)
+def _worker(fn, rank, world, device, port, errors, args, threads):
+    watch_parent()
     try:
         _in_group(fn, rank, world, rank, device, port, args, threads)
     except BaseException as err:  # report anything, then exit non-zero
@@ -231,39 +267,20 @@ def place(rank: Rank, layout: RankLayout) -> Rank:
     return rank.within(groups[layout.group_of(rank.rank)], rank.rank % layout.group_size, layout.group_size)
 
 
-def watch_parent(launcher_pid: int) -> None:
-    """End this process as soon as the process that started it (`launcher_pid`) has ended, even by SIGKILL. That
-    process is its parent when spawned or forked; a fork server's child watches it by pid (the server outlives it
-    while any of its children runs)."""
-    parent = os.getppid()
-    threading.Thread(target=_exit_with_parent, args=(parent, launcher_pid), daemon=True).start()
+def watch_parent() -> None:
+    """End this worker as soon as the process that started it ends, even by SIGKILL (a killed CLI or notebook
+    kernel): multiprocessing's parent sentinel, a pipe only that process holds open, reads as closed then. It is
+    the launcher's however the worker started; a fork server's child has the server for its parent, which CPython
+    keeps alive while any of its children runs."""
+    parent = mp.parent_process()
+    if parent is None:
+        raise RuntimeError("watch_parent() is for processes that multiprocessing started")
+    threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True).start()
 
 
-def _exit_with_parent(parent_pid: int, launcher_pid: int) -> None:
-    while True:
-        if os.getppid() != parent_pid or not _alive(launcher_pid):
-            os._exit(1)
-        time.sleep(0.5)
-
-
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs: it exists and, where /proc tells, is not a zombie (a killed process stays one
-    until its parent reaps it, which may wait for our output to end)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return False
-    except OSError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
+def _exit_with(sentinel) -> None:
+    mp_connection.wait([sentinel])
+    os._exit(1)
 
 
 def _watch(workers, errors, done: threading.Event) -> None:

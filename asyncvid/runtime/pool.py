@@ -64,7 +64,7 @@ class WorkerPool:
             for rank in range(world_size):
                 ours, theirs = ctx.Pipe()
                 proc = ctx.Process(target=_serve, name=f"asyncvid-rank{rank}", daemon=True,
-                                   args=(theirs, spec, rank, self.layout, device, port, os.getpid(), threads))
+                                   args=(theirs, spec, rank, self.layout, device, port, threads))
                 self._conns.append(ours)
                 proc.start()
                 self._procs.append(proc)
@@ -245,11 +245,11 @@ class WorkerPool:
         return f"exit code {code}"
 
 
-def _serve(conn, spec, rank: int, layout: RankLayout, device, port: int, parent_pid: int, threads: int | None) -> None:
+def _serve(conn, spec, rank: int, layout: RankLayout, device, port: int, threads: int | None) -> None:
     """A worker: join the group, load once, then sample each request until told to stop or the caller is gone."""
     # Ctrl-C reaches the whole process group; the coordinator decides what an interrupt ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    launch.watch_parent(parent_pid)
+    launch.watch_parent()
     # tqdm's default lock is a multiprocessing semaphore that a worker ending with os._exit (or killed) would leave
     # to the resource tracker, which then warns at exit; a worker's bars are off and its own, so a thread lock does.
     tqdm.set_lock(threading.RLock())
