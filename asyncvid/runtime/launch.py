@@ -177,9 +177,13 @@ def start_context():
                 _server["env"] = {k: v for k, v in _server["env"].items() if k in os.environ}
         here = _state()
         if here != _server:
-            log.debug("ranks spawned afresh: this process's %s differ from what the fork server's ranks start with",
-                      [k for k in ("env", "modules", "cores") if _server is None or here[k] != _server[k]])
+            log.debug("ranks spawned afresh: they would not start as this process is from the fork server")
         return mp.get_context("forkserver" if here == _server else "spawn")
+
+
+# Variables that change between launches and that no rank reads at import: the rendezvous process_group sets on rank
+# 0 for each launch, and pytest's name of the test phase running.
+_PER_LAUNCH = ("MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST")
 
 
 def _state() -> dict:
@@ -187,7 +191,8 @@ def _state() -> dict:
     were imported from (the fork server imports them with a fresh interpreter's sys.path, not the caller's), and
     the cores this process may run on."""
     packages = {name.partition(".")[0] for name in PRELOAD}
-    return {"env": _settings(), "modules": {p: sys.modules[p].__file__ for p in packages if p in sys.modules},
+    env = {k: v for k, v in os.environ.items() if k not in _PER_LAUNCH}
+    return {"env": env, "modules": {p: sys.modules[p].__file__ for p in packages if p in sys.modules},
             "cores": sorted(os.sched_getaffinity(0))}
 
 
@@ -209,16 +214,6 @@ def _probe() -> dict | None:
 
 def _report_state(conn) -> None:
     conn.send(_state())
-
-
-# Variables that change between launches and that no rank reads at import: the rendezvous process_group sets on rank
-# 0 for each launch, and pytest's name of the test phase running.
-_PER_LAUNCH = ("MASTER_ADDR", "MASTER_PORT", "PYTEST_CURRENT_TEST")
-
-
-def _settings() -> dict[str, str]:
-    """This process's environment, less what changes from one launch to the next (_PER_LAUNCH)."""
-    return {k: v for k, v in os.environ.items() if k not in _PER_LAUNCH}
 
 
 def _in_group(fn, rank, world, local, device, port, args, threads):
