@@ -314,6 +314,35 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
     assert all(torch.equal(starts[0][1][k], image[k]) for k in image)
 
 
+def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
+    """--shape-pairs trains the image stage on plain frames and shape pairs (their latents cached beside the
+    clips'), and the training log records the weight."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
+    monkeypatch.setattr(cli, "SHAPE_PAIR_FRAMES", 6)
+    calls = []
+    real = cli.shape_pair_loss_fn
+
+    def shape_pair_loss_fn(pipe, **kwargs):
+        loss = real(pipe, **kwargs)
+        return lambda model, batch, generator: calls.append(batch) or loss(model, batch, generator)
+
+    monkeypatch.setattr(cli, "shape_pair_loss_fn", shape_pair_loss_fn)
+    args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
+            "--image-steps", "2", "--image-batch", "8", "--threads", "1", "--shape-pairs", "4"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [2, 2]  # a quarter of the batch's geometries, two shapes each: half of its frames
+    assert list((tmp_path / "animatediff").glob("latents-*shapes6*"))
+    assert json.loads((tmp_path / "animatediff" / "train_log.json").read_text())["shape_pairs"] == 4.0
+
+
 def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):
     from typer.testing import CliRunner
 
@@ -483,3 +512,36 @@ def test_shared_noise_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
             assert abs(correlation - share) < 0.05
         else:
             assert float((means - means[:, :, :1]).abs().max()) > 0.1 and abs(correlation) < 0.05
+
+
+def test_shape_pairs_noise_two_shapes_alike_and_train_their_difference(tmp_path):
+    """Each pair is one geometry as two shapes, captioned "a <colour> <shape>", at one step with one noise: the
+    inputs differ by sqrt(alpha) times the shapes' latents' difference, and (the noise cancelling) the difference
+    term charges the targets' difference, sqrt(1 - alpha) times the latents'."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import _objective, shape_pair_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    schedule, weight, _ = _objective(pipe, None, 5.0)
+    seen, losses = [], {}
+
+    def unet(sample, t, encoder_hidden_states):
+        seen.append((sample, t, encoder_hidden_states))
+        return SimpleNamespace(sample=torch.zeros_like(sample))
+
+    for difference_weight in (0.0, 4.0):
+        seen.clear()
+        loss = shape_pair_loss_fn(pipe, pairs=8, cache_dir=tmp_path, difference_weight=difference_weight)
+        losses[difference_weight] = float(loss(unet, 6, torch.Generator().manual_seed(0)))
+    [(sample, t, hidden)] = seen
+    assert sample.shape[0] == 12 and torch.equal(t[:6], t[6:]) and int(t.max()) < 999
+    assert not torch.equal(hidden[:6], hidden[6:])  # the captions differ (in the shape word)
+    alpha = schedule.alphas_cumprod[t[:6]]
+    latents_apart = (sample[:6] - sample[6:]) / alpha.sqrt()[:, None, None, None, None]
+    targets_apart = (1 - alpha) * latents_apart.square().mean(dim=(1, 2, 3, 4))
+    expected = 4.0 * float((weight[t[:6]] * targets_apart).mean())
+    assert expected > 1e-4 and losses[4.0] - losses[0.0] == pytest.approx(expected, rel=1e-3)
+    assert list(tmp_path.glob("latents-*shapes8*"))  # encoded once, kept for the next run

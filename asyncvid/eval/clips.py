@@ -148,6 +148,25 @@ def render(caption: Caption, seed: int, num_frames: int = 16, background: int | 
     return frames
 
 
+def render_shapes(seed: int) -> tuple[str, np.ndarray]:
+    """One frame's geometry (background, colour, size, a place on some clip's path) drawn by `seed`, rendered once
+    per shape: (colour, uint8 (3 shapes, 64, 64, 3)). Frames that differ only in the shape, for training the shape
+    word on what tells the shapes apart (asyncvid.training.animatediff.shape_pair_loss_fn)."""
+    rng = np.random.default_rng([seed, 0x5A])
+    background = _background(rng)
+    colour = list(COLOURS)[rng.integers(len(COLOURS))]
+    radius = rng.uniform(*RADIUS)
+    dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]]
+    along, across, t = -rng.uniform(*START), rng.uniform(-8.0, 8.0), rng.uniform()
+    cx = SIZE / 2 + (along * dx if dx else across) + dx * TRAVEL * t
+    cy = SIZE / 2 + (along * dy if dy else across) + dy * TRAVEL * t
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    rgb = np.array(COLOURS[colour], dtype=np.float32)
+    frames = [background * (1 - a) + rgb * a for a in (_coverage(s, xx - cx, yy - cy, radius)[..., None]
+                                                         for s in SHAPES)]
+    return colour, np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
+
+
 def heldout_images() -> list[tuple[Caption, int]]:
     """The image-to-video evaluation set: every colour on every plain background (48 images), shapes cycling so each
     background shows each shape and each colour each shape twice, captions from the held-out ones; (caption,

@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
+from asyncvid.eval.clips import SHAPES
 from asyncvid.pipelines.initial_noise import shared_frame_noise
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick, shape_set
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
@@ -68,6 +69,30 @@ def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+def _conditioning(model, ids: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor):
+    """The UNet to call and its prompt embeddings for caption indices `cond`: through the training text encoder
+    (`ids`), or the frozen one's `embeds`, computed once."""
+    if isinstance(model, UNetWithText):
+        return model.unet, model.encode(ids[cond])
+    return model, embeds[cond]
+
+
+def _objective(pipe, schedule: dict | None, snr_cap: float):
+    """The training noise schedule, each timestep's loss weight, and the target (v or epsilon) of (x0, noise, t)."""
+    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config, **(SCHEDULE if schedule is None else schedule))
+    alphas = noise_schedule.alphas_cumprod
+    snr = alphas / (1 - alphas).clamp(min=1e-12)
+    v_prediction = noise_schedule.config.prediction_type == "v_prediction"
+    # The plain loss weighs a step's x0 error by SNR + 1 (v) or SNR (epsilon); Min-SNR caps that weight.
+    plain = snr + 1 if v_prediction else snr.clamp(min=1e-12)
+    weight = (plain.clamp(max=snr_cap + 1) / plain) if snr_cap > 0 else torch.ones_like(snr)
+
+    def target_of(x0, noise, t):
+        return noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
+
+    return noise_schedule, weight, target_of
+
+
 def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None,
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
@@ -107,14 +132,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     ids = caption_ids(pipe.tokenizer, texts + [""])  # the empty prompt is the unconditional one
     with torch.no_grad():  # what a frozen encoder gives, computed once
         embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
-    noise_schedule = DDPMScheduler.from_config(pipe.scheduler.config, **(SCHEDULE if schedule is None else schedule))
+    noise_schedule, weight, target_of = _objective(pipe, schedule, snr_cap)
     steps = noise_schedule.config.num_train_timesteps
     alphas = noise_schedule.alphas_cumprod
-    snr = alphas / (1 - alphas).clamp(min=1e-12)
-    v_prediction = noise_schedule.config.prediction_type == "v_prediction"
-    # The plain loss weighs a step's x0 error by SNR + 1 (v) or SNR (epsilon); Min-SNR caps that weight.
-    plain = snr + 1 if v_prediction else snr.clamp(min=1e-12)
-    weight = (plain.clamp(max=snr_cap + 1) / plain) if snr_cap > 0 else torch.ones_like(snr)
     if not 0 <= shared_noise < 1:
         raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
     if not 0 <= mean_share <= 1:
@@ -124,12 +144,6 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                          f"pure noise); use the default schedule or mean_share 0")
     # Each caption's mean latent clip, and (last row) the mean of all clips for the empty prompt.
     means = torch.stack([latents[index == i].mean(0) for i in range(len(texts))] + [latents.mean(0)])
-
-    def conditioning(model, cond):
-        """The UNet to call and its prompt embeddings for caption indices `cond`."""
-        if isinstance(model, UNetWithText):
-            return model.unet, model.encode(ids[cond])
-        return model, embeds[cond]
 
     def frames(x, start):
         """Each clip of `x` cut to `window` frames from its `start`."""
@@ -159,12 +173,57 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             t = torch.where(at_mean, steps - 1, t)
             x0 = torch.where(at_mean[:, None, None, None, None], frames(means[cond], start), x0)
         # The pipeline repeats the prompt embedding once per frame; so does training.
-        unet, hidden = conditioning(model, cond)
+        unet, hidden = _conditioning(model, ids, embeds, cond)
         hidden = hidden.repeat_interleave(window, dim=0)
         pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
-        target = noise_schedule.get_velocity(x0, noise, t) if v_prediction else noise
+        target = target_of(x0, noise, t)
         weight_map = frames(pixel_weight[pick_] if pixel_weight.ndim else pixel_weight, start)
         per_clip = (weight_map * (pred - target).square()).mean(dim=(1, 2, 3, 4))
         return (weight[t] * per_clip).mean()
+
+    return loss
+
+
+def shape_pair_loss_fn(pipe, *, pairs: int, seed: int = 0, cache_dir=None, schedule: dict | None = None,
+                       snr_cap: float = 5.0, difference_weight: float = 4.0):
+    """An image model's loss on frames that differ only in the shape, captioned "a <colour> <shape>": each sample
+    is one geometry drawn as two shapes, noised with the same noise at the same step; besides each frame's own
+    error, `difference_weight` weighs the error of the two predictions' difference against the two targets'.
+
+    A square and a circle of the same area differ in a few latent pixels at their outline (a seventh of what a
+    triangle and a circle differ by), so on plain frames the UNet learns colour, place and the triangle and draws
+    squares and circles alike (docs/MODELS.md, round 14). The difference cancels what the two frames share (the
+    background, the place, the noise) and leaves the shape word's share of the prediction. Every colour-shape pair
+    occurs in training, so no held-out combination is shown; `pairs` geometries are encoded once with `pipe.vae`.
+    """
+    def encode():
+        colours, frames = shape_set(pairs, seed)
+        latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(SHAPES)))
+        return colours, latents.unsqueeze(3)  # (pairs, shapes, C, 1 frame, h, w)
+
+    colours, latents = cached(cache_dir and cache_dir / cache_name(pipe.vae, shapes=pairs, seed=seed), encode)
+    texts = [f"a {c} {s}" for c in dict.fromkeys(colours) for s in SHAPES]
+    index = torch.tensor([[texts.index(f"a {c} {s}") for s in SHAPES] for c in colours])
+    ids = caption_ids(pipe.tokenizer, texts + [""])
+    with torch.no_grad():
+        embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
+    noise_schedule, weight, target_of = _objective(pipe, schedule, snr_cap)
+
+    def loss(model, batch, generator):
+        row = pick(pairs, batch, generator)
+        first = torch.randint(0, len(SHAPES), (batch,), generator=generator)
+        second = (first + torch.randint(1, len(SHAPES), (batch,), generator=generator)) % len(SHAPES)
+        x0 = torch.cat([latents[row, first], latents[row, second]])
+        cond = torch.cat([index[row, first], index[row, second]])
+        dropped = (torch.rand(batch, generator=generator) < CAPTION_DROPOUT).repeat(2)
+        cond = torch.where(dropped, len(texts), cond)
+        noise = torch.randn(x0[:batch].shape, generator=generator).repeat(2, 1, 1, 1, 1)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,), generator=generator).repeat(2)
+        unet, hidden = _conditioning(model, ids, embeds, cond)
+        error = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
+        error = error - target_of(x0, noise, t)
+        own = error.square().mean(dim=(1, 2, 3, 4))
+        difference = (error[:batch] - error[batch:]).square().mean(dim=(1, 2, 3, 4))
+        return (weight[t] * own).mean() + difference_weight * (weight[t[:batch]] * difference).mean()
 
     return loss

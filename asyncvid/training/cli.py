@@ -30,6 +30,7 @@ from asyncvid.training.animatediff import (
     TRAIN_TEXT,
     UNetWithText,
     animatediff_loss_fn,
+    shape_pair_loss_fn,
 )
 from asyncvid.training.export import export_all
 from asyncvid.training.loop import TrainConfig, train
@@ -73,6 +74,9 @@ IMAGE_STEPS, IMAGE_BATCH, IMAGE_LR = 0, 64, 8e-4
 # have learnt nothing yet (at 3, with the smaller shapes too, direction rose from 76% to 88%: docs/MODELS.md,
 # round 10; 1 in r8's recipe).
 MOTION_GAIN = 1.0
+# Image stage: the weight of shape pairs' prediction differences (`--shape-pairs`; 0: plain frames only, as in r8 and
+# rounds 9-13, where squares came out as circles), and how many geometries are rendered for them (each as 3 shapes).
+SHAPE_PAIRS, SHAPE_PAIR_FRAMES = 0.0, 4096
 SVD_STEPS = 3000  # the SVD UNet's (r4), the last fifth annealed
 
 
@@ -170,6 +174,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 image_batch: Annotated[int, typer.Option(min=1, help="Frames per step of the image stage.")] = IMAGE_BATCH,
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
                 motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN,
+                shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
@@ -195,7 +200,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     if image_steps:
         image = _config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
                         seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5)
-        if not _image_stage(pipe, model, image, settings, train_text):
+        if not _image_stage(pipe, model, image, settings, train_text, shape_pairs):
             return
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
@@ -207,15 +212,16 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                train_text=train_text, text_layers=text_layers, text_positions=text_positions,
                high_noise={"share": high_noise[0], "from": high_noise[1]},
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
-               motion_gain=motion_gain, shared_noise=shared_noise)
+               motion_gain=motion_gain, shared_noise=shared_noise, shape_pairs=shape_pairs)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)
 
 
-def _image_stage(pipe, model, config, settings, train_text) -> bool:
+def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> bool:
     """AnimateDiff's first stage: `model` trained on single frames of the clips (or loaded, once trained), so the
-    clips' stage starts from an image model. False when the time limit stopped it before its step budget."""
+    clips' stage starts from an image model; with `shape_pairs`, half of each batch is shape pairs
+    (shape_pair_loss_fn). False when the time limit stopped it before its step budget."""
     final, log_file = config.workdir / "final", config.workdir / "train_log.json"
     finished = (config.resume and log_file.is_file() and (final / "config.json").is_file()
                 and json.loads(log_file.read_text())["steps"] >= config.steps)
@@ -223,6 +229,14 @@ def _image_stage(pipe, model, config, settings, train_text) -> bool:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
         loss = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
+        if shape_pairs:
+            frames = loss
+            pairs = shape_pair_loss_fn(pipe, pairs=SHAPE_PAIR_FRAMES, seed=settings["seed"], cache_dir=cache,
+                                       schedule=settings["schedule"], snr_cap=settings["snr_cap"],
+                                       difference_weight=shape_pairs)
+
+            def loss(model, batch, generator):  # half the frames plain, half in pairs: the batch's cost is kept
+                return (frames(model, batch - batch // 2, generator) + pairs(model, batch // 4 or 1, generator)) / 2
         log = train(model, loss, config, name="animatediff-image")
         if train_text:
             pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
