@@ -125,6 +125,13 @@ def _background(rng: np.random.Generator, plain: int | None = None) -> np.ndarra
     return img
 
 
+def _start(rng: np.random.Generator, dx: int, dy: int) -> tuple[float, float]:
+    """Where a clip moving (dx, dy) starts: START px off centre on the side opposite the motion, at most 8 px off
+    centre across it."""
+    along, across = -rng.uniform(*START), rng.uniform(-8.0, 8.0)
+    return SIZE / 2 + (along * dx if dx else across), SIZE / 2 + (along * dy if dy else across)
+
+
 def render(caption: Caption, seed: int, num_frames: int = 16, background: int | None = None) -> np.ndarray:
     """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3); `background` forces a plain tone (an index
     into BACKGROUNDS)."""
@@ -132,11 +139,7 @@ def render(caption: Caption, seed: int, num_frames: int = 16, background: int | 
     background = _background(rng, background)
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[caption.direction]
-    # Start START px off centre on the side opposite the motion, at most 8 px off centre across it.
-    along = -rng.uniform(*START)
-    across = rng.uniform(-8.0, 8.0)
-    x0 = SIZE / 2 + (along * dx if dx else across)
-    y0 = SIZE / 2 + (along * dy if dy else across)
+    x0, y0 = _start(rng, dx, dy)
     colour = np.array(COLOURS[caption.colour], dtype=np.float32)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     frames = np.empty((num_frames, SIZE, SIZE, 3), dtype=np.uint8)
@@ -157,9 +160,8 @@ def render_shapes(seed: int) -> tuple[str, np.ndarray]:
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]]
-    along, across, t = -rng.uniform(*START), rng.uniform(-8.0, 8.0), rng.uniform()
-    cx = SIZE / 2 + (along * dx if dx else across) + dx * TRAVEL * t
-    cy = SIZE / 2 + (along * dy if dy else across) + dy * TRAVEL * t
+    (x0, y0), t = _start(rng, dx, dy), rng.uniform()
+    cx, cy = x0 + dx * TRAVEL * t, y0 + dy * TRAVEL * t
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     rgb = np.array(COLOURS[colour], dtype=np.float32)
     frames = [background * (1 - a) + rgb * a for a in (_coverage(s, xx - cx, yy - cy, radius)[..., None]
