@@ -325,7 +325,7 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     from asyncvid.training import cli
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
-    monkeypatch.setattr(cli, "SHAPE_PAIR_FRAMES", 6)
+    monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 6)
     calls = []
     real = cli.shape_pair_loss_fn
 

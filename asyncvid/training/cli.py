@@ -76,7 +76,7 @@ IMAGE_STEPS, IMAGE_BATCH, IMAGE_LR = 0, 64, 8e-4
 MOTION_GAIN = 1.0
 # Image stage: the weight of shape pairs' prediction differences (`--shape-pairs`; 0: plain frames only, as in r8 and
 # rounds 9-13, where squares came out as circles), and how many geometries are rendered for them (each as 3 shapes).
-SHAPE_PAIRS, SHAPE_PAIR_FRAMES = 0.0, 4096
+SHAPE_PAIRS, SHAPE_PAIR_GEOMETRIES = 0.0, 4096
 SVD_STEPS = 3000  # the SVD UNet's (r4), the last fifth annealed
 
 
@@ -231,7 +231,7 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
         loss = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
         if shape_pairs:
             frames = loss
-            pairs = shape_pair_loss_fn(pipe, pairs=SHAPE_PAIR_FRAMES, seed=settings["seed"], cache_dir=cache,
+            pairs = shape_pair_loss_fn(pipe, pairs=SHAPE_PAIR_GEOMETRIES, seed=settings["seed"], cache_dir=cache,
                                        schedule=settings["schedule"], snr_cap=settings["snr_cap"],
                                        difference_weight=shape_pairs)
 
