@@ -341,6 +341,17 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     assert calls == [2, 2]  # a quarter of the batch's geometries, two shapes each: half of its frames
     assert list((tmp_path / "animatediff").glob("latents-*shapes6*"))
     assert json.loads((tmp_path / "animatediff" / "train_log.json").read_text())["shape_pairs"] == 4.0
+    assert json.loads((tmp_path / "animatediff-image" / "train_log.json").read_text())["shape_pairs"] == 4.0
+    # The finished image stage is reused only with the weight it was trained with; another is refused, exit 2,
+    # before the clips' stage writes anything.
+    clips_log = (tmp_path / "animatediff" / "train_log.json").read_bytes()
+    refused = CliRunner().invoke(cli.app, [*args[:-1], "0", "--steps", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert "--shape-pairs 0" in refused.output and "--shape-pairs 4" in refused.output
+    assert (tmp_path / "animatediff" / "train_log.json").read_bytes() == clips_log
+    reused = CliRunner().invoke(cli.app, [*args, "--steps", "2"])
+    assert reused.exit_code == 0 and "trained already" in reused.output, reused.output
+    assert calls == [2, 2]  # not trained again
 
 
 def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):

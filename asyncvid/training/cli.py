@@ -223,8 +223,12 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
     clips' stage starts from an image model; with `shape_pairs`, half of each batch is shape pairs
     (shape_pair_loss_fn). False when the time limit stopped it before its step budget."""
     final, log_file = config.workdir / "final", config.workdir / "train_log.json"
-    finished = (config.resume and log_file.is_file() and (final / "config.json").is_file()
-                and json.loads(log_file.read_text())["steps"] >= config.steps)
+    log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
+    finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
+    if finished and log.get("shape_pairs", 0.0) != shape_pairs:  # logs from before round 14 trained without pairs
+        raise typer.BadParameter(
+            f"--shape-pairs {shape_pairs:g}: the finished image stage in {config.workdir} was trained with "
+            f"--shape-pairs {log.get('shape_pairs', 0.0):g}; pass that, or --fresh to train both stages again")
     if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
@@ -238,6 +242,7 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
             def loss(model, batch, generator):  # half the frames plain, half in pairs: the batch's cost is kept
                 return (frames(model, batch - batch // 2, generator) + pairs(model, batch // 4 or 1, generator)) / 2
         log = train(model, loss, config, name="animatediff-image")
+        log["shape_pairs"] = shape_pairs
         if train_text:
             pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
         _finish(pipe.unet, config, log)
