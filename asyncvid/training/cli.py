@@ -225,10 +225,11 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
     final, log_file = config.workdir / "final", config.workdir / "train_log.json"
     log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
     finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
-    if finished and log.get("shape_pairs", 0.0) != shape_pairs:  # logs from before round 14 trained without pairs
+    trained = log.get("shape_pairs", 0.0)  # logs from before round 14 trained without pairs
+    if finished and trained != shape_pairs:
         raise typer.BadParameter(
             f"--shape-pairs {shape_pairs:g}: the finished image stage in {config.workdir} was trained with "
-            f"--shape-pairs {log.get('shape_pairs', 0.0):g}; pass that, or --fresh to train both stages again")
+            f"--shape-pairs {trained:g}; pass that, or --fresh to train both stages again")
     if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
