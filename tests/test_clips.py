@@ -105,7 +105,7 @@ def test_a_forced_background_changes_nothing_else_of_the_clip():
 
 def test_shape_frames_differ_only_in_the_shape():
     """render_shapes draws one geometry as each shape: the evaluator reads the three shapes in one colour, and the
-    frames differ only near the shape (same background, place and size)."""
+    frames differ only near the shape (same background, place and size; the square on the circle's bounding box)."""
     from asyncvid.eval.adherence import read_video
     from asyncvid.eval.masks import object_masks
 
@@ -116,5 +116,7 @@ def test_shape_frames_differ_only_in_the_shape():
         assert [(r.colour, r.shape) for r in readings] == [(colour, s) for s in SHAPES], seed
         centroids = [np.argwhere(object_masks(frame[None])[0]).mean(0) for frame in frames]
         assert np.ptp(centroids, axis=0).max() < 3.0, seed  # one place (a triangle's centroid sits a little lower)
+        boxes = [np.ptp(np.argwhere(object_masks(frame[None])[0]), axis=0) for frame in frames[:2]]
+        assert np.abs(boxes[1] - boxes[0]).max() <= 1, seed  # the square on the circle's box: only corners differ
         differ = np.argwhere((frames != frames[0]).any(axis=(0, 3)))
         assert np.abs(differ - centroids[0]).max() < 16, seed  # nothing changes away from the shape
