@@ -114,9 +114,10 @@ def test_shape_frames_differ_only_in_the_shape():
         assert np.array_equal(frames, render_shapes(seed)[1])
         readings = [read_video(frame[None]) for frame in frames]
         assert [(r.colour, r.shape) for r in readings] == [(colour, s) for s in SHAPES], seed
-        centroids = [np.argwhere(object_masks(frame[None])[0]).mean(0) for frame in frames]
+        pixels = [np.argwhere(object_masks(frame[None])[0]) for frame in frames]
+        centroids = [p.mean(0) for p in pixels]
         assert np.ptp(centroids, axis=0).max() < 3.0, seed  # one place (a triangle's centroid sits a little lower)
-        boxes = [np.ptp(np.argwhere(object_masks(frame[None])[0]), axis=0) for frame in frames[:2]]
+        boxes = [np.ptp(p, axis=0) for p in pixels[:2]]
         assert np.abs(boxes[1] - boxes[0]).max() <= 1, seed  # the square on the circle's box: only corners differ
         differ = np.argwhere((frames != frames[0]).any(axis=(0, 3)))
         assert np.abs(differ - centroids[0]).max() < 16, seed  # nothing changes away from the shape
