@@ -190,9 +190,10 @@ def shape_pair_loss_fn(pipe, *, pairs: int, seed: int = 0, cache_dir=None, sched
     is one geometry drawn as two shapes, noised with the same noise at the same step; besides each frame's own
     error, `difference_weight` weighs the error of the two predictions' difference against the two targets'.
 
-    A square and a circle of the same area differ in a few latent pixels at their outline (a seventh of what a
-    triangle and a circle differ by), so on plain frames the UNet learns colour, place and the triangle and draws
-    squares and circles alike (docs/MODELS.md, round 14). The difference cancels what the two frames share (the
+    A square and a circle of the same area (clips version 1) differ in a few latent pixels at their outline (a
+    seventh of what a triangle and a circle differ by), so on plain frames the UNet learned colour, place and the
+    triangle and drew squares and circles alike (docs/MODELS.md, round 14; version 2 draws squares on the circle's
+    box, round 16). The difference cancels what the two frames share (the
     background, the place, the noise) and leaves the shape word's share of the prediction. Every colour-shape pair
     occurs in training, so no held-out combination is shown; `pairs` geometries are encoded once with `pipe.vae`.
     """
