@@ -239,6 +239,49 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
                             schedule={"prediction_type": "epsilon", "rescale_betas_zero_snr": False})
 
 
+def test_partial_captions_train_the_direction_word_alone_against_their_own_mean_clips(tmp_path):
+    """The held-out split trains each colour-shape pair on one direction of each axis, so on full captions colour and
+    shape tell the sign; captions without them do not. With partial_captions 1 every caption is partial, and at the
+    pure-noise step a model predicting v = -(the mean of the clips its partial caption fits) has zero loss."""
+    from types import SimpleNamespace
+
+    from asyncvid.eval.clips import training_captions
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn, partial_texts
+
+    axis = {"left": "x", "right": "x", "up": "y", "down": "y"}
+    signs = {}
+    for c in training_captions():
+        signs.setdefault((c.colour, c.shape, axis[c.direction]), set()).add(c.direction)
+        signs.setdefault((c.shape, axis[c.direction]), set()).add(c.direction)
+    assert all(len(s) == 1 for k, s in signs.items() if len(k) == 3)  # full captions: the sign is memorisable
+    assert all(len(s) == 2 for k, s in signs.items() if len(k) == 2)  # without the colour: only the word tells
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    loss = animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=2, cache_dir=tmp_path, mean_share=1.0,
+                               partial_captions=1.0)
+    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
+    texts = sorted({t for c in captions for t in partial_texts(c)})
+    fits = {t: [t in partial_texts(c) for c in captions] for t in texts}
+    means = [latents[fits[t]].mean(0) for t in texts] + [latents.mean(0)]
+    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
+    seen = []
+
+    def unet(sample, t, encoder_hidden_states):  # predicts v = -(mean clip) of the caption it is given
+        which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in encoder_hidden_states[::2]]
+        seen.extend(which)
+        return SimpleNamespace(sample=torch.stack([-means[i] for i in which]))
+
+    assert float(loss(unet, 32, torch.Generator().manual_seed(0))) < 1e-10
+    full = {c.text for c in captions}
+    assert not any(i < len(texts) and texts[i] in full for i in seen)  # no full caption when the share is 1
+    kinds = {len(texts[i].split()) - (texts[i].split()[1] == "shape") for i in seen if i < len(texts)}
+    assert kinds == {3, 4, 5}  # "a circle moving", "a red shape moving", "a shape moving" (+ the direction)
+    with pytest.raises(ValueError, match="partial_captions must be in"):
+        animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=2, cache_dir=tmp_path, partial_captions=1.5)
+
+
 def test_a_window_trains_on_consecutive_frames_of_one_clip(tmp_path):
     """window 2 of 4-frame clips: each sample the UNet sees is frames s, s + 1 of one cached clip (read back at a
     nearly clean step, a one-step schedule), every start occurs, and the caption's embedding is given per frame."""

@@ -44,6 +44,12 @@ GUIDANCE = 2.5
 # brightness and the background flickers by up to 27 levels of 255; with 0.5 by up to 6, with 0.2 / 0.8 up to 7 / 13
 # (12 held-out prompts, seed 0: docs/MODELS.md, round 12).
 SHARED_NOISE = 0.5
+# The share of clips' samples captioned without their colour, their shape or both (`--partial-captions`). The
+# held-out split trains each colour-shape pair on one direction of each axis (asyncvid.eval.clips.heldout_captions),
+# so on full captions the direction word need only name the axis: colour and shape tell the sign. Round 16's model
+# read it so and moved 46 of 50 held-out clips backwards. Without colour and shape only the word tells the sign.
+# Off in the shipped recipe (r8).
+PARTIAL_CAPTIONS = 0.0
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
 SD_SCHEDULE = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "linspace"}
@@ -61,6 +67,12 @@ class UNetWithText(torch.nn.Module):
     def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Prompt embeddings as the pipeline's `encode_prompt` makes them (last hidden state, no attention mask)."""
         return self.text_encoder(input_ids)[0]
+
+
+def partial_texts(caption) -> tuple[str, str, str, str]:
+    """The caption in full, then without its colour, without its shape ("shape" stands in), and without both."""
+    return (caption.text, f"a {caption.shape} moving {caption.direction}",
+            f"a {caption.colour} shape moving {caption.direction}", f"a shape moving {caption.direction}")
 
 
 def caption_ids(tokenizer, texts: list[str]) -> torch.Tensor:
@@ -96,7 +108,8 @@ def _objective(pipe, schedule: dict | None, snr_cap: float):
 def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, seed: int = 0, cache_dir=None,
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
-                        mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0):
+                        mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
+                        partial_captions: float = PARTIAL_CAPTIONS):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -111,6 +124,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     first stage (default: the whole clip). `shared_noise` > 0: each clip's frames are noised with noise that shares
     their spatial means and that part of the rest, as the pipeline draws it for a request's `shared_noise`
     (PYoCo trains and samples with its prior; 0 draws every frame's noise on its own, r8's recipe).
+    `partial_captions`: that share of samples is captioned without its colour, its shape or both (`partial_texts`,
+    one of the three at random), with the mean clip of its partial caption at the pure-noise step.
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -127,8 +142,10 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     captions, latents = cached(cache_dir and cache_dir / name, encode)
     n = len(latents)
     pixel_weight = 1.0 + object_gain * object_mask(latents) if object_gain > 0 else torch.ones(())
-    texts = sorted({c.text for c in captions})
-    index = torch.tensor([texts.index(c.text) for c in captions])
+    # Each clip's captions: (clips, 1) in full only, or (clips, 4) with its partial ones (partial_texts).
+    variants = [partial_texts(c) if partial_captions else (c.text,) for c in captions]
+    texts = sorted({t for v in variants for t in v})
+    index = torch.tensor([[texts.index(t) for t in v] for v in variants])
     ids = caption_ids(pipe.tokenizer, texts + [""])  # the empty prompt is the unconditional one
     with torch.no_grad():  # what a frozen encoder gives, computed once
         embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
@@ -139,11 +156,14 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
     if not 0 <= mean_share <= 1:
         raise ValueError(f"mean_share must be in [0, 1], got {mean_share}")
+    if not 0 <= partial_captions <= 1:
+        raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
     if mean_share > 0 and float(alphas[-1]) > 1e-6:
         raise ValueError(f"mean_share {mean_share} needs a zero-terminal-SNR schedule (the last step's input must be "
                          f"pure noise); use the default schedule or mean_share 0")
-    # Each caption's mean latent clip, and (last row) the mean of all clips for the empty prompt.
-    means = torch.stack([latents[index == i].mean(0) for i in range(len(texts))] + [latents.mean(0)])
+    # Each caption's mean latent clip (a partial one's over all clips it fits), and (last row) the mean of all clips
+    # for the empty prompt.
+    means = torch.stack([latents[(index == i).any(1)].mean(0) for i in range(len(texts))] + [latents.mean(0)])
 
     def frames(x, start):
         """Each clip of `x` cut to `window` frames from its `start`."""
@@ -167,7 +187,11 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             noisy_end = torch.randint(int(steps * high_from), steps, (batch,), generator=generator)
             t = torch.where(torch.rand(batch, generator=generator) < high_share, noisy_end, t)
         dropped = torch.rand(batch, generator=generator) < CAPTION_DROPOUT
-        cond = torch.where(dropped, len(texts), index[pick_])
+        variant = torch.zeros(batch, dtype=torch.long)
+        if partial_captions:  # drawn only then, so full-caption runs keep their random stream
+            partial = torch.rand(batch, generator=generator) < partial_captions
+            variant = torch.where(partial, torch.randint(1, 4, (batch,), generator=generator), variant)
+        cond = torch.where(dropped, len(texts), index[pick_, variant])
         if mean_share > 0:
             at_mean = torch.rand(batch, generator=generator) < mean_share
             t = torch.where(at_mean, steps - 1, t)

@@ -23,6 +23,7 @@ from asyncvid.training.animatediff import (
     HIGH_NOISE_FROM,
     HIGH_NOISE_SHARE,
     MEAN_SHARE,
+    PARTIAL_CAPTIONS,
     SCHEDULE,
     SD_SCHEDULE,
     TEXT_LAYERS,
@@ -175,7 +176,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
                 motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN,
                 shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
-                shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0):
+                shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
+                partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
     UNet, or frozen: --frozen-text).
 
@@ -205,14 +207,15 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
-                               shared_noise=shared_noise, **settings)
+                               shared_noise=shared_noise, partial_captions=partial_captions, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
     log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
                train_text=train_text, text_layers=text_layers, text_positions=text_positions,
                high_noise={"share": high_noise[0], "from": high_noise[1]},
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
-               motion_gain=motion_gain, shared_noise=shared_noise, shape_pairs=shape_pairs)
+               motion_gain=motion_gain, shared_noise=shared_noise, shape_pairs=shape_pairs,
+               partial_captions=partial_captions)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)

@@ -141,8 +141,9 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         lines.append(f"| {stage} | {log['steps']} | {log['minutes']} | {log['final_loss']} | {cfg['batch']} | "
                      f"{cfg['lr']} | {cfg['seed']} |")
     for stage, log in logs.items():
-        recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions", "high_noise", "phases",
-                                      "object_gain", "shared_noise") if k in log}
+        recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions",
+                                      "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
+                                      "motion_gain", "shape_pairs", "partial_captions") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]
