@@ -46,9 +46,10 @@ GUIDANCE = 2.5
 SHARED_NOISE = 0.5
 # The share of clips' samples captioned without their colour, their shape or both (`--partial-captions`). The
 # held-out split trains each colour-shape pair on one direction of each axis (asyncvid.eval.clips.heldout_captions),
-# so on full captions the direction word need only name the axis: colour and shape tell the sign. Round 16's model
-# read it so and moved 46 of 50 held-out clips backwards. Without colour and shape only the word tells the sign.
-# Off in the shipped recipe (r8).
+# so on full captions the direction word need only name the axis: colour and shape tell the sign (round 16's model,
+# on r4's VAE, moved 46 of 50 held-out clips backwards). Without colour and shape only the word tells the sign.
+# Off in every recipe: on r3's VAE the full-caption run reversed no clip, and 0.5 left direction as it was (80% /
+# 76% against 80% / 82%) at the cost of smoothness (docs/MODELS.md, round 17).
 PARTIAL_CAPTIONS = 0.0
 # What the shipped DDIM scheduler must match; stored in the training log and applied by `export`.
 SCHEDULE = {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
