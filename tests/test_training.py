@@ -159,7 +159,7 @@ def test_training_encodes_captions_as_the_pipeline_does():
 def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded),
     and the text encoder that trained with the UNet (the built one when it was frozen); `stages` exports one model
-    and leaves the other's folder alone."""
+    and leaves the other's folder alone; a VAE without a training log (brought from elsewhere) gets no card row."""
     import json
     import shutil
 
@@ -180,7 +180,8 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
             trained_text = build_tiny_animatediff().text_encoder
             trained_text.get_submodule("embeddings.token_embedding").weight.data.mul_(2)
             trained_text.save_pretrained(tmp_path / "train" / stage / "text_encoder")
-        (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
+        if stage != "vae" or schedule:  # without one, a VAE brought from elsewhere (no training log)
+            (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
     if schedule:  # exporting one model leaves the other's shipped folder as it was
         (tmp_path / "weights" / "tiny-svd").mkdir(parents=True)
         (tmp_path / "weights" / "tiny-svd" / "README.md").write_text("the shipped card")
@@ -195,7 +196,8 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     shipped = DDIMScheduler.from_pretrained(tmp_path / "weights" / "tiny-animatediff", subfolder="scheduler").config
     expected = SCHEDULE if schedule else {"prediction_type": "epsilon", "rescale_betas_zero_snr": False}
     assert {k: shipped[k] for k in expected} == expected
-    assert "colour 90%" in (tmp_path / "weights" / "tiny-animatediff" / "README.md").read_text()
+    card = (tmp_path / "weights" / "tiny-animatediff" / "README.md").read_text()
+    assert "colour 90%" in card and ("| vae | 3 |" in card) == bool(schedule)
     for name in ("tiny-animatediff", "tiny-svd"):  # no folder of the training machine is shipped
         for config in (tmp_path / "weights" / name).glob("*/config.json"):
             assert str(tmp_path) not in config.read_text(), config

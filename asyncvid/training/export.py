@@ -77,7 +77,9 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
             continue
         name = NAMES[stage]
         pipe = assemble(root).to(dtype=torch.float16)
-        logs = {s: json.loads((root / s / "train_log.json").read_text()) for s in (vae_stage, stage)}
+        # A VAE brought from elsewhere (a shipped folder copied to vae/final) has no log: its card row is left out.
+        logs = {s: json.loads(log.read_text()) for s in (vae_stage, stage)
+                if (log := root / s / "train_log.json").is_file() or s == stage}
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)
