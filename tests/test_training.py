@@ -1,5 +1,7 @@
 """Training: the loop resumes exactly where it stopped, and each model's loss runs on its real components."""
 
+import math
+
 import pytest
 import torch
 
@@ -479,6 +481,51 @@ def test_edge_loss_charges_blur_and_not_a_perfect_copy():
     sharp, blurred = autoencoder(False), autoencoder(True)
     assert loss(sharp, 2.0) == loss(sharp, 0.0) == 0.0
     assert loss(blurred, 2.0) > loss(blurred, 0.0) > 0.0
+
+
+def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixels():
+    """`vae --shape-align`: the cross-entropy of the shape read along fixed directions is near zero for latents that
+    step along their shape's direction on the shape's latent pixels, large for another shape's, blind to pixels off
+    the shape, and log(3) (no information) for constant latents, which the loss adds at its weight."""
+    from types import SimpleNamespace
+
+    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _shape_error, vae_loss_fn
+
+    readout = torch.linalg.qr(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))[0].T
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[:, :, 8:24, 8:24] = 1  # the shape covers the middle 2x2 of 4x4 latent pixels
+    labels = torch.tensor([0, 2])
+    latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
+    latents[:, :, 1:3, 1:3] = 3 * readout[labels][:, :, None, None]
+    assert float(_shape_error(latents, mask, labels, readout)) < 0.05
+    assert float(_shape_error(latents, mask, labels.flip(0), readout)) > 2 * SHAPE_LOGIT_SCALE
+    off_shape = latents.clone()
+    off_shape[:, :, 0] = 10.0
+    assert torch.equal(_shape_error(off_shape, mask, labels, readout), _shape_error(latents, mask, labels, readout))
+    assert float(_shape_error(latents, torch.zeros_like(mask), labels, readout)) == 0.0
+
+    posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
+                                kl=lambda: torch.zeros(4))
+    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior),
+                            decode=lambda z: SimpleNamespace(sample=z))
+    losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, shape_align=w)(
+        model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 2.0)]
+    assert losses[1] - losses[0] == pytest.approx(2 * math.log(3), rel=1e-5)
+
+
+def test_latent_noise_makes_an_exact_copy_pay_and_is_off_by_default():
+    """`vae --latent-noise`: the decoder sees latents with noise of that many standard deviations added, so an
+    autoencoder that only copies its latents is charged for it; at 0 it is not."""
+    from types import SimpleNamespace
+
+    from asyncvid.training.vae import vae_loss_fn
+
+    posterior = lambda x: SimpleNamespace(mean=x, sample=lambda generator: x, kl=lambda: torch.zeros(len(x)))  # noqa: E731
+    copy = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior(x)),
+                           decode=lambda z: SimpleNamespace(sample=z))
+    losses = [float(vae_loss_fn(copy, temporal=False, clips_per_caption=1, num_frames=2, latent_noise=n)(
+        copy, 4, torch.Generator().manual_seed(0))) for n in (0.0, 0.3)]
+    assert losses[0] == 0.0 < losses[1]
 
 
 def test_vae_windows_follow_the_shape_and_whole_frames_stay_whole():

@@ -106,7 +106,9 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = None,
         crop: Annotated[Optional[int], typer.Option(help="Train on crop x crop windows around the shape; 64 (the frame) trains on whole frames.")] = None,
         edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
-        kl_weight: Annotated[float, typer.Option(help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT):
+        kl_weight: Annotated[float, typer.Option(help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT,
+        shape_align: Annotated[float, typer.Option(help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation; 0 turns it off.")] = 0.0,
+        latent_noise: Annotated[float, typer.Option(help="Decode from latents with this much Gaussian noise (in standard deviations); 0 turns it off.")] = 0.0):
     """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
     steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
     resuming the last; about 70 minutes here); its log records the round-trip adherence of the held-out
@@ -114,7 +116,8 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
     phases = [{**VAE_RECIPE[0], "anneal": 0, **given}] if given else list(VAE_RECIPE)
     _train_vae("vae", build_vae(seed), False, workdir, minutes, phases, seed=seed, threads=threads, fresh=fresh,
-               clips=clips, edge_weight=edge_weight, kl_weight=kl_weight)
+               clips=clips, edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align,
+               latent_noise=latent_noise)
 
 
 @app.command("svd-vae")
@@ -132,7 +135,7 @@ def _check_budget(steps: int, anneal: int) -> None:
 
 
 def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
-               edge_weight=0.0, kl_weight=KL_WEIGHT) -> None:
+               edge_weight=0.0, kl_weight=KL_WEIGHT, shape_align=0.0, latent_noise=0.0) -> None:
     """One VAE stage: reconstruction training phase after phase, each resuming the last one's checkpoint, then the
     latent scaling factor (and, for the frame VAE, its round-trip adherence), once, from the last phase."""
     for phase in phases:
@@ -143,12 +146,14 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
         loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
-                           crop=phase["crop"], kl_weight=kl_weight)
+                           crop=phase["crop"], kl_weight=kl_weight, shape_align=shape_align,
+                           latent_noise=latent_noise)
         log = train(model, loss, config, name=stage)
         if log["steps"] < config.steps:
             break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
     # The log's config is the last phase's; `phases` lists those run so far.
-    log.update(edge_weight=edge_weight, kl_weight=kl_weight, crop=phase["crop"], phases=phases[:i + 1])
+    log.update(edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align, latent_noise=latent_noise,
+               crop=phase["crop"], phases=phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)

@@ -6,10 +6,13 @@ import torch
 from diffusers import AutoencoderKL
 
 from asyncvid.eval.adherence import score_video, summarize
-from asyncvid.eval.clips import heldout_captions
+from asyncvid.eval.clips import SHAPES, heldout_captions
 from asyncvid.training.data import clip_set, clip_tensor, object_weight, pick
 
 KL_WEIGHT = 1e-6
+# `--shape-align`: the shape read from the latent by a fixed linear map (one unit direction per shape, logits this
+# many times the projection of unit-variance latents), so a shape's code is a step of about one standard deviation.
+SHAPE_LOGIT_SCALE = 3.0
 CROP = 32  # the VAEs are convolutional: 32x32 windows on the shape train 4x faster than whole frames
 # The embedded models' AutoencoderKL (r4). The test builders' VAE (32 channels at every level, one layer per block)
 # rounds every corner: its round trip reads 34% of held-out shapes right, this one 98% (docs/MODELS.md, round 6).
@@ -25,16 +28,27 @@ def build_vae(seed: int) -> AutoencoderKL:
 
 
 def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames: int = 8, seed: int = 0,
-                edge_weight: float = 0.0, crop: int = CROP, kl_weight: float = KL_WEIGHT):
+                edge_weight: float = 0.0, crop: int = CROP, kl_weight: float = KL_WEIGHT, shape_align: float = 0.0,
+                latent_noise: float = 0.0):
     """A loss over a fixed pool of clips: object-weighted MSE + L1 of reconstructions, plus a small KL term, plus
     (with `edge_weight`) an L1 of the differences between neighbouring pixels, which blur costs where MSE barely sees
     it: at a square's rounded corner.
 
     `temporal` (SVD's decoder) reconstructs whole clips so its temporal layers see motion; batch counts clips.
     Otherwise the batch counts single frames.
+
+    `shape_align` weighs a cross-entropy that makes the latent pixels on the shape tell its shape along fixed
+    directions, by as large a step as colour takes (latents aligned with semantic labels are easier for a diffusion
+    model to learn, as in VA-VAE, Yao et al., 2025: a square and its circle otherwise differ by 0.05 of a standard
+    deviation, docs/MODELS.md round 15); `latent_noise` decodes from latents with that much Gaussian noise (in
+    standard deviations), so the decoder draws the corners from that robust code, not only from fine detail a
+    UNet blurs.
     """
-    _, pool = clip_set(clips_per_caption, num_frames, seed)
+    captions, pool = clip_set(clips_per_caption, num_frames, seed)
     centres = _centres(pool)
+    labels = torch.tensor([SHAPES.index(c.shape) for c in captions]).repeat_interleave(num_frames)  # per frame
+    directions = torch.randn(VAE_CONFIG["latent_channels"], len(SHAPES), generator=torch.Generator().manual_seed(0))
+    readout = torch.linalg.qr(directions)[0].T  # (shapes, channels), orthonormal rows
 
     def loss(model, batch, generator):
         if temporal:
@@ -45,15 +59,32 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
             x = _crop(pool.flatten(0, 1)[idx], centres.flatten(0, 1)[idx], generator, crop)
         posterior = model.encode(x).latent_dist
         z = posterior.sample(generator=None)
+        if latent_noise or shape_align:  # both count in the latents' spread
+            scale = posterior.mean.std().detach().clamp(min=1e-6)
+        if latent_noise:
+            z = z + latent_noise * scale * torch.randn(z.shape, generator=generator)
         recon = model.decode(z, num_frames=num_frames).sample if temporal else model.decode(z).sample
         w = object_weight(x)
         err = recon - x
         total = (w * err.square()).mean() + (w * err.abs()).mean() + kl_weight * posterior.kl().mean()
         if edge_weight:
             total = total + edge_weight * sum((d(recon) - d(x)).abs().mean() for d in _DIFFS)
+        if shape_align and not temporal:
+            total = total + shape_align * _shape_error(posterior.mean / scale, (w > 1).float(), labels[idx], readout)
         return total
 
     return loss
+
+
+def _shape_error(latents, mask, labels, readout) -> torch.Tensor:
+    """Cross-entropy of the shape read by `readout` from each latent pixel mostly covered by the shape."""
+    size = mask.shape[-1] // latents.shape[-1]
+    on_shape = torch.nn.functional.avg_pool2d(mask, size)[:, 0] > 0.25  # (B, h, w)
+    if not on_shape.any():
+        return latents.new_zeros(())
+    logits = SHAPE_LOGIT_SCALE * torch.einsum("kc,bchw->bkhw", readout, latents)
+    targets = labels[:, None, None].expand_as(on_shape)
+    return torch.nn.functional.cross_entropy(logits.permute(0, 2, 3, 1)[on_shape], targets[on_shape])
 
 
 _DIFFS = (lambda x: x[..., 1:, :] - x[..., :-1, :], lambda x: x[..., :, 1:] - x[..., :, :-1])  # down, across
