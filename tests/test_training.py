@@ -489,9 +489,9 @@ def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixel
     the shape, and log(3) (no information) for constant latents, which the loss adds at its weight."""
     from types import SimpleNamespace
 
-    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _shape_error, vae_loss_fn
+    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _shape_error, shape_readout, vae_loss_fn
 
-    readout = torch.linalg.qr(torch.randn(4, 3, generator=torch.Generator().manual_seed(0)))[0].T
+    readout = shape_readout()
     mask = torch.zeros(2, 1, 32, 32)
     mask[:, :, 8:24, 8:24] = 1  # the shape covers the middle 2x2 of 4x4 latent pixels
     labels = torch.tensor([0, 2])

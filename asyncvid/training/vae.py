@@ -47,8 +47,7 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
     captions, pool = clip_set(clips_per_caption, num_frames, seed)
     centres = _centres(pool)
     labels = torch.tensor([SHAPES.index(c.shape) for c in captions]).repeat_interleave(num_frames)  # per frame
-    directions = torch.randn(VAE_CONFIG["latent_channels"], len(SHAPES), generator=torch.Generator().manual_seed(0))
-    readout = torch.linalg.qr(directions)[0].T  # (shapes, channels), orthonormal rows
+    readout = shape_readout()
 
     def loss(model, batch, generator):
         if temporal:
@@ -74,6 +73,12 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
         return total
 
     return loss
+
+
+def shape_readout() -> torch.Tensor:
+    """`--shape-align`'s fixed directions, one per shape: (shapes, latent channels), orthonormal rows, seeded."""
+    directions = torch.randn(VAE_CONFIG["latent_channels"], len(SHAPES), generator=torch.Generator().manual_seed(0))
+    return torch.linalg.qr(directions)[0].T
 
 
 def _shape_error(latents, mask, labels, readout) -> torch.Tensor:
