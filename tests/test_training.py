@@ -573,7 +573,12 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
                                            (["vae", "--crop", "30"], "--crop 30"),
                                            (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11"),
                                            (["animatediff", "--image-steps", "-1"], "'--image-steps'"),
-                                           (["animatediff", "--motion-gain", "0"], "'--motion-gain'")])
+                                           (["animatediff", "--motion-gain", "0"], "'--motion-gain'"),
+                                           (["animatediff", "--object-gain", "-1", "--steps", "1"], "'--object-gain'"),
+                                           (["vae", "--shape-align", "-1", "--steps", "1"], "'--shape-align'"),
+                                           (["vae", "--latent-noise", "-0.2", "--steps", "1"], "'--latent-noise'"),
+                                           (["vae", "--kl-weight", "-1", "--steps", "1"], "'--kl-weight'"),
+                                           (["svd", "--object-gain", "-2", "--steps", "1"], "'--object-gain'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 

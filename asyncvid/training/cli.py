@@ -105,10 +105,10 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 8, lr: Optional[float] = None,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps.")] = None,
         crop: Annotated[Optional[int], typer.Option(help="Train on crop x crop windows around the shape; 64 (the frame) trains on whole frames.")] = None,
-        edge_weight: Annotated[float, typer.Option(help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
-        kl_weight: Annotated[float, typer.Option(help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT,
-        shape_align: Annotated[float, typer.Option(help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation; 0 turns it off.")] = 0.0,
-        latent_noise: Annotated[float, typer.Option(help="Decode from latents with this much Gaussian noise (in standard deviations); 0 turns it off.")] = 0.0):
+        edge_weight: Annotated[float, typer.Option(min=0.0, help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
+        kl_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT,
+        shape_align: Annotated[float, typer.Option(min=0.0, help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation; 0 turns it off.")] = 0.0,
+        latent_noise: Annotated[float, typer.Option(min=0.0, help="Decode from latents with this much Gaussian noise (in standard deviations); 0 turns it off.")] = 0.0):
     """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
     steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
     resuming the last; about 70 minutes here); its log records the round-trip adherence of the held-out
@@ -168,7 +168,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
                 sd_schedule: Annotated[bool, typer.Option(help="Train on SD's epsilon schedule (as r2 did) instead of v-prediction with zero terminal SNR.")] = False,
                 snr_cap: Annotated[float, typer.Option(help="Min-SNR cap on the weight of nearly clean steps; 0 turns it off.")] = 5.0,
-                object_gain: Annotated[float, typer.Option(help="Extra loss weight on the moving shape's latent pixels; 0 turns it off.")] = 0.0,
+                object_gain: Annotated[float, typer.Option(min=0.0, help="Extra loss weight on the moving shape's latent pixels; 0 turns it off.")] = 0.0,
                 train_text: Annotated[Optional[bool], typer.Option("--train-text/--frozen-text", help="Train the text encoder with the UNet \\[default: asyncvid.training.animatediff.TRAIN_TEXT].")] = None,
                 text_layers: Annotated[Optional[int], typer.Option(help="Depth of the text encoder \\[default: asyncvid.training.animatediff.TEXT_LAYERS].")] = None,
                 text_positions: Annotated[Optional[bool], typer.Option("--text-positions/--no-text-positions", help="Keep the text encoder's position embeddings \\[default: TEXT_POSITIONS].")] = None,
@@ -267,7 +267,7 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
 @app.command()
 def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD_STEPS, batch: Batch = 8,
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
-        object_gain: Annotated[float, typer.Option(help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
+        object_gain: Annotated[float, typer.Option(min=0.0, help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
     the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
