@@ -121,3 +121,17 @@ def test_shape_frames_differ_only_in_the_shape():
         assert np.abs(boxes[1] - boxes[0]).max() <= 1, seed  # the square on the circle's box: only corners differ
         differ = np.argwhere((frames != frames[0]).any(axis=(0, 3)))
         assert np.abs(differ - centroids[0]).max() < 16, seed  # nothing changes away from the shape
+
+
+@pytest.mark.parametrize("arg, code", [("--help", 0), ("--out", 2)])
+def test_the_image_set_command_takes_an_option_for_no_folder(tmp_path, arg, code):
+    """`python -m asyncvid.eval.clips --help` prints its usage; it once wrote 48 images into a folder named '--help'."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "asyncvid.eval.clips", arg], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == code and "usage: python -m asyncvid.eval.clips FOLDER" in result.stdout + result.stderr
+    assert not any(tmp_path.iterdir())
+    written = subprocess.run([sys.executable, "-m", "asyncvid.eval.clips", "set"], cwd=tmp_path, timeout=120)
+    assert written.returncode == 0 and len(list((tmp_path / "set").glob("*.png"))) == 48

@@ -199,6 +199,11 @@ def write_heldout_images(folder) -> list:
 
 if __name__ == "__main__":
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m asyncvid.eval.clips FOLDER  (writes the image-to-video evaluation set there)")
-    print(f"wrote {len(write_heldout_images(sys.argv[1]))} images to {sys.argv[1]}")
+    usage = "usage: python -m asyncvid.eval.clips FOLDER  (writes the image-to-video evaluation set there)"
+    if sys.argv[1:] in (["-h"], ["--help"]):
+        print(usage)
+    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # an option is not a folder to fill with 48 images
+        print(usage, file=sys.stderr)
+        sys.exit(2)
+    else:
+        print(f"wrote {len(write_heldout_images(sys.argv[1]))} images to {sys.argv[1]}")
