@@ -561,6 +561,26 @@ def test_vae_recipe_runs_its_phases_each_resuming_the_last(tmp_path, monkeypatch
     assert len(torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["losses"]) == 3
 
 
+def test_a_continued_vae_logs_every_phase_with_the_loss_it_trained_on(tmp_path, monkeypatch):
+    """A VAE trained by two commands (round 19's noise added to a finished VAE) lists both commands' phases, each
+    with its own --shape-align and --latent-noise, so its model card tells the recipe; --fresh forgets the first."""
+    import json
+
+    from asyncvid.training import cli
+
+    monkeypatch.setattr(cli, "VAE_RECIPE", (dict(steps=2, anneal=0, lr=1e-3, crop=32, batch=2),))
+    for name in ("round_trip_scores", "mean_latent_scores", "set_scaling_factor"):  # scored for real above
+        monkeypatch.setattr(cli, name, lambda vae: 1.0)
+    cli.vae(workdir=tmp_path, clips=1, steps=2, shape_align=0.5)
+    cli.vae(workdir=tmp_path, clips=1, steps=3, latent_noise=0.2)
+    cli.vae(workdir=tmp_path, clips=1, steps=3, latent_noise=0.2)  # a rerun of a finished phase adds no entry
+    log = json.loads((tmp_path / "vae" / "train_log.json").read_text())
+    assert [(p["steps"], p["shape_align"], p["latent_noise"]) for p in log["phases"]] == [(2, 0.5, 0.0), (3, 0.0, 0.2)]
+    cli.vae(workdir=tmp_path, clips=1, steps=1, fresh=True)
+    log = json.loads((tmp_path / "vae" / "train_log.json").read_text())
+    assert [p["steps"] for p in log["phases"]] == [1]
+
+
 def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
     """A work folder from an older recipe (another VAE architecture) gives one clear line, not a size-mismatch dump."""
     train(_toy(), _loss, TrainConfig(tmp_path, steps=1), name="toy")

@@ -142,6 +142,9 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         _check_budget(phase["steps"], phase["anneal"])
         if phase["crop"] % 8 or not 8 <= phase["crop"] <= 64:
             raise typer.BadParameter(f"--crop {phase['crop']} must be a multiple of 8 from 8 to 64 (the frame)")
+    options = dict(edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align, latent_noise=latent_noise)
+    phases = [{**phase, **options} for phase in phases]  # each phase in the log with the loss it trained on
+    earlier = _earlier_phases(_workdir(workdir) / stage, phases[0]["steps"], fresh)
     for i, phase in enumerate(phases):
         config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
@@ -151,9 +154,8 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         log = train(model, loss, config, name=stage)
         if log["steps"] < config.steps:
             break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
-    # The log's config is the last phase's; `phases` lists those run so far.
-    log.update(edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align, latent_noise=latent_noise,
-               crop=phase["crop"], phases=phases[:i + 1])
+    # The log's config is the last phase's; `phases` lists those run so far, by this command and those it resumed.
+    log.update(**options, crop=phase["crop"], phases=earlier + phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)
@@ -161,6 +163,15 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         log["mean_latent"] = mean_latent_scores(model)
         typer.echo(f"{stage}: the held-out captions' mean latent clips, decoded {log['mean_latent']}")
     _finish(model, config, log)
+
+
+def _earlier_phases(folder: Path, first_steps: int, fresh: bool) -> list[dict]:
+    """The phases an earlier command trained the checkpoint this one resumes through: those of its log that end
+    before this command's first phase does (a rerun of the same phase replaces its entry)."""
+    log_file = folder / "train_log.json"
+    if fresh or not log_file.is_file():
+        return []
+    return [p for p in json.loads(log_file.read_text()).get("phases", []) if p["steps"] < first_steps]
 
 
 @app.command()
