@@ -115,10 +115,12 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff() if family == "animatediff" else build_tiny_svd()
     make = animatediff_loss_fn if family == "animatediff" else svd_loss_fn
-    model = pipe.unet.train()
     if family == "animatediff":
         from asyncvid.training.animatediff import UNetWithText
         model = UNetWithText(pipe.unet, pipe.text_encoder).train()
+    else:  # `svd --train-image-encoder`; the frozen tower's path runs in test_svd_object_gain_weighs_the_shape_more
+        from asyncvid.training.svd import UNetWithImageEncoder
+        model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder).train()
     with torch.random.fork_rng():
         loss = make(pipe, clips_per_caption=1, num_frames=4)(model, 2, torch.Generator().manual_seed(0))
         loss.backward()
@@ -126,8 +128,8 @@ def test_unet_losses_run_on_the_tiny_pipelines(family):
         vae_loss(pipe.vae.train(), 2, torch.Generator().manual_seed(0)).backward()
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.unet.parameters())
-    if family == "animatediff":  # the text encoder trains with the UNet
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in pipe.text_encoder.parameters())
+    encoder = pipe.text_encoder if family == "animatediff" else pipe.image_encoder  # trains with the UNet
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
 
 
 def test_svd_object_gain_weighs_the_shape_more():
@@ -157,15 +159,35 @@ def test_training_encodes_captions_as_the_pipeline_does():
     assert torch.equal(trained.detach(), pipe.encode_prompt(texts, "cpu", 1, False)[0])
 
 
+def test_a_training_image_encoder_sees_first_frames_as_the_pipeline_does():
+    """`svd --train-image-encoder` embeds the clips' first frames from tensors exactly as the pipeline's
+    `_encode_image` does from the 8-bit images it is given (resized to 224 with antialiasing, CLIP-normalised)."""
+    from PIL import Image
+
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.data import clip_set
+    from asyncvid.training.svd import clip_pixels
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_svd()
+    _, clips = clip_set(1, 2, 0)
+    first = clips[:6, 0] + 0.003  # off the 8-bit grid: the pipeline only ever sees rounded pixels
+    images = [Image.fromarray(((f.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()) for f in first]
+    with torch.no_grad():
+        trained = pipe.image_encoder(clip_pixels(first, pipe.feature_extractor)).image_embeds[:, None]
+        assert torch.allclose(trained, pipe._encode_image(images, "cpu", 1, False), atol=1e-6)
+
+
 @pytest.mark.parametrize("schedule", ["v-zero-snr", None])
 def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded),
-    and the text encoder that trained with the UNet (the built one when it was frozen); `stages` exports one model
+    and the text encoder that trained with the UNet (the built one when it was frozen), and tiny-svd the CLIP vision
+    tower that trained with its UNet (likewise); `stages` exports one model
     and leaves the other's folder alone; a VAE without a training log (brought from elsewhere) gets no card row."""
     import json
     import shutil
 
-    from diffusers import AnimateDiffPipeline, DDIMScheduler
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, StableVideoDiffusionPipeline
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
     from asyncvid.training.animatediff import SCHEDULE
@@ -182,6 +204,11 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
             trained_text = build_tiny_animatediff().text_encoder
             trained_text.get_submodule("embeddings.token_embedding").weight.data.mul_(2)
             trained_text.save_pretrained(tmp_path / "train" / stage / "text_encoder")
+        if stage == "svd" and schedule:  # and a CLIP vision tower that trained with the SVD UNet
+            log.update(train_image_encoder=True)
+            trained_tower = build_tiny_svd().image_encoder
+            trained_tower.visual_projection.weight.data.mul_(2)
+            trained_tower.save_pretrained(tmp_path / "train" / stage / "image_encoder")
         if stage != "vae" or schedule:  # without one, a VAE brought from elsewhere (no training log)
             (tmp_path / "train" / stage / "train_log.json").write_text(json.dumps(log))
     if schedule:  # exporting one model leaves the other's shipped folder as it was
@@ -209,6 +236,10 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     shipped_text = pipe.text_encoder.get_submodule(tokens).weight
     expected_text = (trained_text if schedule else ad.text_encoder).get_submodule(tokens).weight
     assert torch.equal(shipped_text, expected_text.half().to(shipped_text.dtype))
+    shipped_tower = StableVideoDiffusionPipeline.from_pretrained(tmp_path / "weights" / "tiny-svd").image_encoder
+    expected_tower = trained_tower if schedule else svd.image_encoder
+    assert torch.equal(shipped_tower.visual_projection.weight,
+                       expected_tower.visual_projection.weight.half().to(shipped_tower.dtype))
 
 
 def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):

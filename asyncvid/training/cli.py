@@ -35,7 +35,7 @@ from asyncvid.training.animatediff import (
 )
 from asyncvid.training.export import export_all
 from asyncvid.training.loop import TrainConfig, train
-from asyncvid.training.svd import svd_loss_fn
+from asyncvid.training.svd import UNetWithImageEncoder, svd_loss_fn
 from asyncvid.training.vae import (
     KL_WEIGHT,
     build_vae,
@@ -279,7 +279,8 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> 
 def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD_STEPS, batch: Batch = 8,
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
         object_gain: Annotated[float, typer.Option(min=0.0, help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
-        anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None):
+        anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None,
+        train_image_encoder: Annotated[bool, typer.Option("--train-image-encoder/--frozen-image-encoder", help="Train the CLIP vision tower with the UNet, so its embedding can tell the object's colour and shape (the tiny tower is random).")] = False):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
     the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
 
@@ -293,8 +294,11 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal)
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
-    log = train(pipe.unet, loss, config, name="svd")
-    log.update(object_gain=object_gain)
+    model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
+    log = train(model, loss, config, name="svd")
+    log.update(object_gain=object_gain, train_image_encoder=train_image_encoder)
+    if train_image_encoder:  # the loop left the averaged weights in both parts
+        pipe.image_encoder.save_pretrained(config.workdir / "image_encoder")
     _finish(pipe.unet, config, log)
 
 

@@ -16,7 +16,7 @@ from diffusers import (
     UNetMotionModel,
     UNetSpatioTemporalConditionModel,
 )
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 import asyncvid.pipelines
 from asyncvid.eval.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
@@ -52,13 +52,16 @@ def assemble_animatediff(root: Path):
 
 
 def assemble_svd(root: Path):
-    """The tiny SVD pipeline with the trained VAE and UNet; the CLIP vision tower as built (frozen)."""
+    """The tiny SVD pipeline with the trained VAE and UNet, and the CLIP vision tower it trained with (as built, if
+    it was frozen)."""
     log = json.loads((root / "svd" / "train_log.json").read_text())
     base = build_tiny_svd(int(log["config"]["seed"]))  # the frozen CLIP vision tower it was trained with
+    image_encoder = (CLIPVisionModelWithProjection.from_pretrained(root / "svd" / "image_encoder")
+                     if log.get("train_image_encoder") else base.image_encoder)
     return StableVideoDiffusionPipeline(
         unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
         vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.training svd --help`
-        image_encoder=base.image_encoder, scheduler=base.scheduler, feature_extractor=base.feature_extractor,
+        image_encoder=image_encoder, scheduler=base.scheduler, feature_extractor=base.feature_extractor,
     )
 
 
@@ -145,7 +148,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
     for stage, log in logs.items():
         recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions",
                                       "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
-                                      "motion_gain", "shape_pairs", "partial_captions") if k in log}
+                                      "motion_gain", "shape_pairs", "partial_captions", "train_image_encoder") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]

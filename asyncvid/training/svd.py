@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 from PIL import Image
 
 from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
@@ -14,6 +15,26 @@ CONDITION_DROPOUT = 0.1
 P_MEAN, P_STD = 0.7, 1.6  # SVD's log-normal training sigmas
 UNIFORM_SHARE = 0.2  # and a fifth log-uniform over the sampler's whole range, so the first steps are trained too
 SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
+
+
+class UNetWithImageEncoder(torch.nn.Module):
+    """What SVD training optimises with `--train-image-encoder`: the UNet and the CLIP vision tower whose embedding
+    conditions every frame. SVD's tower is CLIP, whose embedding tells an object's colour and shape; the tiny one is
+    random, and its embedding tells the background, not the object, so later frames lose the object's colour."""
+
+    def __init__(self, unet, image_encoder):
+        super().__init__()
+        self.unet, self.image_encoder = unet, image_encoder.requires_grad_(True)
+
+
+def clip_pixels(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
+    """The CLIP tower's input for frames in [-1, 1], as the pipeline's `_encode_image` makes it from 8-bit images:
+    resized to 224 with antialiasing in [-1, 1], then normalised with CLIP's mean and deviation."""
+    x = ((frames + 1) * 127.5).round().clamp(0, 255) / 127.5 - 1  # the pipeline is given 8-bit images
+    x = (_resize_with_antialiasing(x, (224, 224)) + 1) / 2
+    mean, std = (torch.tensor(v, dtype=x.dtype).view(1, -1, 1, 1)
+                 for v in (feature_extractor.image_mean, feature_extractor.image_std))
+    return (x - mean) / std
 
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
@@ -49,7 +70,11 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         with torch.no_grad():
             noisy_first = first[pick_] + noise_aug_strength * torch.randn(first[pick_].shape, generator=generator)
             cond_latents = pipe.vae.encode(noisy_first).latent_dist.mode()  # unscaled, as the pipeline does
-        embeds = image_embeds[pick_]
+        unet = model.unet if isinstance(model, UNetWithImageEncoder) else model
+        if unet is model:
+            embeds = image_embeds[pick_]
+        else:  # the tower trains: its embedding of these first frames, with gradients
+            embeds = model.image_encoder(clip_pixels(first[pick_], pipe.feature_extractor)).image_embeds[:, None]
         keep = (torch.rand(batch, generator=generator) >= CONDITION_DROPOUT).float()
         cond_latents = cond_latents * keep[:, None, None, None]  # the pipeline's unconditional half is zeros
         embeds = embeds * keep[:, None, None]
@@ -62,7 +87,7 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         noisy = x0 + sigma * torch.randn(x0.shape, generator=generator)
         c_in, c_skip, c_out = 1 / (sigma**2 + 1).sqrt(), 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1).sqrt()
         model_in = torch.cat([noisy * c_in, cond_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2)
-        out = model(model_in, 0.25 * log_sigma, encoder_hidden_states=embeds,
+        out = unet(model_in, 0.25 * log_sigma, encoder_hidden_states=embeds,
                     added_time_ids=time_ids.expand(batch, -1)).sample
         target = (x0 - c_skip * noisy) / c_out
         if pixel_weight is None:
