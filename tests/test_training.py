@@ -574,22 +574,38 @@ def test_vae_windows_follow_the_shape_and_whole_frames_stay_whole():
 
 
 def test_vae_recipe_runs_its_phases_each_resuming_the_last(tmp_path, monkeypatch):
-    """`vae` without budget options trains VAE_RECIPE's phases in order, one checkpoint carried through: the run
-    ends at the last phase's step count, on the last phase's settings, and its log lists the phases."""
+    """`vae` without budget options trains VAE_RECIPE's phases in order, one checkpoint carried through, each with
+    its own shape alignment and latent noise (r5 adds the noise in its last phases): the run ends at the last
+    phase's step count, on the last phase's settings, and its log lists the phases. A loss option given on the
+    command line holds for every phase."""
     import json
 
     from asyncvid.training import cli
 
-    monkeypatch.setattr(cli, "VAE_RECIPE", (dict(steps=2, anneal=0, lr=1e-3, crop=32, batch=2),
-                                            dict(steps=3, anneal=1, lr=3e-4, crop=64, batch=1)))
+    monkeypatch.setattr(cli, "VAE_RECIPE", (dict(steps=2, anneal=0, lr=1e-3, crop=32, batch=2, shape_align=0.5),
+                                            dict(steps=3, anneal=1, lr=3e-4, crop=64, batch=1, shape_align=0.5,
+                                                 latent_noise=0.2)))
     monkeypatch.setattr(cli, "round_trip_scores", lambda vae: {"shape": 0.0})  # scored for real in the tests above
     monkeypatch.setattr(cli, "mean_latent_scores", lambda vae: {"colour": 0.0})
     monkeypatch.setattr(cli, "set_scaling_factor", lambda vae: 1.0)
+    trained_on, loss_fn = [], cli.vae_loss_fn
+
+    def recording(model, **kw):
+        trained_on.append((kw["shape_align"], kw["latent_noise"]))
+        return loss_fn(model, **kw)
+
+    monkeypatch.setattr(cli, "vae_loss_fn", recording)
     cli.vae(workdir=tmp_path, clips=1)
     log = json.loads((tmp_path / "vae" / "train_log.json").read_text())
     assert log["steps"] == 3 and log["crop"] == 64 and log["config"]["lr"] == 3e-4
     assert [p["steps"] for p in log["phases"]] == [2, 3]
     assert len(torch.load(tmp_path / "vae" / "checkpoint.pt", weights_only=False)["losses"]) == 3
+    assert trained_on == [(0.5, 0.0), (0.5, 0.2)]
+    assert [(p["shape_align"], p["latent_noise"]) for p in log["phases"]] == trained_on
+    assert (log["shape_align"], log["latent_noise"]) == (0.5, 0.2)
+    trained_on.clear()
+    cli.vae(workdir=tmp_path, clips=1, fresh=True, latent_noise=0.1)
+    assert trained_on == [(0.5, 0.1), (0.5, 0.1)]
 
 
 def test_a_continued_vae_logs_every_phase_with_the_loss_it_trained_on(tmp_path, monkeypatch):

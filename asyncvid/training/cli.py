@@ -59,13 +59,16 @@ Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")
 UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
 # The AnimateDiff recipe (r8): its step budget and how many of those steps end it with a decaying learning rate.
 ANIMATEDIFF_STEPS, ANNEAL = 3443, 700
-# The VAE recipe (r4), phase after phase, each resuming the last one's checkpoint: 32x32 windows around the shape
-# teach shapes fast; whole frames come last, because the VAE's group norms and attention see a window differently
+# The VAE recipe (r5), phase after phase, each resuming the last one's checkpoint: 32x32 windows around the shape
+# teach shapes fast; whole frames follow, because the VAE's group norms and attention see a window differently
 # from a frame (trained on windows only, it bowed the sides of squares in whole frames: docs/MODELS.md, round 6).
-VAE_RECIPE = (dict(steps=5000, anneal=1000, lr=1e-3, crop=32, batch=16),
-              dict(steps=8000, anneal=1500, lr=1e-3, crop=32, batch=16),
-              dict(steps=10000, anneal=1000, lr=3e-4, crop=32, batch=16),
-              dict(steps=11000, anneal=500, lr=3e-4, crop=64, batch=4))
+# Every phase aligns the latents with the shape (0.3: from scratch, a perfect round trip; round 19); the last two
+# decode through latent noise, so a UNet's small errors do not round the corners (rounds 18-20). Added from the
+# start, the noise kept the decoder from learning corners at all (round 19).
+VAE_RECIPE = (dict(steps=5000, anneal=1000, lr=1e-3, crop=32, batch=16, shape_align=0.3, latent_noise=0.0),
+              dict(steps=6000, anneal=500, lr=3e-4, crop=64, batch=4, shape_align=0.3, latent_noise=0.0),
+              dict(steps=8000, anneal=1000, lr=5e-4, crop=32, batch=16, shape_align=0.3, latent_noise=0.2),
+              dict(steps=8500, anneal=300, lr=3e-4, crop=64, batch=4, shape_align=0.3, latent_noise=0.2))
 # AnimateDiff's first stage (`--image-steps`): the UNet and text encoder as an image model, on single frames of the
 # clips, 64 a step; the clips' stage starts from it. On 4 clips a step from scratch the shape word was never learnt
 # (chance); as an image model it was, after about 2,400 steps (docs/MODELS.md, rounds 8-9). Off in the shipped
@@ -107,17 +110,19 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         crop: Annotated[Optional[int], typer.Option(help="Train on crop x crop windows around the shape; 64 (the frame) trains on whole frames.")] = None,
         edge_weight: Annotated[float, typer.Option(min=0.0, help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
         kl_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT,
-        shape_align: Annotated[float, typer.Option(min=0.0, help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation; 0 turns it off.")] = 0.0,
-        latent_noise: Annotated[float, typer.Option(min=0.0, help="Decode from latents with this much Gaussian noise (in standard deviations); 0 turns it off.")] = 0.0):
-    """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r4 recipe: 10,000
-    steps on windows around the shape in three annealed phases, then 1,000 on whole frames (VAE_RECIPE, each phase
-    resuming the last; about 70 minutes here); its log records the round-trip adherence of the held-out
-    clips."""
+        shape_align: Annotated[Optional[float], typer.Option(min=0.0, help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation, in every phase; 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None,
+        latent_noise: Annotated[Optional[float], typer.Option(min=0.0, help="Decode from latents with this much Gaussian noise (in standard deviations), in every phase; 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None):
+    """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r5 recipe
+    (VAE_RECIPE): 6,000 steps with the shape alignment, on windows around the shape and then on whole frames,
+    then 2,500 more decoding through latent noise, each phase resuming the last (about 27 minutes on two threads);
+    its log records the round-trip adherence of the held-out clips."""
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
-    phases = [{**VAE_RECIPE[0], "anneal": 0, **given}] if given else list(VAE_RECIPE)
-    _train_vae("vae", build_vae(seed), False, workdir, minutes, phases, seed=seed, threads=threads, fresh=fresh,
-               clips=clips, edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align,
-               latent_noise=latent_noise)
+    # A custom phase trains without the recipe's extra losses unless they are given.
+    phases = [{**VAE_RECIPE[0], "anneal": 0, "shape_align": 0.0, "latent_noise": 0.0, **given}] if given \
+        else list(VAE_RECIPE)
+    losses = {k: v for k, v in dict(shape_align=shape_align, latent_noise=latent_noise).items() if v is not None}
+    _train_vae("vae", build_vae(seed), False, workdir, minutes, [{**phase, **losses} for phase in phases], seed=seed,
+               threads=threads, fresh=fresh, clips=clips, edge_weight=edge_weight, kl_weight=kl_weight)
 
 
 @app.command("svd-vae")
@@ -135,27 +140,30 @@ def _check_budget(steps: int, anneal: int) -> None:
 
 
 def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
-               edge_weight=0.0, kl_weight=KL_WEIGHT, shape_align=0.0, latent_noise=0.0) -> None:
-    """One VAE stage: reconstruction training phase after phase, each resuming the last one's checkpoint, then the
-    latent scaling factor (and, for the frame VAE, its round-trip adherence), once, from the last phase."""
+               edge_weight=0.0, kl_weight=KL_WEIGHT) -> None:
+    """One VAE stage: reconstruction training phase after phase, each resuming the last one's checkpoint and with
+    its own shape alignment and latent noise (0 where it names none), then the latent scaling factor (and, for the
+    frame VAE, its round-trip adherence), once, from the last phase."""
     for phase in phases:
         _check_budget(phase["steps"], phase["anneal"])
         if phase["crop"] % 8 or not 8 <= phase["crop"] <= 64:
             raise typer.BadParameter(f"--crop {phase['crop']} must be a multiple of 8 from 8 to 64 (the frame)")
-    options = dict(edge_weight=edge_weight, kl_weight=kl_weight, shape_align=shape_align, latent_noise=latent_noise)
-    phases = [{**phase, **options} for phase in phases]  # each phase in the log with the loss it trained on
+    options = dict(edge_weight=edge_weight, kl_weight=kl_weight)
+    # Each phase in the log with the loss it trained on.
+    phases = [{"shape_align": 0.0, "latent_noise": 0.0, **phase, **options} for phase in phases]
     earlier = _earlier_phases(_workdir(workdir) / stage, phases[0]["steps"], fresh)
     for i, phase in enumerate(phases):
         config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
         loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
-                           crop=phase["crop"], kl_weight=kl_weight, shape_align=shape_align,
-                           latent_noise=latent_noise)
+                           crop=phase["crop"], kl_weight=kl_weight, shape_align=phase["shape_align"],
+                           latent_noise=phase["latent_noise"])
         log = train(model, loss, config, name=stage)
         if log["steps"] < config.steps:
             break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
     # The log's config is the last phase's; `phases` lists those run so far, by this command and those it resumed.
-    log.update(**options, crop=phase["crop"], phases=earlier + phases[:i + 1])
+    log.update(**options, crop=phase["crop"], shape_align=phase["shape_align"], latent_noise=phase["latent_noise"],
+               phases=earlier + phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)
