@@ -122,11 +122,14 @@ class VideoPipeline:
 
     def image_to_video(self, image, *, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, num_inference_steps: int = 25, min_guidance_scale: float = 1.0,
-                       max_guidance_scale: float = 3.0, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
+                       max_guidance_scale: float | None = None, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
                        decode_chunk_size: int | None = None, seed: int | None = None,
                        generator: torch.Generator | None = None, fps: int = 7) -> Video | list[Video]:
         """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion), or one per image of a
-        list (made by the data-parallel groups at once, returned in order)."""
+        list (made by the data-parallel groups at once, returned in order); `None` guidance at the last frame means
+        the model's recommended one (its folder's sampling.json; else SVD's 3)."""
+        if max_guidance_scale is None:
+            max_guidance_scale = self._recommended.max_guidance_scale
         requests = [ImageToVideo(self._image_path(i), num_frames=num_frames, height=height, width=width,
                                  num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
                                  max_guidance_scale=max_guidance_scale, motion_bucket_id=motion_bucket_id,

@@ -24,7 +24,7 @@ from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 
 # Check the request before the model's own settings are read (the same ranges apply).
-PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0)
+PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0, max_guidance_scale=3.0)
 
 app = typer.Typer(
     cls=Group,
@@ -148,7 +148,7 @@ def i2v(
     motion_bucket_id: Annotated[int, typer.Option(help="SVD's motion conditioning: higher moves more.")] = 127,
     noise_aug_strength: Annotated[float, typer.Option(help="Noise added to the conditioning image.")] = 0.02,
     min_guidance: Annotated[float, typer.Option(help="Guidance scale at the first frame.")] = 1.0,
-    max_guidance: Annotated[float, typer.Option(help="Guidance scale at the last frame.")] = 3.0,
+    max_guidance: Annotated[Optional[float], typer.Option(help="Guidance scale at the last frame \\[default: the model's own (sampling.json in its folder; tiny-svd: 2), else 3].")] = None,
     decode_chunk_size: Annotated[Optional[int], typer.Option(help="Frames decoded at once \\[default: all].")] = None,
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second: SVD's conditioning and the written video's rate.")] = 7,
@@ -198,12 +198,23 @@ def i2v(
             load_image(image)  # fail on a bad image before the model loads
             requests.append(ImageToVideo(
                 image, num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                min_guidance_scale=min_guidance, max_guidance_scale=max_guidance, motion_bucket_id=motion_bucket_id,
+                min_guidance_scale=min_guidance, max_guidance_scale=provisional, motion_bucket_id=motion_bucket_id,
                 noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size, seed=seed, fps=fps,
             ))
         return requests, [output_stem(i, image.stem) for i, image in enumerate(images)]
 
-    run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
+    # Checked now with a stand-in if unset; `finish` puts in the model's own once the model is known.
+    provisional = max(min_guidance, PROVISIONAL["max_guidance_scale"]) if max_guidance is None else max_guidance
+
+    def finish(requests):
+        if max_guidance is not None:
+            return requests
+        from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
+
+        own = recommended_sampling(model).max_guidance_scale
+        return [dataclasses.replace(r, max_guidance_scale=own) for r in requests]
+
+    run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value, finish=finish,
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant,

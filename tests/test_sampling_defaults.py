@@ -18,6 +18,9 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(3.0, 0.0)
     sampling_defaults.write(tmp_path, shared_noise=0.25)
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 0.25)
+    sampling_defaults.write(tmp_path, max_guidance_scale=2)
+    assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 0.0, 2.0)
+    assert sampling_defaults.Recommended().max_guidance_scale == 3.0  # SVD's
 
 
 @pytest.mark.parametrize("text, shown", [
@@ -29,6 +32,8 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     ('{"shared_noise": 1}', "[0, 1)"),
     ('{"shared_noise": -0.1}', "-0.1"),
     ('{"shared_noise": true}', "True"),
+    ('{"max_guidance_scale": -2}', "-2"),
+    ('{"max_guidance_scale": null}', "None"),
 ])
 def test_a_malformed_sampling_json_is_one_error_naming_the_file(tmp_path, text, shown):
     (tmp_path / "sampling.json").write_text(text)
@@ -63,3 +68,29 @@ def test_generate_uses_the_folders_settings_unless_given(tmp_path, asyncvid_home
         [sidecar] = out.glob("*.json")
         meta = json.loads(sidecar.read_text())
         assert (meta["guidance_scale"], meta["shared_noise"]) == expected
+
+
+def test_i2v_and_the_library_use_the_folders_last_frame_guidance_unless_given(tmp_path, asyncvid_home, red_circle):
+    from typer.testing import CliRunner
+
+    from asyncvid.api import load
+    from asyncvid.cli.app import app
+    from asyncvid.pipelines.embedded import EMBEDDED
+
+    model = shutil.copytree(EMBEDDED["tiny-svd"].source, tmp_path / "model")
+    sampling_defaults.write(model, max_guidance_scale=1.5)
+    image = red_circle
+    for i, (extra, expected) in enumerate((([], 1.5), (["--max-guidance", "4"], 4.0))):
+        out = tmp_path / f"out{i}"
+        result = CliRunner().invoke(app, ["i2v", str(image), "--model", str(model), "--steps", "1", "--frames", "2",
+                                          "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        [sidecar] = out.glob("*.json")
+        assert json.loads(sidecar.read_text())["max_guidance_scale"] == expected
+    # A first-frame guidance above the folder's last-frame one: one line naming both, exit 2, nothing written.
+    result = CliRunner().invoke(app, ["i2v", str(image), "--model", str(model), "--steps", "1", "--frames", "2",
+                                      "--out", str(tmp_path / "bad"), "--min-guidance", "2"])
+    assert result.exit_code == 2 and "min 2.0 and max 1.5" in result.output and not (tmp_path / "bad").exists()
+    with load(str(model), threads=1) as pipe:
+        video = pipe.image_to_video(image, num_frames=2, num_inference_steps=1)
+    assert video.metadata["max_guidance_scale"] == 1.5

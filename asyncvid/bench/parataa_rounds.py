@@ -31,7 +31,8 @@ def requests(model: str, steps: int, seed: int = 0):
         own = recommended_sampling(model)
         return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
                            guidance_scale=own.guidance_scale, shared_noise=own.shared_noise)
-    return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed)
+    return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed,
+                        max_guidance_scale=recommended_sampling(model).max_guidance_scale)
 
 
 def measure(model: str, steps: int, configs: dict[str, ParaTAAConfig]) -> list[dict]:

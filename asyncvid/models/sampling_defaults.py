@@ -1,7 +1,8 @@
 """Sampling settings a model folder recommends (`sampling.json` beside `model_index.json`), used where the user
 sets none. Diffusers folders have no place for them, and they belong to the weights: the tiny models trained here
-with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours, and
-tiny-animatediff flickers less when its frames' initial noise shares a part (pipelines/initial_noise.py)."""
+with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours,
+tiny-animatediff flickers less when its frames' initial noise shares a part (pipelines/initial_noise.py), and
+tiny-svd keeps its input's colour and shape more often when its guidance ramp ends below SVD's 3."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from asyncvid.errors import UsageError
 
 FILE = "sampling.json"
 GUIDANCE = 7.5  # diffusers' default, for folders that recommend nothing
-KEYS = ("guidance_scale", "shared_noise")
+MAX_GUIDANCE = 3.0  # SVD's: its guidance rises from 1 at the first frame to this at the last
+KEYS = ("guidance_scale", "shared_noise", "max_guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,7 @@ class Recommended:
 
     guidance_scale: float = GUIDANCE
     shared_noise: float = 0.0  # the share of each frame's initial noise common to all frames; 0: independent
+    max_guidance_scale: float = MAX_GUIDANCE  # image-to-video: the guidance at the last frame
 
 
 def read(folder: Path) -> dict:
@@ -36,9 +39,10 @@ def read(folder: Path) -> dict:
     unknown = sorted(set(settings) - set(KEYS)) if isinstance(settings, dict) else None
     if unknown is None or unknown:
         raise UsageError(f"'{path}' may hold only {', '.join(KEYS)}, got {unknown or settings!r}; fix or delete it")
-    scale = settings.get("guidance_scale", GUIDANCE)
-    if not _number(scale) or scale < 0:
-        raise UsageError(f"'{path}': guidance_scale must be a number >= 0, got {scale!r}; fix or delete it")
+    for key in ("guidance_scale", "max_guidance_scale"):
+        scale = settings.get(key, 0)
+        if not _number(scale) or scale < 0:
+            raise UsageError(f"'{path}': {key} must be a number >= 0, got {scale!r}; fix or delete it")
     share = settings.get("shared_noise", 0.0)
     if not _number(share) or not 0 <= share < 1:
         raise UsageError(f"'{path}': shared_noise must be a number in [0, 1), got {share!r}; fix or delete it")

@@ -23,6 +23,7 @@ from asyncvid.eval.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, t
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import GUIDANCE, SD_SCHEDULE, SHARED_NOISE
+from asyncvid.training.svd import MAX_GUIDANCE
 
 NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
 
@@ -86,8 +87,11 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)
-        if stage == "animatediff":  # what it is sampled with unless the user says otherwise
+        # What it is sampled with unless the user says otherwise.
+        if stage == "animatediff":
             sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE)
+        else:
+            sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():
