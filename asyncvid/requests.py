@@ -89,7 +89,8 @@ class ImageToVideo:
         if not 0 <= self.min_guidance_scale <= self.max_guidance_scale < math.inf:  # also refuses nan
             raise UsageError(
                 f"guidance range must satisfy 0 <= min <= max, got min {self.min_guidance_scale} and max "
-                f"{self.max_guidance_scale}; use e.g. --min-guidance 1 --max-guidance 3 (the defaults)"
+                f"{self.max_guidance_scale}; give a --max-guidance at least the --min-guidance (SVD's ramp: "
+                f"--min-guidance 1 --max-guidance 3)"
             )
         if not 0 <= self.motion_bucket_id <= 1023:
             raise UsageError(f"motion bucket id must be in [0, 1023], got {self.motion_bucket_id}; use e.g. "
