@@ -9,6 +9,7 @@ from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines import recommended_sampling
 from asyncvid.training.animatediff import GUIDANCE, SHARED_NOISE
+from asyncvid.training.svd import MAX_GUIDANCE
 
 
 def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
@@ -45,8 +46,8 @@ def test_a_malformed_sampling_json_is_one_error_naming_the_file(tmp_path, text, 
 def test_the_embedded_model_recommends_the_recipes_settings(asyncvid_home):
     # export writes the training recipe's GUIDANCE and SHARED_NOISE; the shipped folder must be the exported one.
     assert recommended_sampling("tiny-animatediff") == sampling_defaults.Recommended(GUIDANCE, SHARED_NOISE)
-    # SVD's guidance is a per-frame ramp and its noise is drawn by the pipeline: it recommends nothing
-    assert recommended_sampling("tiny-svd") == sampling_defaults.Recommended()
+    # SVD's guidance is a per-frame ramp, from 1 to the recommended one at the last frame
+    assert recommended_sampling("tiny-svd") == sampling_defaults.Recommended(max_guidance_scale=MAX_GUIDANCE)
 
 
 def test_generate_uses_the_folders_settings_unless_given(tmp_path, asyncvid_home):
