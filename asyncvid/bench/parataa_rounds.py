@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
         doc = args.doc.read_text()
         head, rest = doc.split(BEGIN)
         _, tail = rest.split(END)
-        stamp = (f"Measured {time.strftime('%Y-%m-%d')} by `python -m asyncvid.bench.parataa_rounds --doc docs/PARATAA.md` "
+        threads = f" --threads {args.threads}" if args.threads else ""  # the thread count changes float rounding
+        stamp = (f"Measured {time.strftime('%Y-%m-%d')} by `python -m asyncvid.bench.parataa_rounds --doc docs/PARATAA.md"
+                 f"{threads}` "
                  f"(default settings: window = all steps, order = window, history {default.history}, start "
                  f"{default.start}, tol {default.tol} + atol {default.atol}, sample tol {default.sample_tol}).")
         args.doc.write_text(f"{head}{BEGIN}\n{stamp}\n\n{text}\n{END}{tail}")
