@@ -122,8 +122,8 @@ class VideoPipeline:
 
     def image_to_video(self, image, *, num_frames: int | None = None, height: int | None = None,
                        width: int | None = None, num_inference_steps: int = 25, min_guidance_scale: float = 1.0,
-                       max_guidance_scale: float | None = None, motion_bucket_id: int = 127, noise_aug_strength: float = 0.02,
-                       decode_chunk_size: int | None = None, seed: int | None = None,
+                       max_guidance_scale: float | None = None, motion_bucket_id: int = 127,
+                       noise_aug_strength: float = 0.02, decode_chunk_size: int | None = None, seed: int | None = None,
                        generator: torch.Generator | None = None, fps: int = 7) -> Video | list[Video]:
         """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion), or one per image of a
         list (made by the data-parallel groups at once, returned in order); `None` guidance at the last frame means

@@ -27,12 +27,12 @@ BEGIN, END = "<!-- rounds table: begin -->", "<!-- rounds table: end -->"
 
 def requests(model: str, steps: int, seed: int = 0):
     """The CLI's default request of each embedded model, at `steps` steps (and the model's recommended settings)."""
+    own = recommended_sampling(model)
     if model == "tiny-animatediff":
-        own = recommended_sampling(model)
         return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
                            guidance_scale=own.guidance_scale, shared_noise=own.shared_noise)
     return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed,
-                        max_guidance_scale=recommended_sampling(model).max_guidance_scale)
+                        max_guidance_scale=own.max_guidance_scale)
 
 
 def measure(model: str, steps: int, configs: dict[str, ParaTAAConfig]) -> list[dict]:

@@ -117,9 +117,10 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
     then 2,500 more decoding through latent noise, each phase resuming the last (about 27 minutes on two threads);
     its log records the round-trip adherence of the held-out clips."""
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
-    # A custom phase trains without the recipe's extra losses unless they are given.
-    phases = [{**VAE_RECIPE[0], "anneal": 0, "shape_align": 0.0, "latent_noise": 0.0, **given}] if given \
-        else list(VAE_RECIPE)
+    if given:  # a custom phase trains without the recipe's extra losses unless they are given
+        phases = [{**VAE_RECIPE[0], "anneal": 0, "shape_align": 0.0, "latent_noise": 0.0, **given}]
+    else:
+        phases = list(VAE_RECIPE)
     losses = {k: v for k, v in dict(shape_align=shape_align, latent_noise=latent_noise).items() if v is not None}
     _train_vae("vae", build_vae(seed), False, workdir, minutes, [{**phase, **losses} for phase in phases], seed=seed,
                threads=threads, fresh=fresh, clips=clips, edge_weight=edge_weight, kl_weight=kl_weight)
