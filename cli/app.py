@@ -26,6 +26,21 @@ from asyncvid.requests import ImageToVideo, TextToVideo
 # Check the request before the model's own settings are read (the same ranges apply).
 PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0, max_guidance_scale=3.0)
 
+
+def _models_own(model: str, unset: list[str]):
+    """`run`'s finish: the requests with the settings the user left unset taken from the model's sampling.json."""
+
+    def finish(requests):
+        if not unset:
+            return requests
+        from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
+
+        own = recommended_sampling(model)
+        return [dataclasses.replace(r, **{name: getattr(own, name) for name in unset}) for r in requests]
+
+    return finish
+
+
 app = typer.Typer(
     cls=Group,
     help="Generate videos with diffusion models (AnimateDiff, Stable Video Diffusion), sequentially or in parallel.",
@@ -119,15 +134,8 @@ def generate(
         ]
         return requests, [output_stem(i, p) for i, p in enumerate(prompts)]
 
-    def finish(requests):
-        if not unset:
-            return requests
-        from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
-
-        own = recommended_sampling(model)
-        return [dataclasses.replace(r, **{name: getattr(own, name) for name in unset}) for r in requests]
-
-    run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value, finish=finish,
+    run(build, "text-to-video", model=model, motion_adapter=motion_adapter, out=out, fmt=fmt.value,
+        finish=_models_own(model, unset),
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant, loras=lora,
@@ -206,15 +214,8 @@ def i2v(
     # Checked now with a stand-in if unset; `finish` puts in the model's own once the model is known.
     provisional = max(min_guidance, PROVISIONAL["max_guidance_scale"]) if max_guidance is None else max_guidance
 
-    def finish(requests):
-        if max_guidance is not None:
-            return requests
-        from asyncvid.pipelines import recommended_sampling  # diffusers: imported once the logs are quiet
-
-        own = recommended_sampling(model).max_guidance_scale
-        return [dataclasses.replace(r, max_guidance_scale=own) for r in requests]
-
-    run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value, finish=finish,
+    run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
+        finish=_models_own(model, ["max_guidance_scale"] if max_guidance is None else []),
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant,
