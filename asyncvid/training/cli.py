@@ -81,7 +81,7 @@ MOTION_GAIN = 1.0
 # Image stage: the weight of shape pairs' prediction differences (`--shape-pairs`; 0: plain frames only, as in r8 and
 # rounds 9-13, where squares came out as circles), and how many geometries are rendered for them (each as 3 shapes).
 SHAPE_PAIRS, SHAPE_PAIR_GEOMETRIES = 0.0, 4096
-SVD_STEPS = 3000  # the SVD UNet's (r4), the last fifth annealed
+SVD_STEPS = 4500  # the SVD UNet's (r5), the last fifth annealed (r4: 3,000, whose colour stopped at 94%: round 21)
 
 
 def _workdir(workdir: Path | None) -> Path:
@@ -290,8 +290,8 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         object_gain: Annotated[float, typer.Option(min=0.0, help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None,
         train_image_encoder: Annotated[bool, typer.Option("--train-image-encoder/--frozen-image-encoder", help="Train the CLIP vision tower with the UNet, so its embedding can tell the object's colour and shape (the tiny tower is random).")] = False):
-    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r4: 3,000 steps,
-    the last 600 annealed, about an hour on one thread beside the AnimateDiff run).
+    """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r5: 4,500 steps,
+    the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
     (`svd-vae`) did not reach usable colours in the CPU budget.
