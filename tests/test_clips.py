@@ -13,6 +13,7 @@ from asyncvid.eval.clips import (
     all_captions,
     heldout_captions,
     render,
+    render_colours,
     render_shapes,
     training_captions,
 )
@@ -101,6 +102,23 @@ def test_a_forced_background_changes_nothing_else_of_the_clip():
         sizes = [[np.ptp(np.argwhere(m), axis=0) for m in clip_masks] for clip_masks in masks]
         assert np.allclose(*sizes, atol=2.5), seed  # the same size (the radius is drawn after the background)
         assert (forced[:, 0, 0] == BACKGROUNDS[3]).all()
+
+
+def test_colour_frames_differ_only_in_the_colour():
+    """render_colours draws one geometry in each colour: the evaluator reads every colour in one shape, and the
+    frames differ only where the shape is (same background, place and size)."""
+    from asyncvid.eval.adherence import read_video
+    from asyncvid.eval.masks import object_masks
+
+    for seed in range(6):
+        shape, frames = render_colours(seed)
+        assert np.array_equal(frames, render_colours(seed)[1])
+        readings = [read_video(frame[None]) for frame in frames]
+        assert [(r.colour, r.shape) for r in readings] == [(c, shape) for c in COLOURS], seed
+        centroids = [np.argwhere(object_masks(frame[None])[0]).mean(0) for frame in frames]
+        assert np.ptp(centroids, axis=0).max() < 1.0, seed  # one place
+        differ = np.argwhere((frames != frames[0]).any(axis=(0, 3)))
+        assert np.abs(differ - centroids[0]).max() < 16, seed  # nothing changes away from the shape
 
 
 def test_shape_frames_differ_only_in_the_shape():

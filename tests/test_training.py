@@ -405,31 +405,68 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
     monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 6)
     calls = []
-    real = cli.shape_pair_loss_fn
+    real = cli.pair_loss_fn
 
-    def shape_pair_loss_fn(pipe, **kwargs):
+    def pair_loss_fn(pipe, **kwargs):
         loss = real(pipe, **kwargs)
-        return lambda model, batch, generator: calls.append(batch) or loss(model, batch, generator)
+        return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
+                                                                                                   generator)
 
-    monkeypatch.setattr(cli, "shape_pair_loss_fn", shape_pair_loss_fn)
+    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "2", "--image-batch", "8", "--threads", "1", "--shape-pairs", "4"]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
-    assert calls == [2, 2]  # a quarter of the batch's geometries, two shapes each: half of its frames
+    assert calls == [("shape", 2)] * 2  # a quarter of the batch's geometries, two shapes each: half of its frames
     assert list((tmp_path / "animatediff").glob("latents-*shapes6*"))
-    assert json.loads((tmp_path / "animatediff" / "train_log.json").read_text())["shape_pairs"] == 4.0
-    assert json.loads((tmp_path / "animatediff-image" / "train_log.json").read_text())["shape_pairs"] == 4.0
-    # The finished image stage is reused only with the weight it was trained with; another is refused, exit 2,
+    for stage in ("animatediff", "animatediff-image"):
+        log = json.loads((tmp_path / stage / "train_log.json").read_text())
+        assert (log["shape_pairs"], log["colour_pairs"]) == (4.0, 0.0)
+    # The finished image stage is reused only with the weights it was trained with; another is refused, exit 2,
     # before the clips' stage writes anything.
     clips_log = (tmp_path / "animatediff" / "train_log.json").read_bytes()
     refused = CliRunner().invoke(cli.app, [*args[:-1], "0", "--steps", "2"])
     assert refused.exit_code == 2, refused.output
     assert "--shape-pairs 0" in refused.output and "--shape-pairs 4" in refused.output
+    refused = CliRunner().invoke(cli.app, [*args, "--colour-pairs", "2", "--steps", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert "--colour-pairs 2" in refused.output and "--colour-pairs 0" in refused.output
     assert (tmp_path / "animatediff" / "train_log.json").read_bytes() == clips_log
     reused = CliRunner().invoke(cli.app, [*args, "--steps", "2"])
     assert reused.exit_code == 0 and "trained already" in reused.output, reused.output
-    assert calls == [2, 2]  # not trained again
+    assert calls == [("shape", 2)] * 2  # not trained again
+
+
+def test_colour_and_shape_pairs_share_the_pairs_half_of_the_batch(tmp_path, monkeypatch):
+    """With --colour-pairs and --shape-pairs both, the image stage's pairs half is split between the two kinds
+    (colour pairs cached under their own name) and the log records both weights."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
+    monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 3)
+    monkeypatch.setattr(cli, "COLOUR_PAIR_GEOMETRIES", 2)
+    calls = []
+    real = cli.pair_loss_fn
+
+    def pair_loss_fn(pipe, **kwargs):
+        loss = real(pipe, **kwargs)
+        return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
+                                                                                                   generator)
+
+    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
+    args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
+            "--image-steps", "1", "--image-batch", "16", "--threads", "1", "--shape-pairs", "4", "--colour-pairs", "2"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert calls == [("shape", 2), ("colour", 2)]  # 8 paired frames: 2 geometries of each kind, two frames each
+    assert list((tmp_path / "animatediff").glob("latents-*colours2*"))
+    log = json.loads((tmp_path / "animatediff-image" / "train_log.json").read_text())
+    assert (log["shape_pairs"], log["colour_pairs"]) == (4.0, 2.0)
 
 
 def test_train_all_refuses_an_anneal_longer_than_the_steps_before_any_work(tmp_path):
@@ -689,14 +726,31 @@ def test_shared_noise_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
             assert float((means - means[:, :, :1]).abs().max()) > 0.1 and abs(correlation) < 0.05
 
 
-def test_shape_pairs_noise_two_shapes_alike_and_train_their_difference(tmp_path):
-    """Each pair is one geometry as two shapes, captioned "a <colour> <shape>", at one step with one noise: the
-    inputs differ by sqrt(alpha) times the shapes' latents' difference, and (the noise cancelling) the difference
-    term charges the targets' difference, sqrt(1 - alpha) times the latents'."""
+def test_colour_pairs_pair_each_colour_with_its_nearest_hues():
+    """A colour is paired with two others, never itself, and the warm hues a model trades (red, orange, yellow)
+    with each other; a shape with every other shape."""
+    from asyncvid.eval.clips import COLOURS
+    from asyncvid.training.animatediff import _partners
+
+    names = list(COLOURS)
+    colour = {names[i]: {names[j] for j in row} for i, row in enumerate(_partners("colour").tolist())}
+    assert all(len(partners) == 2 and name not in partners for name, partners in colour.items())
+    assert colour["red"] == {"orange", "yellow"} and colour["orange"] == {"red", "yellow"}
+    assert colour["cyan"] == {"green", "blue"}
+    assert _partners("shape").tolist() == [[1, 2], [2, 0], [0, 1]]
+    with pytest.raises(ValueError, match="'size'"):
+        _partners("size")
+
+
+@pytest.mark.parametrize("attribute", ["shape", "colour"])
+def test_pairs_noise_two_frames_alike_and_train_their_difference(tmp_path, attribute):
+    """Each pair is one geometry with two shapes (or colours), captioned "a <colour> <shape>", at one step with one
+    noise: the inputs differ by sqrt(alpha) times the two latents' difference, and (the noise cancelling) the
+    difference term charges the targets' difference, sqrt(1 - alpha) times the latents'."""
     from types import SimpleNamespace
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training.animatediff import _objective, shape_pair_loss_fn
+    from asyncvid.training.animatediff import _objective, pair_loss_fn
 
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff()
@@ -709,14 +763,15 @@ def test_shape_pairs_noise_two_shapes_alike_and_train_their_difference(tmp_path)
 
     for difference_weight in (0.0, 4.0):
         seen.clear()
-        loss = shape_pair_loss_fn(pipe, pairs=8, cache_dir=tmp_path, difference_weight=difference_weight)
+        loss = pair_loss_fn(pipe, pairs=8, attribute=attribute, cache_dir=tmp_path,
+                            difference_weight=difference_weight)
         losses[difference_weight] = float(loss(unet, 6, torch.Generator().manual_seed(0)))
     [(sample, t, hidden)] = seen
     assert sample.shape[0] == 12 and torch.equal(t[:6], t[6:]) and int(t.max()) < 999
-    assert not torch.equal(hidden[:6], hidden[6:])  # the captions differ (in the shape word)
+    assert not torch.equal(hidden[:6], hidden[6:])  # the captions differ (in the shape or colour word)
     alpha = schedule.alphas_cumprod[t[:6]]
     latents_apart = (sample[:6] - sample[6:]) / alpha.sqrt()[:, None, None, None, None]
     targets_apart = (1 - alpha) * latents_apart.square().mean(dim=(1, 2, 3, 4))
     expected = 4.0 * float((weight[t[:6]] * targets_apart).mean())
     assert expected > 1e-4 and losses[4.0] - losses[0.0] == pytest.approx(expected, rel=1e-3)
-    assert list(tmp_path.glob("latents-*shapes8*"))  # encoded once, kept for the next run
+    assert list(tmp_path.glob(f"latents-*{attribute}s8*"))  # encoded once, kept for the next run

@@ -170,6 +170,22 @@ def render_shapes(seed: int) -> tuple[str, np.ndarray]:
     return colour, np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
 
+def render_colours(seed: int) -> tuple[str, np.ndarray]:
+    """One frame's geometry (background, shape, size, a place on some clip's path) drawn by `seed`, rendered once
+    per colour: (shape, uint8 (8 colours, 64, 64, 3)). Frames that differ only in the colour, for training the
+    colour word on what tells neighbouring hues apart (asyncvid.training.animatediff.pair_loss_fn)."""
+    rng = np.random.default_rng([seed, 0xC0])
+    background = _background(rng)
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    radius = rng.uniform(*RADIUS)
+    dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]]
+    (x0, y0), t = _start(rng, dx, dy), rng.uniform()
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
+    alpha = _coverage(shape, xx - (x0 + dx * TRAVEL * t), yy - (y0 + dy * TRAVEL * t), radius)[..., None]
+    frames = [background * (1 - alpha) + np.array(rgb, dtype=np.float32) * alpha for rgb in COLOURS.values()]
+    return shape, np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
+
+
 def heldout_images() -> list[tuple[Caption, int]]:
     """The image-to-video evaluation set: every colour on every plain background (48 images), shapes cycling so each
     background shows each shape and each colour each shape twice, captions from the held-out ones; (caption,

@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from asyncvid.eval.clips import SHAPES
+from asyncvid.eval.clips import COLOURS, SHAPES
 from asyncvid.pipelines.initial_noise import shared_frame_noise
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick, shape_set
+from asyncvid.training.data import cache_name, cached, clip_set, colour_set, encode_frames, object_mask, pick, shape_set
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
@@ -209,27 +209,53 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     return loss
 
 
-def shape_pair_loss_fn(pipe, *, pairs: int, seed: int = 0, cache_dir=None, schedule: dict | None = None,
-                       snr_cap: float = 5.0, difference_weight: float = 4.0):
-    """An image model's loss on frames that differ only in the shape, captioned "a <colour> <shape>": each sample
-    is one geometry drawn as two shapes, noised with the same noise at the same step; besides each frame's own
-    error, `difference_weight` weighs the error of the two predictions' difference against the two targets'.
+# Colour pairs pair each colour with its two nearest in RGB (red, orange and yellow with each other): the hues a
+# model trades for one another (round 23: on the r5 VAE, red came out orange and orange yellow).
+COLOUR_NEIGHBOURS = 2
+
+
+def _partners(attribute: str) -> torch.Tensor:
+    """(values, k): the values of `attribute` each value is paired with, as indices into SHAPES or COLOURS."""
+    if attribute == "shape":  # every other shape
+        return torch.tensor([[(v + k) % len(SHAPES) for k in range(1, len(SHAPES))] for v in range(len(SHAPES))])
+    if attribute == "colour":
+        rgb = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+        return torch.cdist(rgb, rgb).argsort(dim=1)[:, 1:1 + COLOUR_NEIGHBOURS]
+    raise ValueError(f"attribute must be 'shape' or 'colour', got '{attribute}'")
+
+
+def pair_loss_fn(pipe, *, pairs: int, attribute: str = "shape", seed: int = 0, cache_dir=None,
+                 schedule: dict | None = None, snr_cap: float = 5.0, difference_weight: float = 4.0):
+    """An image model's loss on frames that differ only in one word's `attribute` ("shape" or "colour"),
+    captioned "a <colour> <shape>": each sample is one geometry drawn with two values of it, noised with the same
+    noise at the same step; besides each frame's own error, `difference_weight` weighs the error of the two
+    predictions' difference against the two targets'.
 
     A square and a circle of the same area (clips version 1) differ in a few latent pixels at their outline (a
     seventh of what a triangle and a circle differ by), so on plain frames the UNet learned colour, place and the
     triangle and drew squares and circles alike (docs/MODELS.md, round 14; version 2 draws squares on the circle's
     box, round 16). The difference cancels what the two frames share (the
-    background, the place, the noise) and leaves the shape word's share of the prediction. Every colour-shape pair
-    occurs in training, so no held-out combination is shown; `pairs` geometries are encoded once with `pipe.vae`.
+    background, the place, the noise) and leaves the word's share of the prediction. Colours are paired with their
+    nearest (`_partners`). Every colour-shape pair occurs in training, so no held-out combination is shown; `pairs`
+    geometries are encoded once with `pipe.vae`.
     """
-    def encode():
-        colours, frames = shape_set(pairs, seed)
-        latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(SHAPES)))
-        return colours, latents.unsqueeze(3)  # (pairs, shapes, C, 1 frame, h, w)
+    partners = _partners(attribute)
+    values = SHAPES if attribute == "shape" else list(COLOURS)
+    make = shape_set if attribute == "shape" else colour_set
 
-    colours, latents = cached(cache_dir and cache_dir / cache_name(pipe.vae, shapes=pairs, seed=seed), encode)
-    texts = [f"a {c} {s}" for c in dict.fromkeys(colours) for s in SHAPES]
-    index = torch.tensor([[texts.index(f"a {c} {s}") for s in SHAPES] for c in colours])
+    def encode():
+        others, frames = make(pairs, seed)  # the other word of each geometry, and its frames, one per value
+        latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(values)))
+        return others, latents.unsqueeze(3)  # (pairs, values, C, 1 frame, h, w)
+
+    name = cache_name(pipe.vae, **{"shapes" if attribute == "shape" else "colours": pairs}, seed=seed)
+    others, latents = cached(cache_dir and cache_dir / name, encode)
+
+    def text(other, value):
+        return f"a {other} {value}" if attribute == "shape" else f"a {value} {other}"
+
+    texts = [text(o, v) for o in dict.fromkeys(others) for v in values]
+    index = torch.tensor([[texts.index(text(o, v)) for v in values] for o in others])
     ids = caption_ids(pipe.tokenizer, texts + [""])
     with torch.no_grad():
         embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
@@ -237,8 +263,8 @@ def shape_pair_loss_fn(pipe, *, pairs: int, seed: int = 0, cache_dir=None, sched
 
     def loss(model, batch, generator):
         row = pick(pairs, batch, generator)
-        first = torch.randint(0, len(SHAPES), (batch,), generator=generator)
-        second = (first + torch.randint(1, len(SHAPES), (batch,), generator=generator)) % len(SHAPES)
+        first = torch.randint(0, len(values), (batch,), generator=generator)
+        second = partners[first, torch.randint(0, partners.shape[1], (batch,), generator=generator)]
         x0 = torch.cat([latents[row, first], latents[row, second]])
         cond = torch.cat([index[row, first], index[row, second]])
         dropped = (torch.rand(batch, generator=generator) < CAPTION_DROPOUT).repeat(2)

@@ -31,7 +31,7 @@ from asyncvid.training.animatediff import (
     TRAIN_TEXT,
     UNetWithText,
     animatediff_loss_fn,
-    shape_pair_loss_fn,
+    pair_loss_fn,
 )
 from asyncvid.training.export import export_all
 from asyncvid.training.loop import TrainConfig, train
@@ -81,6 +81,9 @@ MOTION_GAIN = 1.0
 # Image stage: the weight of shape pairs' prediction differences (`--shape-pairs`; 0: plain frames only, as in r8 and
 # rounds 9-13, where squares came out as circles), and how many geometries are rendered for them (each as 3 shapes).
 SHAPE_PAIRS, SHAPE_PAIR_GEOMETRIES = 0.0, 4096
+# Image stage: the same for colour pairs (`--colour-pairs`; each colour with its nearest two), 8 colours per
+# geometry. Off in every recipe (round 23 tries it against the r5 VAE's warm hues).
+COLOUR_PAIRS, COLOUR_PAIR_GEOMETRIES = 0.0, 1024
 SVD_STEPS = 4500  # the SVD UNet's (r5), the last fifth annealed (r4: 3,000, whose colour stopped at 94%: round 21)
 
 
@@ -201,6 +204,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
                 motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN,
                 shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
+                colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
@@ -227,7 +231,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     if image_steps:
         image = _config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
                         seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5)
-        if not _image_stage(pipe, model, image, settings, train_text, shape_pairs):
+        if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
@@ -240,38 +244,42 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                high_noise={"share": high_noise[0], "from": high_noise[1]},
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
                motion_gain=motion_gain, shared_noise=shared_noise, shape_pairs=shape_pairs,
-               partial_captions=partial_captions)
+               colour_pairs=colour_pairs, partial_captions=partial_captions)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)
 
 
-def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0) -> bool:
+def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0, colour_pairs=0.0) -> bool:
     """AnimateDiff's first stage: `model` trained on single frames of the clips (or loaded, once trained), so the
-    clips' stage starts from an image model; with `shape_pairs`, half of each batch is shape pairs
-    (shape_pair_loss_fn). False when the time limit stopped it before its step budget."""
+    clips' stage starts from an image model; with `shape_pairs` / `colour_pairs`, half of each batch is such pairs
+    (pair_loss_fn). False when the time limit stopped it before its step budget."""
     final, log_file = config.workdir / "final", config.workdir / "train_log.json"
     log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
     finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
-    trained = log.get("shape_pairs", 0.0)  # logs from before round 14 trained without pairs
-    if finished and trained != shape_pairs:
-        raise typer.BadParameter(
-            f"--shape-pairs {shape_pairs:g}: the finished image stage in {config.workdir} was trained with "
-            f"--shape-pairs {trained:g}; pass that, or --fresh to train both stages again")
+    weights = {"shape": shape_pairs, "colour": colour_pairs}
+    for attribute, weight in weights.items():
+        trained = log.get(f"{attribute}_pairs", 0.0)  # logs from before rounds 14 / 23 trained without them
+        if finished and trained != weight:
+            raise typer.BadParameter(
+                f"--{attribute}-pairs {weight:g}: the finished image stage in {config.workdir} was trained with "
+                f"--{attribute}-pairs {trained:g}; pass that, or --fresh to train both stages again")
     if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
-        loss = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
-        if shape_pairs:
-            frames = loss
-            pairs = shape_pair_loss_fn(pipe, pairs=SHAPE_PAIR_GEOMETRIES, seed=settings["seed"], cache_dir=cache,
-                                       schedule=settings["schedule"], snr_cap=settings["snr_cap"],
-                                       difference_weight=shape_pairs)
-
+        frames = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
+        geometries = {"shape": SHAPE_PAIR_GEOMETRIES, "colour": COLOUR_PAIR_GEOMETRIES}
+        pairs = [pair_loss_fn(pipe, attribute=a, pairs=geometries[a], seed=settings["seed"], cache_dir=cache,
+                              schedule=settings["schedule"], snr_cap=settings["snr_cap"], difference_weight=w)
+                 for a, w in weights.items() if w]
+        loss = frames
+        if pairs:
             def loss(model, batch, generator):  # half the frames plain, half in pairs: the batch's cost is kept
-                return (frames(model, batch - batch // 2, generator) + pairs(model, batch // 4 or 1, generator)) / 2
+                per = max(batch // (4 * len(pairs)), 1)  # geometries of each kind, two frames each
+                paired = sum(p(model, per, generator) for p in pairs) / len(pairs)
+                return (frames(model, batch - batch // 2, generator) + paired) / 2
         log = train(model, loss, config, name="animatediff-image")
-        log["shape_pairs"] = shape_pairs
+        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs)
         if train_text:
             pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
         _finish(pipe.unet, config, log)
