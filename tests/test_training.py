@@ -30,6 +30,45 @@ def test_resumed_run_matches_an_uninterrupted_one(tmp_path):
         assert torch.equal(a, b)
 
 
+def test_a_checkpoint_resumes_only_with_the_recipe_it_was_trained_with(tmp_path):
+    """A run stopped half way and restarted with another loss setting (say --object-gain) is refused in one line
+    naming both values, not resumed as a mix of two recipes; the same recipe, or a checkpoint from before recipes
+    were kept, resumes."""
+    from asyncvid.errors import UsageError
+
+    recipe = (("object_gain", 1.0), ("shape_pairs", 0.0))
+    train(_toy(), _loss, TrainConfig(tmp_path / "a", steps=1, recipe=recipe), name="toy")
+    before = (tmp_path / "a" / "checkpoint.pt").read_bytes()
+    other = (("object_gain", 2.0), ("shape_pairs", 0.0))
+    with pytest.raises(UsageError, match=r"--object-gain 2.0: toy's checkpoint .* --object-gain 1.0; .*--fresh"):
+        train(_toy(), _loss, TrainConfig(tmp_path / "a", steps=2, recipe=other), name="toy")
+    assert (tmp_path / "a" / "checkpoint.pt").read_bytes() == before  # nothing trained
+    assert train(_toy(), _loss, TrainConfig(tmp_path / "a", steps=2, recipe=recipe), name="toy")["steps"] == 2
+    train(_toy(), _loss, TrainConfig(tmp_path / "old", steps=1), name="toy")  # kept no recipe
+    assert train(_toy(), _loss, TrainConfig(tmp_path / "old", steps=2, recipe=other), name="toy")["steps"] == 2
+
+
+def test_the_training_cli_refuses_another_recipe_with_exit_2(tmp_path, monkeypatch, capsys):
+    """`python -m asyncvid.training svd` resumed with another --object-gain: one line on stderr, exit code 2."""
+    import sys
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
+    args = ["svd", "--workdir", str(tmp_path), "--steps", "2", "--anneal", "0", "--batch", "1", "--clips", "1",
+            "--minutes", "0.0001"]  # stopped by the limit after one step: a checkpoint to resume
+    monkeypatch.setattr(sys, "argv", ["asyncvid.training", *args])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 0 and (tmp_path / "svd" / "checkpoint.pt").is_file()
+    monkeypatch.setattr(sys, "argv", ["asyncvid.training", *args, "--object-gain", "3"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and "error: --object-gain 3.0:" in err and "--object-gain 0.0" in err, err
+
+
 def test_training_gives_the_process_its_thread_count_back(tmp_path):
     # A leaked count changed float rounding for every later sampler in the process (a notebook-vs-CLI test failed).
     before = torch.get_num_threads()

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from diffusers import AutoencoderKL
 
+from asyncvid.errors import UsageError
 from asyncvid.pipelines.embedded import cache_root
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import (
@@ -230,11 +231,15 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     image = None
     if image_steps:
         image = _config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
-                        seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5)
+                        seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5,
+                        recipe=(("object_gain", object_gain), ("shape_pairs", shape_pairs),
+                                ("colour_pairs", colour_pairs)))
         if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),))
+                     fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),),
+                     recipe=(("object_gain", object_gain), ("mean_share", mean_share), ("shared_noise", shared_noise),
+                             ("partial_captions", partial_captions)))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
                                shared_noise=shared_noise, partial_captions=partial_captions, **settings)
     log = train(model, loss, config, name="animatediff")
@@ -309,7 +314,8 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     pipe = build_tiny_svd(seed)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal)
+                     fresh=fresh, lr=lr, anneal=anneal,
+                     recipe=(("object_gain", object_gain),))
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
     model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
     log = train(model, loss, config, name="svd")
@@ -379,7 +385,11 @@ def _finish(model, config, log) -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        app()
+    except UsageError as err:  # e.g. a checkpoint resumed with another recipe: one line, nothing trained
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from asyncvid.errors import UsageError
 from asyncvid.runtime.launch import cpu_threads
 
 
@@ -33,6 +34,9 @@ class TrainConfig:
     lr_gains: tuple[tuple[str, float], ...] = ()
     checkpoint_every: int = 100
     resume: bool = True
+    # (name, value): the settings the loss was built with (e.g. --shape-pairs); the checkpoint keeps them, and a
+    # run asking for other values is refused rather than resumed as a mix of two recipes
+    recipe: tuple[tuple[str, object], ...] = ()
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -87,14 +91,15 @@ def _train(model, loss_fn, config, name) -> dict:
         try:
             model.load_state_dict(state["model"])
         except RuntimeError as e:  # e.g. a VAE checkpoint from before the r4 architecture
-            raise ValueError(f"{config.checkpoint} holds a different model than {name} builds now "
+            raise UsageError(f"{config.checkpoint} holds a different model than {name} builds now "
                              f"({str(e).splitlines()[0]}); start over with --fresh or choose another --workdir") from None
         average.load_state_dict(state["average"])
         try:
             opt.load_state_dict(state["opt"])
         except ValueError:  # another split into learning-rate groups (lr_gains) than the checkpoint's
-            raise ValueError(f"{config.checkpoint} was trained with other learning-rate gains than {name} asks for "
+            raise UsageError(f"{config.checkpoint} was trained with other learning-rate gains than {name} asks for "
                              f"now; resume with the same gains, or start over with --fresh") from None
+        _check_recipe(config, name, dict(state.get("recipe", ())))  # checkpoints from before it kept none
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         step, seconds, losses = state["step"], state["seconds"], state["losses"]
@@ -149,11 +154,20 @@ def _mean_tail(losses: list[float], n: int = 100) -> float | None:
     return round(sum(tail) / len(tail), 5) if tail else None
 
 
+def _check_recipe(config: TrainConfig, name: str, saved: dict) -> None:
+    """Refuse to resume a checkpoint whose loss was built with other settings than this run's."""
+    for key, value in config.recipe:
+        if key in saved and saved[key] != value:
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"{flag} {value}: {name}'s checkpoint {config.checkpoint} was trained with {flag} "
+                             f"{saved[key]}; resume with that, or start over with --fresh")
+
+
 def _save(config, model, average, opt, generator, step, seconds, losses) -> None:
     """Write the checkpoint next to the old one and rename, so an interrupted save never loses the last one."""
     state = {"model": model.state_dict(), "average": average.state_dict(), "opt": opt.state_dict(),
              "generator": generator.get_state(), "torch_rng": torch.get_rng_state(), "step": step,
-             "seconds": seconds, "losses": losses}
+             "seconds": seconds, "losses": losses, "recipe": dict(config.recipe)}
     tmp = config.checkpoint.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(config.checkpoint)
