@@ -431,6 +431,20 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
     assert all(torch.equal(starts[0][1][k], image[k]) for k in image)
 
 
+def _spy_on_pair_losses(cli, monkeypatch) -> list:
+    """The (attribute, geometries) of every pair loss call the training CLI makes, recorded as it trains."""
+    calls = []
+    real = cli.pair_loss_fn
+
+    def pair_loss_fn(pipe, **kwargs):
+        loss = real(pipe, **kwargs)
+        return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
+                                                                                                   generator)
+
+    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
+    return calls
+
+
 def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     """--shape-pairs trains the image stage on plain frames and shape pairs (their latents cached beside the
     clips'), and the training log records the weight."""
@@ -443,15 +457,7 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
     monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 6)
-    calls = []
-    real = cli.pair_loss_fn
-
-    def pair_loss_fn(pipe, **kwargs):
-        loss = real(pipe, **kwargs)
-        return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
-                                                                                                   generator)
-
-    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
+    calls = _spy_on_pair_losses(cli, monkeypatch)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "2", "--image-batch", "8", "--threads", "1", "--shape-pairs", "4"]
     result = CliRunner().invoke(cli.app, args)
@@ -489,15 +495,7 @@ def test_colour_and_shape_pairs_share_the_pairs_half_of_the_batch(tmp_path, monk
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
     monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 3)
     monkeypatch.setattr(cli, "COLOUR_PAIR_GEOMETRIES", 2)
-    calls = []
-    real = cli.pair_loss_fn
-
-    def pair_loss_fn(pipe, **kwargs):
-        loss = real(pipe, **kwargs)
-        return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
-                                                                                                   generator)
-
-    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
+    calls = _spy_on_pair_losses(cli, monkeypatch)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "1", "--image-batch", "16", "--threads", "1", "--shape-pairs", "4", "--colour-pairs", "2"]
     result = CliRunner().invoke(cli.app, args)
