@@ -155,7 +155,7 @@ def render(caption: Caption, seed: int, num_frames: int = 16, background: int | 
 def render_shapes(seed: int) -> tuple[str, np.ndarray]:
     """One frame's geometry (background, colour, size, a place on some clip's path) drawn by `seed`, rendered once
     per shape: (colour, uint8 (3 shapes, 64, 64, 3)). Frames that differ only in the shape, for training the shape
-    word on what tells the shapes apart (asyncvid.training.animatediff.shape_pair_loss_fn)."""
+    word on what tells the shapes apart (asyncvid.training.animatediff.pair_loss_fn)."""
     rng = np.random.default_rng([seed, 0x5A])
     background = _background(rng)
     colour = list(COLOURS)[rng.integers(len(COLOURS))]

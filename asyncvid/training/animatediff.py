@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from asyncvid.eval.clips import COLOURS, SHAPES
+from asyncvid.eval.clips import COLOURS, SHAPES, render_colours, render_shapes
 from asyncvid.pipelines.initial_noise import shared_frame_noise
-from asyncvid.training.data import cache_name, cached, clip_set, colour_set, encode_frames, object_mask, pick, shape_set
+from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick, variant_set
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
@@ -241,10 +241,10 @@ def pair_loss_fn(pipe, *, pairs: int, attribute: str = "shape", seed: int = 0, c
     """
     partners = _partners(attribute)
     values = SHAPES if attribute == "shape" else list(COLOURS)
-    make = shape_set if attribute == "shape" else colour_set
+    render = render_shapes if attribute == "shape" else render_colours
 
     def encode():
-        others, frames = make(pairs, seed)  # the other word of each geometry, and its frames, one per value
+        others, frames = variant_set(render, pairs, seed)  # the word each geometry keeps, a frame per value
         latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(values)))
         return others, latents.unsqueeze(3)  # (pairs, values, C, 1 frame, h, w)
 

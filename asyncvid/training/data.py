@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asyncvid.eval.clips import VERSION, Caption, render, render_colours, render_shapes, training_captions
+from asyncvid.eval.clips import VERSION, Caption, render, training_captions
 
 
 def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
@@ -23,18 +23,11 @@ def clip_set(clips_per_caption: int, num_frames: int, seed: int) -> tuple[list[C
     return captions, torch.stack([clip_tensor(c, s, num_frames) for c, s in zip(captions, seeds)])
 
 
-def shape_set(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """`n` frame geometries, each rendered as every shape (asyncvid.eval.clips.render_shapes): their colours and
-    (n, shapes, 3, 64, 64) floats in [-1, 1]."""
-    colours, frames = zip(*(render_shapes(seed * 1_000_003 + i) for i in range(n)))
-    return list(colours), torch.from_numpy(np.stack(frames)).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
-
-
-def colour_set(n: int, seed: int) -> tuple[list[str], torch.Tensor]:
-    """`n` frame geometries, each rendered in every colour (asyncvid.eval.clips.render_colours): their shapes and
-    (n, colours, 3, 64, 64) floats in [-1, 1]."""
-    shapes, frames = zip(*(render_colours(seed * 1_000_003 + i) for i in range(n)))
-    return list(shapes), torch.from_numpy(np.stack(frames)).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
+def variant_set(render, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+    """`n` frame geometries, each drawn once per shape or colour by `render` (asyncvid.eval.clips.render_shapes or
+    render_colours): the word each geometry keeps, and (n, variants, 3, 64, 64) floats in [-1, 1]."""
+    kept, frames = zip(*(render(seed * 1_000_003 + i) for i in range(n)))
+    return list(kept), torch.from_numpy(np.stack(frames)).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
 
 
 def object_weight(images: torch.Tensor, gain: float = 9.0) -> torch.Tensor:
@@ -84,4 +77,4 @@ def pick(n: int, batch: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, n, (batch,), generator=generator)
 
 
-__all__ = ["clip_set", "clip_tensor", "colour_set", "encode_frames", "np", "object_mask", "object_weight", "pick", "shape_set"]
+__all__ = ["clip_set", "clip_tensor", "encode_frames", "np", "object_mask", "object_weight", "pick", "variant_set"]
