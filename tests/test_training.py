@@ -594,7 +594,7 @@ def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixel
     the shape, and log(3) (no information) for constant latents, which the loss adds at its weight."""
     from types import SimpleNamespace
 
-    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _shape_error, shape_readout, vae_loss_fn
+    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _label_error, shape_readout, vae_loss_fn
 
     readout = shape_readout()
     mask = torch.zeros(2, 1, 32, 32)
@@ -602,12 +602,12 @@ def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixel
     labels = torch.tensor([0, 2])
     latents = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     latents[:, :, 1:3, 1:3] = 3 * readout[labels][:, :, None, None]
-    assert float(_shape_error(latents, mask, labels, readout)) < 0.05
-    assert float(_shape_error(latents, mask, labels.flip(0), readout)) > 2 * SHAPE_LOGIT_SCALE
+    assert float(_label_error(latents, mask, labels, readout)) < 0.05
+    assert float(_label_error(latents, mask, labels.flip(0), readout)) > 2 * SHAPE_LOGIT_SCALE
     off_shape = latents.clone()
     off_shape[:, :, 0] = 10.0
-    assert torch.equal(_shape_error(off_shape, mask, labels, readout), _shape_error(latents, mask, labels, readout))
-    assert float(_shape_error(latents, torch.zeros_like(mask), labels, readout)) == 0.0
+    assert torch.equal(_label_error(off_shape, mask, labels, readout), _label_error(latents, mask, labels, readout))
+    assert float(_label_error(latents, torch.zeros_like(mask), labels, readout)) == 0.0
 
     posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
                                 kl=lambda: torch.zeros(4))
@@ -616,6 +616,39 @@ def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixel
     losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, shape_align=w)(
         model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 2.0)]
     assert losses[1] - losses[0] == pytest.approx(2 * math.log(3), rel=1e-5)
+
+
+def test_colour_alignment_puts_the_colours_on_a_wheel_the_shape_readout_does_not_see():
+    """`vae --colour-align`: 8 unit directions at equal angles in colour-wheel order (neighbours 45 degrees apart,
+    opposite hues opposite), each moving every shape's logit alike, so it cannot undo the shape alignment; the loss
+    reads each colour from its own direction, and adds log(8) at its weight for latents that tell no colour."""
+    from types import SimpleNamespace
+
+    from asyncvid.eval.clips import COLOURS
+    from asyncvid.training.vae import COLOUR_WHEEL, _label_error, colour_readout, shape_readout, vae_loss_fn
+
+    wheel, shapes = colour_readout(), shape_readout()
+    assert COLOUR_WHEEL == tuple(COLOURS) and wheel.shape == (8, 4)
+    cosines = wheel @ wheel.T
+    assert torch.allclose(torch.diagonal(cosines), torch.ones(8), atol=1e-5)
+    assert torch.allclose(torch.diagonal(cosines.roll(1, 1)), torch.full((8,), math.cos(math.pi / 4)), atol=1e-5)
+    assert torch.allclose(torch.diagonal(cosines.roll(4, 1)), -torch.ones(8), atol=1e-5)
+    moved = shapes @ wheel.T  # (shapes, colours): a colour's step in each shape's logit
+    assert torch.allclose(moved, moved[:1].expand_as(moved), atol=1e-5)
+
+    mask = torch.ones(8, 1, 8, 8)
+    labels = torch.arange(8)
+    latents = 4 * wheel[:, :, None, None].expand(8, 4, 1, 1)
+    assert float(_label_error(latents, mask, labels, wheel)) < 0.1
+    assert float(_label_error(latents, mask, labels.roll(1), wheel)) > 1.0  # each drawn as its neighbour
+
+    posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
+                                kl=lambda: torch.zeros(4))
+    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior),
+                            decode=lambda z: SimpleNamespace(sample=z))
+    losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, colour_align=w)(
+        model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 2.0)]
+    assert losses[1] - losses[0] == pytest.approx(2 * math.log(8), rel=1e-5)
 
 
 def test_latent_noise_makes_an_exact_copy_pay_and_is_off_by_default():
@@ -680,6 +713,11 @@ def test_vae_recipe_runs_its_phases_each_resuming_the_last(tmp_path, monkeypatch
     trained_on.clear()
     cli.vae(workdir=tmp_path, clips=1, fresh=True, latent_noise=0.1)
     assert trained_on == [(0.5, 0.1), (0.5, 0.1)]
+    trained_on.clear()
+    cli.vae(workdir=tmp_path, clips=1, fresh=True, colour_align=0.3)
+    assert trained_on == [(0.5, 0.0), (0.5, 0.2)]
+    log = json.loads((tmp_path / "vae" / "train_log.json").read_text())
+    assert [p["colour_align"] for p in log["phases"]] == [0.3, 0.3] and log["colour_align"] == 0.3
 
 
 def test_a_continued_vae_logs_every_phase_with_the_loss_it_trained_on(tmp_path, monkeypatch):

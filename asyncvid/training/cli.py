@@ -115,17 +115,20 @@ def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wa
         edge_weight: Annotated[float, typer.Option(min=0.0, help="Weight of an L1 loss on neighbouring-pixel differences; 0 turns it off.")] = 0.0,
         kl_weight: Annotated[float, typer.Option(min=0.0, help="Weight of the KL term that keeps the latent space smooth.")] = KL_WEIGHT,
         shape_align: Annotated[Optional[float], typer.Option(min=0.0, help="Weight of a loss that makes the shape's latent pixels tell its shape by a whole standard deviation, in every phase; 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None,
-        latent_noise: Annotated[Optional[float], typer.Option(min=0.0, help="Decode from latents with this much Gaussian noise (in standard deviations), in every phase; 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None):
+        latent_noise: Annotated[Optional[float], typer.Option(min=0.0, help="Decode from latents with this much Gaussian noise (in standard deviations), in every phase; 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None,
+        colour_align: Annotated[Optional[float], typer.Option(min=0.0, help="Weight of a loss that makes the shape's latent pixels tell its colour along directions on a colour wheel, in every phase (round 24); 0 turns it off \\[default: the recipe's; 0 in a custom phase].")] = None):
     """The AutoencoderKL both embedded pipelines decode with, on single frames. By default the r5 recipe
     (VAE_RECIPE): 6,000 steps with the shape alignment, on windows around the shape and then on whole frames,
     then 2,500 more decoding through latent noise, each phase resuming the last (about 27 minutes on two threads);
     its log records the round-trip adherence of the held-out clips."""
     given = {k: v for k, v in dict(steps=steps, anneal=anneal, lr=lr, crop=crop, batch=batch).items() if v is not None}
     if given:  # a custom phase trains without the recipe's extra losses unless they are given
-        phases = [{**VAE_RECIPE[0], "anneal": 0, "shape_align": 0.0, "latent_noise": 0.0, **given}]
+        phases = [{**VAE_RECIPE[0], "anneal": 0, "shape_align": 0.0, "latent_noise": 0.0, "colour_align": 0.0,
+                   **given}]
     else:
         phases = list(VAE_RECIPE)
-    losses = {k: v for k, v in dict(shape_align=shape_align, latent_noise=latent_noise).items() if v is not None}
+    losses = {k: v for k, v in dict(shape_align=shape_align, latent_noise=latent_noise,
+                                    colour_align=colour_align).items() if v is not None}
     _train_vae("vae", build_vae(seed), False, workdir, minutes, [{**phase, **losses} for phase in phases], seed=seed,
                threads=threads, fresh=fresh, clips=clips, edge_weight=edge_weight, kl_weight=kl_weight)
 
@@ -155,20 +158,21 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
             raise typer.BadParameter(f"--crop {phase['crop']} must be a multiple of 8 from 8 to 64 (the frame)")
     options = dict(edge_weight=edge_weight, kl_weight=kl_weight)
     # Each phase in the log with the loss it trained on.
-    phases = [{"shape_align": 0.0, "latent_noise": 0.0, **phase, **options} for phase in phases]
+    phases = [{"shape_align": 0.0, "latent_noise": 0.0, "colour_align": 0.0, **phase, **options}
+              for phase in phases]
     earlier = _earlier_phases(_workdir(workdir) / stage, phases[0]["steps"], fresh)
     for i, phase in enumerate(phases):
         config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
         loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
                            crop=phase["crop"], kl_weight=kl_weight, shape_align=phase["shape_align"],
-                           latent_noise=phase["latent_noise"])
+                           latent_noise=phase["latent_noise"], colour_align=phase["colour_align"])
         log = train(model, loss, config, name=stage)
         if log["steps"] < config.steps:
             break  # the time limit (it counts the earlier phases' time too); _finish says how to go on
     # The log's config is the last phase's; `phases` lists those run so far, by this command and those it resumed.
     log.update(**options, crop=phase["crop"], shape_align=phase["shape_align"], latent_noise=phase["latent_noise"],
-               phases=earlier + phases[:i + 1])
+               colour_align=phase["colour_align"], phases=earlier + phases[:i + 1])
     log["scaling_factor"] = set_scaling_factor(model)
     if not temporal:
         log["round_trip"] = round_trip_scores(model)

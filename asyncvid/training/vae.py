@@ -6,13 +6,19 @@ import torch
 from diffusers import AutoencoderKL
 
 from asyncvid.eval.adherence import score_video, summarize
-from asyncvid.eval.clips import SHAPES, heldout_captions
+from asyncvid.eval.clips import COLOURS, SHAPES, heldout_captions
 from asyncvid.training.data import clip_set, clip_tensor, object_weight, pick
 
 KL_WEIGHT = 1e-6
 # `--shape-align`: the shape read from the latent by a fixed linear map (one unit direction per shape, logits this
 # many times the projection of unit-variance latents), so a shape's code is a step of about one standard deviation.
 SHAPE_LOGIT_SCALE = 3.0
+# `--colour-align`: the colour read the same way, along 8 unit directions evenly spaced on a circle, in colour-wheel
+# order, in the plane the shape readout leaves free (its rows' sum, on which every shape's logit moves alike, and
+# the one latent direction it does not read). Each hue then lies outward from the centre in its own direction:
+# in the r5 VAE red, orange and yellow lie on one outward line (round 23), so a prediction pushed outward, as
+# guidance pushes it, turns red orange and orange yellow; on the circle it would saturate the hue instead.
+COLOUR_WHEEL = tuple(COLOURS)  # listed in wheel order, red to pink
 CROP = 32  # the VAEs are convolutional: 32x32 windows on the shape train 4x faster than whole frames
 # The embedded models' AutoencoderKL (r4). The test builders' VAE (32 channels at every level, one layer per block)
 # rounds every corner: its round trip reads 34% of held-out shapes right, this one 98% (docs/MODELS.md, round 6).
@@ -29,7 +35,7 @@ def build_vae(seed: int) -> AutoencoderKL:
 
 def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames: int = 8, seed: int = 0,
                 edge_weight: float = 0.0, crop: int = CROP, kl_weight: float = KL_WEIGHT, shape_align: float = 0.0,
-                latent_noise: float = 0.0):
+                latent_noise: float = 0.0, colour_align: float = 0.0):
     """A loss over a fixed pool of clips: object-weighted MSE + L1 of reconstructions, plus a small KL term, plus
     (with `edge_weight`) an L1 of the differences between neighbouring pixels, which blur costs where MSE barely sees
     it: at a square's rounded corner.
@@ -42,12 +48,14 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
     model to learn, as in VA-VAE, Yao et al., 2025: a square and its circle otherwise differ by 0.05 of a standard
     deviation, docs/MODELS.md round 15); `latent_noise` decodes from latents with that much Gaussian noise (in
     standard deviations), so the decoder draws the corners from that robust code, not only from fine detail a
-    UNet blurs.
+    UNet blurs. `colour_align` does for colour what `shape_align` does for shape, on the colour wheel
+    (`colour_readout`).
     """
     captions, pool = clip_set(clips_per_caption, num_frames, seed)
     centres = _centres(pool)
     labels = torch.tensor([SHAPES.index(c.shape) for c in captions]).repeat_interleave(num_frames)  # per frame
-    readout = shape_readout()
+    colours = torch.tensor([COLOUR_WHEEL.index(c.colour) for c in captions]).repeat_interleave(num_frames)
+    readout, wheel = shape_readout(), colour_readout()
 
     def loss(model, batch, generator):
         if temporal:
@@ -58,7 +66,7 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
             x = _crop(pool.flatten(0, 1)[idx], centres.flatten(0, 1)[idx], generator, crop)
         posterior = model.encode(x).latent_dist
         z = posterior.sample(generator=None)
-        if latent_noise or shape_align:  # both count in the latents' spread
+        if latent_noise or shape_align or colour_align:  # each counts in the latents' spread
             scale = posterior.mean.std().detach().clamp(min=1e-6)
         if latent_noise:
             z = z + latent_noise * scale * torch.randn(z.shape, generator=generator)
@@ -69,7 +77,9 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
         if edge_weight:
             total = total + edge_weight * sum((d(recon) - d(x)).abs().mean() for d in _DIFFS)
         if shape_align and not temporal:
-            total = total + shape_align * _shape_error(posterior.mean / scale, (w > 1).float(), labels[idx], readout)
+            total = total + shape_align * _label_error(posterior.mean / scale, (w > 1).float(), labels[idx], readout)
+        if colour_align and not temporal:
+            total = total + colour_align * _label_error(posterior.mean / scale, (w > 1).float(), colours[idx], wheel)
         return total
 
     return loss
@@ -81,8 +91,19 @@ def shape_readout() -> torch.Tensor:
     return torch.linalg.qr(directions)[0].T
 
 
-def _shape_error(latents, mask, labels, readout) -> torch.Tensor:
-    """Cross-entropy of the shape read by `readout` from each latent pixel mostly covered by the shape."""
+def colour_readout() -> torch.Tensor:
+    """`--colour-align`'s fixed directions, one per colour of COLOUR_WHEEL: (colours, latent channels), unit rows
+    at equal angles on a circle orthogonal to what `shape_readout` tells apart."""
+    shapes = shape_readout()
+    across = shapes.sum(0) / shapes.sum(0).norm()  # moves every shape's logit alike
+    rest = torch.linalg.svd(shapes.T @ shapes - torch.eye(shapes.shape[1]))[0][:, 0]  # the direction no row reads
+    angles = torch.arange(len(COLOUR_WHEEL)) * (2 * torch.pi / len(COLOUR_WHEEL))
+    return torch.cos(angles)[:, None] * across + torch.sin(angles)[:, None] * rest
+
+
+def _label_error(latents, mask, labels, readout) -> torch.Tensor:
+    """Cross-entropy of the label (shape or colour) read by `readout` from each latent pixel mostly covered by the
+    shape."""
     size = mask.shape[-1] // latents.shape[-1]
     on_shape = torch.nn.functional.avg_pool2d(mask, size)[:, 0] > 0.25  # (B, h, w)
     if not on_shape.any():
