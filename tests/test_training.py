@@ -588,13 +588,26 @@ def test_edge_loss_charges_blur_and_not_a_perfect_copy():
     assert loss(blurred, 2.0) > loss(blurred, 0.0) > 0.0
 
 
+def _alignment_cost(**align) -> float:
+    """What an alignment option adds to the VAE loss of a model whose latents are all zero (they tell nothing)."""
+    from types import SimpleNamespace
+
+    from asyncvid.training.vae import vae_loss_fn
+
+    posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
+                                kl=lambda: torch.zeros(4))
+    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior),
+                            decode=lambda z: SimpleNamespace(sample=z))
+    plain, aligned = (float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, **options)(
+        model, 4, torch.Generator().manual_seed(0))) for options in ({}, align))
+    return aligned - plain
+
+
 def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixels():
     """`vae --shape-align`: the cross-entropy of the shape read along fixed directions is near zero for latents that
     step along their shape's direction on the shape's latent pixels, large for another shape's, blind to pixels off
     the shape, and log(3) (no information) for constant latents, which the loss adds at its weight."""
-    from types import SimpleNamespace
-
-    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _label_error, shape_readout, vae_loss_fn
+    from asyncvid.training.vae import SHAPE_LOGIT_SCALE, _label_error, shape_readout
 
     readout = shape_readout()
     mask = torch.zeros(2, 1, 32, 32)
@@ -609,23 +622,15 @@ def test_shape_alignment_charges_latents_that_do_not_tell_the_shape_on_its_pixel
     assert torch.equal(_label_error(off_shape, mask, labels, readout), _label_error(latents, mask, labels, readout))
     assert float(_label_error(latents, torch.zeros_like(mask), labels, readout)) == 0.0
 
-    posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
-                                kl=lambda: torch.zeros(4))
-    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior),
-                            decode=lambda z: SimpleNamespace(sample=z))
-    losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, shape_align=w)(
-        model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 2.0)]
-    assert losses[1] - losses[0] == pytest.approx(2 * math.log(3), rel=1e-5)
+    assert _alignment_cost(shape_align=2.0) == pytest.approx(2 * math.log(3), rel=1e-5)
 
 
 def test_colour_alignment_puts_the_colours_on_a_wheel_the_shape_readout_does_not_see():
     """`vae --colour-align`: 8 unit directions at equal angles in colour-wheel order (neighbours 45 degrees apart,
     opposite hues opposite), each moving every shape's logit alike, so it cannot undo the shape alignment; the loss
     reads each colour from its own direction, and adds log(8) at its weight for latents that tell no colour."""
-    from types import SimpleNamespace
-
     from asyncvid.eval.clips import COLOURS
-    from asyncvid.training.vae import COLOUR_WHEEL, _label_error, colour_readout, shape_readout, vae_loss_fn
+    from asyncvid.training.vae import COLOUR_WHEEL, _label_error, colour_readout, shape_readout
 
     wheel, shapes = colour_readout(), shape_readout()
     assert COLOUR_WHEEL == tuple(COLOURS) and wheel.shape == (8, 4)
@@ -642,13 +647,7 @@ def test_colour_alignment_puts_the_colours_on_a_wheel_the_shape_readout_does_not
     assert float(_label_error(latents, mask, labels, wheel)) < 0.1
     assert float(_label_error(latents, mask, labels.roll(1), wheel)) > 1.0  # each drawn as its neighbour
 
-    posterior = SimpleNamespace(mean=torch.zeros(4, 4, 4, 4), sample=lambda generator: torch.zeros(4, 3, 32, 32),
-                                kl=lambda: torch.zeros(4))
-    model = SimpleNamespace(encode=lambda x: SimpleNamespace(latent_dist=posterior),
-                            decode=lambda z: SimpleNamespace(sample=z))
-    losses = [float(vae_loss_fn(model, temporal=False, clips_per_caption=1, num_frames=2, colour_align=w)(
-        model, 4, torch.Generator().manual_seed(0))) for w in (0.0, 2.0)]
-    assert losses[1] - losses[0] == pytest.approx(2 * math.log(8), rel=1e-5)
+    assert _alignment_cost(colour_align=2.0) == pytest.approx(2 * math.log(8), rel=1e-5)
 
 
 def test_latent_noise_makes_an_exact_copy_pay_and_is_off_by_default():
