@@ -76,9 +76,11 @@ def vae_loss_fn(vae, *, temporal: bool, clips_per_caption: int = 16, num_frames:
         total = (w * err.square()).mean() + (w * err.abs()).mean() + kl_weight * posterior.kl().mean()
         if edge_weight:
             total = total + edge_weight * sum((d(recon) - d(x)).abs().mean() for d in _DIFFS)
-        for weight, named, directions in ((shape_align, labels, readout), (colour_align, colours, wheel)):
-            if weight and not temporal:  # the shape's latent pixels read for its shape, then for its colour
-                total = total + weight * _label_error(posterior.mean / scale, (w > 1).float(), named[idx], directions)
+        if not temporal and (shape_align or colour_align):
+            latents, on_shape = posterior.mean / scale, (w > 1).float()
+            for weight, named, directions in ((shape_align, labels, readout), (colour_align, colours, wheel)):
+                if weight:  # the shape's latent pixels read for its shape, then for its colour
+                    total = total + weight * _label_error(latents, on_shape, named[idx], directions)
         return total
 
     return loss
