@@ -119,6 +119,25 @@ def test_lr_gains_scale_the_rate_of_the_parameters_they_name(tmp_path):
         train(_toy(), _loss, TrainConfig(tmp_path / "0", steps=2, lr_gains=(("2.", 3.0),)), name="toy")
 
 
+def test_clip_stage_gains_split_motion_spatial_and_text_layers():
+    """--spatial-gain (round 26): the motion modules, the text encoder and every other UNet layer each get their
+    own rate; at gain 1 the split is r8's two groups, so older checkpoints resume."""
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import UNetWithText, clip_stage_gains
+    from asyncvid.training.loop import _gain_groups
+
+    pipe = build_tiny_animatediff()
+    model = UNetWithText(pipe.unet, pipe.text_encoder)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {gain: {names[id(p)] for p in params}
+              for gain, params in _gain_groups(model, clip_stage_gains(3.0, 0.25)).items()}
+    assert set(groups) == {3.0, 1.0, 0.25}
+    assert groups[3.0] == {n for n in names.values() if "motion_modules" in n}
+    assert groups[1.0] == {n for n in names.values() if n.startswith("text_encoder.")}
+    assert groups[0.25] and all(n.startswith("unet.") and "motion_modules" not in n for n in groups[0.25])
+    assert clip_stage_gains(3.0, 1.0) == (("motion_modules", 3.0),)
+
+
 def test_config_rejects_empty_budgets(tmp_path):
     with pytest.raises(ValueError, match="must be positive"):
         TrainConfig(tmp_path, minutes=0)

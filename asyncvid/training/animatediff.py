@@ -70,6 +70,16 @@ class UNetWithText(torch.nn.Module):
         return self.text_encoder(input_ids)[0]
 
 
+def clip_stage_gains(motion_gain: float, spatial_gain: float = 1.0) -> tuple[tuple[str, float], ...]:
+    """The clips' stage's learning-rate gains (TrainConfig.lr_gains, first match wins): the motion modules at
+    `motion_gain` (round 10), the UNet's other layers at `spatial_gain` (round 26: what the image stage drew is
+    kept by moving them less), the text encoder at the plain rate, since only this stage teaches it the direction
+    words."""
+    if spatial_gain == 1.0:  # r8's split into two groups, so checkpoints trained without the option resume
+        return (("motion_modules", motion_gain),)
+    return (("motion_modules", motion_gain), ("text_encoder.", 1.0), ("", spatial_gain))
+
+
 def partial_texts(caption) -> tuple[str, str, str, str]:
     """The caption in full, then without its colour, without its shape ("shape" stands in), and without both."""
     return (caption.text, f"a {caption.shape} moving {caption.direction}",

@@ -32,6 +32,7 @@ from asyncvid.training.animatediff import (
     TRAIN_TEXT,
     UNetWithText,
     animatediff_loss_fn,
+    clip_stage_gains,
     pair_loss_fn,
 )
 from asyncvid.training.export import export_all
@@ -208,6 +209,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 image_batch: Annotated[int, typer.Option(min=1, help="Frames per step of the image stage.")] = IMAGE_BATCH,
                 image_lr: Annotated[float, typer.Option(help="Learning rate of the image stage.")] = IMAGE_LR,
                 motion_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the motion modules in the clips' stage, as a multiple of --lr.")] = MOTION_GAIN,
+                spatial_gain: Annotated[float, typer.Option(min=0.01, help="Learning rate of the UNet's other layers (convolutions, spatial attention) in the clips' stage, as a multiple of --lr; the text encoder keeps --lr (round 26).")] = 1.0,
                 shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
                 colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
@@ -241,9 +243,9 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
         if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal, lr_gains=(("motion_modules", motion_gain),),
+                     fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
                      recipe=(("object_gain", object_gain), ("mean_share", mean_share), ("shared_noise", shared_noise),
-                             ("partial_captions", partial_captions)))
+                             ("partial_captions", partial_captions), ("spatial_gain", spatial_gain)))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
                                shared_noise=shared_noise, partial_captions=partial_captions, **settings)
     log = train(model, loss, config, name="animatediff")
@@ -252,7 +254,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                train_text=train_text, text_layers=text_layers, text_positions=text_positions,
                high_noise={"share": high_noise[0], "from": high_noise[1]},
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
-               motion_gain=motion_gain, shared_noise=shared_noise, shape_pairs=shape_pairs,
+               motion_gain=motion_gain, spatial_gain=spatial_gain, shared_noise=shared_noise, shape_pairs=shape_pairs,
                colour_pairs=colour_pairs, partial_captions=partial_captions)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
