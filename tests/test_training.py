@@ -771,6 +771,7 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
                                            (["svd", "--steps", "10", "--anneal", "11"], "--anneal 11"),
                                            (["animatediff", "--image-steps", "-1"], "'--image-steps'"),
                                            (["animatediff", "--motion-gain", "0"], "'--motion-gain'"),
+                                           (["animatediff", "--spatial-gain", "0"], "'--spatial-gain'"),
                                            (["animatediff", "--object-gain", "-1", "--steps", "1"], "'--object-gain'"),
                                            (["vae", "--shape-align", "-1", "--steps", "1"], "'--shape-align'"),
                                            (["vae", "--latent-noise", "-0.2", "--steps", "1"], "'--latent-noise'"),

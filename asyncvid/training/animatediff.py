@@ -77,7 +77,7 @@ def clip_stage_gains(motion_gain: float, spatial_gain: float = 1.0) -> tuple[tup
     words."""
     if spatial_gain == 1.0:  # r8's split into two groups, so checkpoints trained without the option resume
         return (("motion_modules", motion_gain),)
-    return (("motion_modules", motion_gain), ("text_encoder.", 1.0), ("", spatial_gain))
+    return (("motion_modules", motion_gain), ("text_encoder.", 1.0), ("", spatial_gain))  # "": every other name
 
 
 def partial_texts(caption) -> tuple[str, str, str, str]:
