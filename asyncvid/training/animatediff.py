@@ -72,9 +72,9 @@ class UNetWithText(torch.nn.Module):
 
 def clip_stage_gains(motion_gain: float, spatial_gain: float = 1.0) -> tuple[tuple[str, float], ...]:
     """The clips' stage's learning-rate gains (TrainConfig.lr_gains, first match wins): the motion modules at
-    `motion_gain` (round 10), the UNet's other layers at `spatial_gain` (round 26: what the image stage drew is
-    kept by moving them less), the text encoder at the plain rate, since only this stage teaches it the direction
-    words."""
+    `motion_gain` (round 10), the UNet's other layers at `spatial_gain` (round 26: at 0.25 they kept the image
+    stage's squares but drew triangles round and lost direction), the text encoder at the plain rate, since only
+    this stage teaches it the direction words."""
     if spatial_gain == 1.0:  # r8's split into two groups, so checkpoints trained without the option resume
         return (("motion_modules", motion_gain),)
     return (("motion_modules", motion_gain), ("text_encoder.", 1.0), ("", spatial_gain))  # "": every other name
