@@ -214,9 +214,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS):
-    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (trained with the
-    UNet, or frozen: --frozen-text).
-
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text).
     The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
     107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
     budget, so a slower machine trains the same model, only later."""
