@@ -332,6 +332,40 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
                             schedule={"prediction_type": "epsilon", "rescale_betas_zero_snr": False})
 
 
+def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_path):
+    """At the pure-noise step the target is -(the caption's mean clip): an error that is one constant per frame
+    costs 1 + gain times as much when the frames' constants differ, and the same when they agree."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    losses = {gain: animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
+                                        flicker_gain=gain) for gain in (0.0, 7.0)}
+    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
+    texts = sorted({c.text for c in captions})
+    means = [latents[[c.text == text for c in captions]].mean(0) for text in texts] + [latents.mean(0)]
+    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
+
+    def unet_off_by(offsets):  # the zero-loss prediction plus one constant per frame
+        def unet(sample, t, encoder_hidden_states):
+            rows = encoder_hidden_states[::4]
+            which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in rows]
+            return SimpleNamespace(sample=torch.stack([-means[i] for i in which]) + offsets[:, None, None])
+        return unet
+
+    def ratio(offsets):
+        loss = {g: float(f(unet_off_by(offsets), 3, torch.Generator().manual_seed(0))) for g, f in losses.items()}
+        return loss[7.0] / loss[0.0]
+
+    assert ratio(torch.tensor([0.5, 0.5, 0.5, 0.5])) == pytest.approx(1.0)
+    assert ratio(torch.tensor([1.0, -1.0, 1.0, -1.0])) == pytest.approx(8.0)
+    with pytest.raises(ValueError, match="flicker_gain"):
+        animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
+
+
 def test_partial_captions_train_the_direction_word_alone_against_their_own_mean_clips(tmp_path):
     """The held-out split trains each colour-shape pair on one direction of each axis, so on full captions colour and
     shape tell the sign; captions without them do not. With partial_captions 1 every caption is partial, and at the

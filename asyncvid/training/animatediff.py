@@ -120,7 +120,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
-                        partial_captions: float = PARTIAL_CAPTIONS):
+                        partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -137,6 +137,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     (PYoCo trains and samples with its prior; 0 draws every frame's noise on its own, r8's recipe).
     `partial_captions`: that share of samples is captioned without its colour, its shape or both (`partial_texts`,
     one of the three at random), with the mean clip of its partial caption at the pure-noise step.
+    `flicker_gain` > 0: each frame's spatial-mean error, less its clip's mean over the frames, is weighed 1 + gain
+    times (the plain loss counts it as one of h x w spatial modes), so frames that disagree on their brightness cost
+    more than the few latent values they differ in (round 27).
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -169,6 +172,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         raise ValueError(f"mean_share must be in [0, 1], got {mean_share}")
     if not 0 <= partial_captions <= 1:
         raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
+    if flicker_gain < 0:
+        raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
     if mean_share > 0 and float(alphas[-1]) > 1e-6:
         raise ValueError(f"mean_share {mean_share} needs a zero-terminal-SNR schedule (the last step's input must be "
                          f"pure noise); use the default schedule or mean_share 0")
@@ -213,7 +218,12 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         pred = unet(noise_schedule.add_noise(x0, noise, t), t, encoder_hidden_states=hidden).sample
         target = target_of(x0, noise, t)
         weight_map = frames(pixel_weight[pick_] if pixel_weight.ndim else pixel_weight, start)
-        per_clip = (weight_map * (pred - target).square()).mean(dim=(1, 2, 3, 4))
+        error = pred - target
+        per_clip = (weight_map * error.square()).mean(dim=(1, 2, 3, 4))
+        if flicker_gain:
+            # Each frame's mean error per channel, against the clip's: what the decoder shows as flicker.
+            level = error.mean(dim=(3, 4))
+            per_clip = per_clip + flicker_gain * (level - level.mean(dim=2, keepdim=True)).square().mean(dim=(1, 2))
         return (weight[t] * per_clip).mean()
 
     return loss

@@ -213,7 +213,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
                 colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
-                partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS):
+                partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS,
+                flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text).
     The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
     107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
@@ -240,20 +241,19 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                                 ("colour_pairs", colour_pairs)))
         if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
+    clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
+                     flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
-                     recipe=(("object_gain", object_gain), ("mean_share", mean_share), ("shared_noise", shared_noise),
-                             ("partial_captions", partial_captions), ("spatial_gain", spatial_gain)))
-    loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, mean_share=mean_share,
-                               shared_noise=shared_noise, partial_captions=partial_captions, **settings)
+                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain)))
+    loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, **clip_loss, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
-    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, mean_share=mean_share,
-               train_text=train_text, text_layers=text_layers, text_positions=text_positions,
-               high_noise={"share": high_noise[0], "from": high_noise[1]},
+    log.update(schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, train_text=train_text,
+               text_layers=text_layers, text_positions=text_positions, high_noise=dict(zip(("share", "from"), high_noise)),
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
-               motion_gain=motion_gain, spatial_gain=spatial_gain, shared_noise=shared_noise, shape_pairs=shape_pairs,
-               colour_pairs=colour_pairs, partial_captions=partial_captions)
+               motion_gain=motion_gain, spatial_gain=spatial_gain, shape_pairs=shape_pairs, colour_pairs=colour_pairs,
+               **clip_loss)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)
