@@ -300,11 +300,31 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
                        expected_tower.visual_projection.weight.half().to(shipped_tower.dtype))
 
 
+def _mean_clip_unet(pipe, cache_dir, frames: int, seen_t=None, offsets=None):
+    """A UNet that predicts v = -(the mean latent clip of the caption it is given), the zero-loss prediction at the
+    pure-noise step, plus `offsets` (one constant per frame); it reads the captions from the encoded clips in
+    `cache_dir` and the frozen encoder's embeddings, as the loss uses them."""
+    from types import SimpleNamespace
+
+    captions, latents = torch.load(next(cache_dir.glob("latents-*.pt")), weights_only=False)
+    texts = sorted({c.text for c in captions})
+    means = [latents[[c.text == text for c in captions]].mean(0) for text in texts] + [latents.mean(0)]
+    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
+
+    def unet(sample, t, encoder_hidden_states):
+        if seen_t is not None:
+            seen_t.append(t)
+        rows = encoder_hidden_states[::frames]  # one row per clip (repeated per frame)
+        which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in rows]
+        v = torch.stack([-means[i] for i in which])
+        return SimpleNamespace(sample=v if offsets is None else v + offsets[:, None, None])
+
+    return unet
+
+
 def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
     """With mean_share 1 every sample sits at the pure-noise step, where a model predicting v = -(its caption's mean
     latent clip) has zero loss; the same model is wrong on single clips (mean_share 0)."""
-    from types import SimpleNamespace
-
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import animatediff_loss_fn
 
@@ -312,17 +332,8 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
     pipe = build_tiny_animatediff()
     losses = {share: animatediff_loss_fn(pipe, clips_per_caption=2, num_frames=2, cache_dir=tmp_path,
                                          mean_share=share) for share in (1.0, 0.0)}
-    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
-    texts = sorted({c.text for c in captions})
-    means = [latents[[c.text == text for c in captions]].mean(0) for text in texts] + [latents.mean(0)]
-    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]  # the frozen encoder's, as the loss uses
     seen_t = []
-
-    def unet(sample, t, encoder_hidden_states):  # predicts v = -(mean clip) of the caption it is given
-        seen_t.append(t)
-        rows = encoder_hidden_states[::2]  # one row per clip (repeated per frame)
-        which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in rows]
-        return SimpleNamespace(sample=torch.stack([-means[i] for i in which]))
+    unet = _mean_clip_unet(pipe, tmp_path, frames=2, seen_t=seen_t)
 
     assert float(losses[1.0](unet, 4, torch.Generator().manual_seed(0))) < 1e-10
     assert all(bool((t == 999).all()) for t in seen_t)
@@ -335,8 +346,6 @@ def test_mean_share_trains_pure_noise_against_each_captions_mean_clip(tmp_path):
 def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_path):
     """At the pure-noise step the target is -(the caption's mean clip): an error that is one constant per frame
     costs 1 + gain times as much when the frames' constants differ, and the same when they agree."""
-    from types import SimpleNamespace
-
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import animatediff_loss_fn
 
@@ -344,20 +353,10 @@ def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_pat
     pipe = build_tiny_animatediff()
     losses = {gain: animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
                                         flicker_gain=gain) for gain in (0.0, 7.0)}
-    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
-    texts = sorted({c.text for c in captions})
-    means = [latents[[c.text == text for c in captions]].mean(0) for text in texts] + [latents.mean(0)]
-    embeds = pipe.encode_prompt(texts + [""], "cpu", 1, False)[0]
-
-    def unet_off_by(offsets):  # the zero-loss prediction plus one constant per frame
-        def unet(sample, t, encoder_hidden_states):
-            rows = encoder_hidden_states[::4]
-            which = [next(i for i, e in enumerate(embeds) if torch.equal(e, r)) for r in rows]
-            return SimpleNamespace(sample=torch.stack([-means[i] for i in which]) + offsets[:, None, None])
-        return unet
 
     def ratio(offsets):
-        loss = {g: float(f(unet_off_by(offsets), 3, torch.Generator().manual_seed(0))) for g, f in losses.items()}
+        unet = _mean_clip_unet(pipe, tmp_path, frames=4, offsets=offsets)
+        loss = {g: float(f(unet, 3, torch.Generator().manual_seed(0))) for g, f in losses.items()}
         return loss[7.0] / loss[0.0]
 
     assert ratio(torch.tensor([0.5, 0.5, 0.5, 0.5])) == pytest.approx(1.0)
