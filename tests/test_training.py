@@ -365,6 +365,77 @@ def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_pat
         animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
 
 
+def test_brightness_readout_is_the_direction_the_decoder_shows_as_background_brightness():
+    """Each frame's readout is the unit gradient of its decoded background's mean brightness: a step along it
+    changes that brightness by the gradient's norm, a step across it (same size) by second-order amounts only."""
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.data import brightness_readout
+
+    torch.set_num_threads(1)
+    vae = build_tiny_animatediff().vae
+    latents = torch.randn(2, 4, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # (clips, C, frames, h, w)
+    background = torch.zeros(2, 64, 64, dtype=torch.bool)
+    background[:, :, :40] = True  # the object's pixels, on the right, are not read
+    readout = brightness_readout(vae, latents, background, chunk=1)
+    assert readout.shape == latents.shape
+    assert readout.transpose(1, 2).flatten(2).norm(dim=2) == pytest.approx(torch.ones(2, 3), abs=1e-5)
+    assert brightness_readout(vae, latents).shape == latents.shape  # the evaluator's background, from the decoded clip
+
+    def brightness(z):  # one frame (C, h, w), scaled
+        with torch.no_grad():
+            return float(vae.decode(z[None] / vae.config.scaling_factor).sample[..., :40].mean())
+
+    z, r = latents[1, :, 2], readout[1, :, 2]
+    across = torch.randn(r.shape, generator=torch.Generator().manual_seed(1))
+    across = across - (across * r).sum() * r
+    across = across / across.norm()
+    eps = 1e-2
+    along_step = (brightness(z + eps * r) - brightness(z - eps * r)) / (2 * eps)
+    across_step = (brightness(z + eps * across) - brightness(z - eps * across)) / (2 * eps)
+    assert along_step > 0
+    assert abs(across_step) < 1e-2 * along_step
+
+
+def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(tmp_path):
+    """At the pure-noise step the target is -(the caption's mean clip), here its one clip: an error of one multiple
+    of the frame's brightness readout per frame costs 1 + gain times as much when the frames' multiples differ, the
+    same when they agree, and an error across the readout costs the same either way (unlike --flicker-gain's)."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training.animatediff import animatediff_loss_fn
+    from asyncvid.training.data import brightness_readout
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_animatediff()
+    losses = {gain: animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
+                                        brightness_gain=gain) for gain in (0.0, 7.0)}
+    captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
+    readout = brightness_readout(pipe.vae, latents)
+    assert torch.equal(readout, torch.load(next(tmp_path.glob("brightness-*.pt"))))  # cached for the next run
+    embeds = pipe.encode_prompt(sorted(c.text for c in captions), "cpu", 1, False)[0]
+    order = sorted(range(len(captions)), key=lambda i: captions[i].text)
+
+    def ratio(multiples, direction):
+        def unet(sample, t, encoder_hidden_states):
+            rows = encoder_hidden_states[::4]  # one clip per caption: the caption tells the clip
+            clips = [order[next(i for i, e in enumerate(embeds) if torch.equal(e, r))] for r in rows]
+            return SimpleNamespace(sample=torch.stack([-latents[c] + multiples[:, None, None] * direction[c]
+                                                       for c in clips]))
+
+        loss = {g: float(f(unet, 3, torch.Generator().manual_seed(0))) for g, f in losses.items()}
+        return loss[7.0] / loss[0.0]
+
+    across = torch.randn(readout.shape, generator=torch.Generator().manual_seed(1))
+    across = across - (across * readout).sum(dim=(1, 3, 4), keepdim=True) * readout
+    alternate = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    assert ratio(torch.full((4,), 0.5), readout) == pytest.approx(1.0)
+    assert ratio(alternate, readout) == pytest.approx(8.0)
+    assert ratio(alternate, across) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="brightness_gain"):
+        animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=-1.0)
+
+
 def test_partial_captions_train_the_direction_word_alone_against_their_own_mean_clips(tmp_path):
     """The held-out split trains each colour-shape pair on one direction of each axis, so on full captions colour and
     shape tell the sign; captions without them do not. With partial_captions 1 every caption is partial, and at the

@@ -13,7 +13,16 @@ from diffusers import DDPMScheduler
 
 from asyncvid.eval.clips import COLOURS, SHAPES, render_colours, render_shapes
 from asyncvid.pipelines.initial_noise import shared_frame_noise
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick, variant_set
+from asyncvid.training.data import (
+    brightness_readout,
+    cache_name,
+    cached,
+    clip_set,
+    encode_frames,
+    object_mask,
+    pick,
+    variant_set,
+)
 
 CAPTION_DROPOUT = 0.1
 # Train the text encoder with the UNet (`--train-text`; the shipped recipe since r4). There is no pretrained CLIP
@@ -120,7 +129,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         schedule: dict | None = None, snr_cap: float = 5.0, object_gain: float = 0.0,
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
-                        partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0):
+                        partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0,
+                        brightness_gain: float = 0.0):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -140,6 +150,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     `flicker_gain` > 0: each frame's spatial-mean error, less its clip's mean over the frames, is weighed 1 + gain
     times (the plain loss counts it as one of h x w spatial modes), so frames that disagree on their brightness cost
     more than the few latent values they differ in (round 27).
+    `brightness_gain` > 0: the same for each frame's error along the direction in which the decoder shows it as
+    brightness (`brightness_readout`, computed once at the clip's latents and cached): that one of the C x h x w
+    modes is weighed 1 + gain times when it differs from the clip's mean over the frames (round 28).
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -174,6 +187,12 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         raise ValueError(f"partial_captions must be in [0, 1], got {partial_captions}")
     if flicker_gain < 0:
         raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
+    if brightness_gain < 0:
+        raise ValueError(f"brightness_gain must be >= 0, got {brightness_gain}")
+    readout = None
+    if brightness_gain:
+        readout = cached(cache_dir and cache_dir / name.replace("latents-", "brightness-"),
+                         lambda: brightness_readout(pipe.vae, latents))
     if mean_share > 0 and float(alphas[-1]) > 1e-6:
         raise ValueError(f"mean_share {mean_share} needs a zero-terminal-SNR schedule (the last step's input must be "
                          f"pure noise); use the default schedule or mean_share 0")
@@ -224,6 +243,11 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             # Each frame's mean error per channel, against the clip's: what the decoder shows as flicker.
             level = error.mean(dim=(3, 4))
             per_clip = per_clip + flicker_gain * (level - level.mean(dim=2, keepdim=True)).square().mean(dim=(1, 2))
+        if brightness_gain:
+            # Each frame's error along its decoded brightness, against the clip's: flicker in the decoder's terms.
+            shown = (frames(readout[pick_], start) * error).sum(dim=(1, 3, 4))  # (clips, frames)
+            modes = error[0, :, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
+            per_clip = per_clip + brightness_gain / modes * (shown - shown.mean(dim=1, keepdim=True)).square().mean(1)
         return (weight[t] * per_clip).mean()
 
     return loss

@@ -90,9 +90,7 @@ SVD_STEPS = 4500  # the SVD UNet's (r5), the last fifth annealed (r4: 3,000, who
 
 
 def _workdir(workdir: Path | None) -> Path:
-    if workdir is not None:
-        return workdir
-    return cache_root() / "training"
+    return cache_root() / "training" if workdir is None else workdir
 
 
 def _config(workdir, stage, **kw):
@@ -214,11 +212,10 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS,
-                flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0):
-    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text).
-    The recipe is 3,443 steps, the last 700 with the learning rate annealed to zero (r8 is this with --seed 1:
-    107 minutes on one thread here, about 75 on the machine where r4 trained); a step budget rather than a time
-    budget, so a slower machine trains the same model, only later."""
+                flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0,
+                brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0):
+    """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
+    r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
     if not 0 <= shared_noise < 1:
         raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
@@ -243,6 +240,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             return
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
                      flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
+    if brightness_gain:  # only then a recipe key, so checkpoints trained before the option resume
+        clip_loss["brightness_gain"] = brightness_gain
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
                      recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain)))

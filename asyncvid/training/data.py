@@ -53,6 +53,34 @@ def encode_frames(vae, frames: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     return torch.cat(out) * vae.config.scaling_factor
 
 
+def brightness_readout(vae, latents: torch.Tensor, background: torch.Tensor | None = None,
+                       chunk: int = 4) -> torch.Tensor:
+    """Unit gradients of each decoded frame's background brightness with respect to its latent (scaled, as
+    `encode_frames` gives), in the latents' shape (clips, C, frames, h, w): the latent direction in which the decoder
+    shows a frame's error as background flicker (round 28; for the colour-wheel VAE a spatial pattern, not a channel
+    mean). The background is `background` (clips, H, W), or as the evaluator reads it from the decoded clip: the
+    pixels no frame's object covers (asyncvid.eval.temporal), so the object's own pixels, which move, are not read."""
+    from asyncvid.eval.masks import as_uint8, object_masks
+
+    out = []
+    for i in range(0, len(latents), chunk):  # whole clips, as the background is the clip's
+        clips = latents[i:i + chunk]
+        z = clips.transpose(1, 2).flatten(0, 1).detach().clone().requires_grad_(True)  # frames decode one by one
+        with torch.enable_grad():
+            frames = vae.decode(z / vae.config.scaling_factor).sample.unflatten(0, clips.transpose(1, 2).shape[:2])
+            if background is None:
+                pixels = ((frames.detach() + 1) / 2).clamp(0, 1).permute(0, 1, 3, 4, 2).numpy()
+                masks = torch.stack([torch.from_numpy(~object_masks(as_uint8(p)).any(axis=0)) for p in pixels])
+            else:
+                masks = background[i:i + chunk]
+            masks = torch.where(masks.flatten(1).any(1)[:, None, None], masks, True)  # no background: the frame
+            weights = masks[:, None, None].float() / masks.flatten(1).sum(1)[:, None, None, None, None]
+            brightness = (frames * weights).sum(dim=(3, 4)).mean(dim=2)  # (clips, frames): the channels' mean
+            (grad,) = torch.autograd.grad(brightness.sum(), z)
+        out.append(grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None, None])
+    return torch.cat(out).unflatten(0, latents.transpose(1, 2).shape[:2]).transpose(1, 2).contiguous()
+
+
 def cached(path, make):
     """`make()`, stored at `path` on first use and loaded from there afterwards (encoding clips takes minutes)."""
     if path is not None and Path(path).is_file():
