@@ -397,43 +397,54 @@ def test_brightness_readout_is_the_direction_the_decoder_shows_as_background_bri
 
 
 def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(tmp_path):
-    """At the pure-noise step the target is -(the caption's mean clip), here its one clip: an error of one multiple
-    of the frame's brightness readout per frame costs 1 + gain times as much when the frames' multiples differ, the
-    same when they agree, and an error across the readout costs the same either way (unlike --flicker-gain's)."""
+    """A UNet that predicts the exact v target of its one clip per caption, plus one multiple of each frame's
+    brightness readout per frame: that error costs 1 + gain times as much when the frames' multiples differ, the
+    same when they agree; an error across the readout, or one in a sample trained against its caption's mean clip
+    (whose readout is not known), costs the same either way."""
     from types import SimpleNamespace
 
+    from diffusers import DDPMScheduler
+
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training.animatediff import animatediff_loss_fn
+    from asyncvid.training.animatediff import SCHEDULE, animatediff_loss_fn
     from asyncvid.training.data import brightness_readout
 
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff()
-    losses = {gain: animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
-                                        brightness_gain=gain) for gain in (0.0, 7.0)}
+    settings = dict(clips_per_caption=1, num_frames=4, cache_dir=tmp_path)
+    losses = {(share, gain): animatediff_loss_fn(pipe, mean_share=share, brightness_gain=gain, **settings)
+              for share in (0.0, 1.0) for gain in (0.0, 7.0)}
     captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
     readout = brightness_readout(pipe.vae, latents)
     assert torch.equal(readout, torch.load(next(tmp_path.glob("brightness-*.pt"))))  # cached for the next run
-    embeds = pipe.encode_prompt(sorted(c.text for c in captions), "cpu", 1, False)[0]
-    order = sorted(range(len(captions)), key=lambda i: captions[i].text)
+    texts = sorted(c.text for c in captions)
+    embeds = pipe.encode_prompt(texts, "cpu", 1, False)[0]
+    clip_of = [next(i for i, c in enumerate(captions) if c.text == text) for text in texts]
+    alphas = DDPMScheduler.from_config(pipe.scheduler.config, **SCHEDULE).alphas_cumprod
 
-    def ratio(multiples, direction):
+    def ratio(multiples, direction, share=0.0):
         def unet(sample, t, encoder_hidden_states):
             rows = encoder_hidden_states[::4]  # one clip per caption: the caption tells the clip
-            clips = [order[next(i for i, e in enumerate(embeds) if torch.equal(e, r))] for r in rows]
-            return SimpleNamespace(sample=torch.stack([-latents[c] + multiples[:, None, None] * direction[c]
-                                                       for c in clips]))
+            clips = [clip_of[next(i for i, e in enumerate(embeds) if torch.equal(e, r))] for r in rows]
+            if share:  # at the pure-noise step v = -(the caption's mean clip), here its one clip
+                v = -latents[clips]
+            else:  # v = sqrt(a) noise - sqrt(1 - a) x0, with the noise read back from the sample
+                a, x0 = alphas[t].view(-1, 1, 1, 1, 1), latents[clips]
+                v = a.sqrt() * (sample - a.sqrt() * x0) / (1 - a).sqrt() - (1 - a).sqrt() * x0
+            return SimpleNamespace(sample=v + multiples[:, None, None] * direction[clips])
 
-        loss = {g: float(f(unet, 3, torch.Generator().manual_seed(0))) for g, f in losses.items()}
+        loss = {g: float(losses[share, g](unet, 3, torch.Generator().manual_seed(0))) for g in (0.0, 7.0)}
         return loss[7.0] / loss[0.0]
 
     across = torch.randn(readout.shape, generator=torch.Generator().manual_seed(1))
     across = across - (across * readout).sum(dim=(1, 3, 4), keepdim=True) * readout
     alternate = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    assert ratio(torch.full((4,), 0.5), readout) == pytest.approx(1.0)
-    assert ratio(alternate, readout) == pytest.approx(8.0)
-    assert ratio(alternate, across) == pytest.approx(1.0)
+    assert ratio(torch.full((4,), 0.5), readout) == pytest.approx(1.0, rel=1e-4)
+    assert ratio(alternate, readout) == pytest.approx(8.0, rel=1e-4)
+    assert ratio(alternate, across) == pytest.approx(1.0, rel=1e-4)
+    assert ratio(alternate, readout, share=1.0) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="brightness_gain"):
-        animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=-1.0)
+        animatediff_loss_fn(pipe, brightness_gain=-1.0, **settings)
 
 
 def test_partial_captions_train_the_direction_word_alone_against_their_own_mean_clips(tmp_path):

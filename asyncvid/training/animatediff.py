@@ -152,7 +152,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     more than the few latent values they differ in (round 27).
     `brightness_gain` > 0: the same for each frame's error along the direction in which the decoder shows it as
     brightness (`brightness_readout`, computed once at the clip's latents and cached): that one of the C x h x w
-    modes is weighed 1 + gain times when it differs from the clip's mean over the frames (round 28).
+    modes is weighed 1 + gain times when it differs from the clip's mean over the frames (round 28); not in samples
+    trained against a caption's mean clip (`mean_share`), whose target is not the clip the readout was taken at.
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -227,6 +228,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             partial = torch.rand(batch, generator=generator) < partial_captions
             variant = torch.where(partial, torch.randint(1, 4, (batch,), generator=generator), variant)
         cond = torch.where(dropped, len(texts), index[pick_, variant])
+        at_mean = torch.zeros(batch, dtype=torch.bool)
         if mean_share > 0:
             at_mean = torch.rand(batch, generator=generator) < mean_share
             t = torch.where(at_mean, steps - 1, t)
@@ -245,9 +247,11 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             per_clip = per_clip + flicker_gain * (level - level.mean(dim=2, keepdim=True)).square().mean(dim=(1, 2))
         if brightness_gain:
             # Each frame's error along its decoded brightness, against the clip's: flicker in the decoder's terms.
+            # Not where the target is a caption's mean clip: the readout is the picked clip's.
             shown = (frames(readout[pick_], start) * error).sum(dim=(1, 3, 4))  # (clips, frames)
             modes = error[0, :, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
-            per_clip = per_clip + brightness_gain / modes * (shown - shown.mean(dim=1, keepdim=True)).square().mean(1)
+            flicker = (shown - shown.mean(dim=1, keepdim=True)).square().mean(1)
+            per_clip = per_clip + brightness_gain / modes * torch.where(at_mean, 0.0, flicker)
         return (weight[t] * per_clip).mean()
 
     return loss

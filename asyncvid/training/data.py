@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from asyncvid.eval.clips import VERSION, Caption, render, training_captions
+from asyncvid.eval.masks import as_uint8, object_masks
 
 
 def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
@@ -60,8 +61,6 @@ def brightness_readout(vae, latents: torch.Tensor, background: torch.Tensor | No
     shows a frame's error as background flicker (round 28; for the colour-wheel VAE a spatial pattern, not a channel
     mean). The background is `background` (clips, H, W), or as the evaluator reads it from the decoded clip: the
     pixels no frame's object covers (asyncvid.eval.temporal), so the object's own pixels, which move, are not read."""
-    from asyncvid.eval.masks import as_uint8, object_masks
-
     out = []
     for i in range(0, len(latents), chunk):  # whole clips, as the background is the clip's
         clips = latents[i:i + chunk]
