@@ -399,8 +399,8 @@ def test_brightness_readout_is_the_direction_the_decoder_shows_as_background_bri
 def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(tmp_path):
     """A UNet that predicts the exact v target of its one clip per caption, plus one multiple of each frame's
     brightness readout per frame: that error costs 1 + gain times as much when the frames' multiples differ, the
-    same when they agree; an error across the readout, or one in a sample trained against its caption's mean clip
-    (whose readout is not known), costs the same either way."""
+    same when they agree; an error across the readout, one in a sample trained against its caption's mean clip
+    (whose readout is not known), or one at a timestep not below `brightness_below`, costs the same either way."""
     from types import SimpleNamespace
 
     from diffusers import DDPMScheduler
@@ -414,6 +414,7 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     settings = dict(clips_per_caption=1, num_frames=4, cache_dir=tmp_path)
     losses = {(share, gain): animatediff_loss_fn(pipe, mean_share=share, brightness_gain=gain, **settings)
               for share in (0.0, 1.0) for gain in (0.0, 7.0)}
+    drawn = []  # the timesteps of the samples, recorded by the stub UNet
     captions, latents = torch.load(next(tmp_path.glob("latents-*.pt")), weights_only=False)
     readout = brightness_readout(pipe.vae, latents)
     assert torch.equal(readout, torch.load(next(tmp_path.glob("brightness-*.pt"))))  # cached for the next run
@@ -422,8 +423,9 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     clip_of = [next(i for i, c in enumerate(captions) if c.text == text) for text in texts]
     alphas = DDPMScheduler.from_config(pipe.scheduler.config, **SCHEDULE).alphas_cumprod
 
-    def ratio(multiples, direction, share=0.0):
+    def ratio(multiples, direction, share=0.0, below=None):
         def unet(sample, t, encoder_hidden_states):
+            drawn.extend(t.tolist())
             rows = encoder_hidden_states[::4]  # one clip per caption: the caption tells the clip
             clips = [clip_of[next(i for i, e in enumerate(embeds) if torch.equal(e, r))] for r in rows]
             if share:  # at the pure-noise step v = -(the caption's mean clip), here its one clip
@@ -433,7 +435,9 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
                 v = a.sqrt() * (sample - a.sqrt() * x0) / (1 - a).sqrt() - (1 - a).sqrt() * x0
             return SimpleNamespace(sample=v + multiples[:, None, None] * direction[clips])
 
-        loss = {g: float(losses[share, g](unet, 3, torch.Generator().manual_seed(0))) for g in (0.0, 7.0)}
+        fns = dict(losses) if below is None else {(share, g): animatediff_loss_fn(
+            pipe, mean_share=share, brightness_gain=g, brightness_below=below, **settings) for g in (0.0, 7.0)}
+        loss = {g: float(fns[share, g](unet, 3, torch.Generator().manual_seed(0))) for g in (0.0, 7.0)}
         return loss[7.0] / loss[0.0]
 
     across = torch.randn(readout.shape, generator=torch.Generator().manual_seed(1))
@@ -442,9 +446,16 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     assert ratio(torch.full((4,), 0.5), readout) == pytest.approx(1.0, rel=1e-4)
     assert ratio(alternate, readout) == pytest.approx(8.0, rel=1e-4)
     assert ratio(alternate, across) == pytest.approx(1.0, rel=1e-4)
+    t = sorted(set(drawn))  # the same batch's timesteps at every setting, 3 of them
     assert ratio(alternate, readout, share=1.0) == pytest.approx(1.0, rel=1e-4)
+    steps = len(alphas)  # charged only strictly below the share's timestep
+    assert ratio(alternate, readout, below=(t[-1] + 1) / steps) == pytest.approx(8.0, rel=1e-4)
+    assert 1.0 + 1e-3 < ratio(alternate, readout, below=t[-1] / steps) < 8.0 - 1e-3
+    assert ratio(alternate, readout, below=t[0] / steps) == pytest.approx(1.0, rel=1e-4)
     with pytest.raises(ValueError, match="brightness_gain"):
         animatediff_loss_fn(pipe, brightness_gain=-1.0, **settings)
+    with pytest.raises(ValueError, match="brightness_below"):
+        animatediff_loss_fn(pipe, brightness_gain=1.0, brightness_below=0.0, **settings)
 
 
 def test_partial_captions_train_the_direction_word_alone_against_their_own_mean_clips(tmp_path):

@@ -130,7 +130,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
                         partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0,
-                        brightness_gain: float = 0.0):
+                        brightness_gain: float = 0.0, brightness_below: float = 1.0):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -154,6 +154,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     brightness (`brightness_readout`, computed once at the clip's latents and cached): that one of the C x h x w
     modes is weighed 1 + gain times when it differs from the clip's mean over the frames (round 28); not in samples
     trained against a caption's mean clip (`mean_share`), whose target is not the clip the readout was taken at.
+    `brightness_below` < 1: that term only at timesteps below this share of the schedule, where the sampler draws
+    the flicker (round 29: from about 0.6 down), not where it decides the object's place and path.
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -190,6 +192,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
     if brightness_gain < 0:
         raise ValueError(f"brightness_gain must be >= 0, got {brightness_gain}")
+    if not 0 < brightness_below <= 1:
+        raise ValueError(f"brightness_below must be in (0, 1], got {brightness_below}")
     readout = None
     if brightness_gain:
         readout = cached(cache_dir and cache_dir / name.replace("latents-", "brightness-"),
@@ -247,11 +251,13 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             per_clip = per_clip + flicker_gain * (level - level.mean(dim=2, keepdim=True)).square().mean(dim=(1, 2))
         if brightness_gain:
             # Each frame's error along its decoded brightness, against the clip's: flicker in the decoder's terms.
-            # Not where the target is a caption's mean clip: the readout is the picked clip's.
+            # Not where the target is a caption's mean clip (the readout is the picked clip's), nor above
+            # `brightness_below` (where direction is decided, round 29).
             shown = (frames(readout[pick_], start) * error).sum(dim=(1, 3, 4))  # (clips, frames)
             modes = error[0, :, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
             flicker = (shown - shown.mean(dim=1, keepdim=True)).square().mean(1)
-            per_clip = per_clip + brightness_gain / modes * torch.where(at_mean, 0.0, flicker)
+            charged = ~at_mean & (t < brightness_below * steps)
+            per_clip = per_clip + brightness_gain / modes * torch.where(charged, flicker, 0.0)
         return (weight[t] * per_clip).mean()
 
     return loss

@@ -213,7 +213,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS,
                 flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0,
-                brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0):
+                brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0,
+                brightness_below: Annotated[float, typer.Option(min=0.001, max=1.0, help="Clips' stage: charge --brightness-gain only at timesteps below this share of the schedule, where the sampler draws the flicker (round 29); 1: at every one.")] = 1.0):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
@@ -240,8 +241,9 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             return
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
                      flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
-    if brightness_gain:  # only then a recipe key, so checkpoints trained before the option resume
-        clip_loss["brightness_gain"] = brightness_gain
+    for key, value, off in (("brightness_gain", brightness_gain, 0.0), ("brightness_below", brightness_below, 1.0)):
+        if value != off:  # only then a recipe key, so checkpoints trained before the option resume
+            clip_loss[key] = value
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
                      recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain)))
@@ -317,8 +319,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     pipe = build_tiny_svd(seed)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal,
-                     recipe=(("object_gain", object_gain),))
+                     fresh=fresh, lr=lr, anneal=anneal, recipe=(("object_gain", object_gain),))
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
     model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
     log = train(model, loss, config, name="svd")
