@@ -902,7 +902,9 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
                                            (["vae", "--shape-align", "-1", "--steps", "1"], "'--shape-align'"),
                                            (["vae", "--latent-noise", "-0.2", "--steps", "1"], "'--latent-noise'"),
                                            (["vae", "--kl-weight", "-1", "--steps", "1"], "'--kl-weight'"),
-                                           (["svd", "--object-gain", "-2", "--steps", "1"], "'--object-gain'")])
+                                           (["svd", "--object-gain", "-2", "--steps", "1"], "'--object-gain'"),
+                                           (["animatediff", "--brightness-below", "0.6"], "needs --brightness-gain"),
+                                           (["animatediff", "--brightness-below", "0"], "'--brightness-below'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 
