@@ -251,8 +251,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
             per_clip = per_clip + flicker_gain * (level - level.mean(dim=2, keepdim=True)).square().mean(dim=(1, 2))
         if brightness_gain:
             # Each frame's error along its decoded brightness, against the clip's: flicker in the decoder's terms.
-            # Not where the target is a caption's mean clip (the readout is the picked clip's), nor above
-            # `brightness_below` (where direction is decided, round 29).
+            # Not where the target is a caption's mean clip (the readout is the picked clip's), nor at timesteps
+            # from `brightness_below` up, where round 29's term turned paths and the sampler draws no flicker.
             shown = (frames(readout[pick_], start) * error).sum(dim=(1, 3, 4))  # (clips, frames)
             modes = error[0, :, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
             flicker = (shown - shown.mean(dim=1, keepdim=True)).square().mean(1)
