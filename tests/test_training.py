@@ -400,17 +400,22 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     """A UNet that predicts the exact v target of its one clip per caption, plus one multiple of each frame's
     brightness readout per frame: that error costs 1 + gain times as much when the frames' multiples differ, the
     same when they agree; an error across the readout, one in a sample trained against its caption's mean clip
-    (whose readout is not known), or one at a timestep not below `brightness_below`, costs the same either way."""
+    (whose readout is not known), or one at a timestep not below `brightness_below`, costs the same either way.
+    With `brightness_margin` 0 the same holds for the readout off every frame's object, and an error on the latent
+    pixels some frame's object covers costs the same either way."""
     from types import SimpleNamespace
 
     from diffusers import DDPMScheduler
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training.animatediff import SCHEDULE, animatediff_loss_fn
-    from asyncvid.training.data import brightness_readout
+    from asyncvid.training.data import brightness_readout, object_mask, off_object
 
     torch.set_num_threads(1)
     pipe = build_tiny_animatediff()
+    # A trained VAE's scaling factor gives its latents unit deviation, as `object_mask` reads them; the random one's
+    # are at about 0.05.
+    pipe.vae.register_to_config(scaling_factor=pipe.vae.config.scaling_factor * 20)
     settings = dict(clips_per_caption=1, num_frames=4, cache_dir=tmp_path)
     losses = {(share, gain): animatediff_loss_fn(pipe, mean_share=share, brightness_gain=gain, **settings)
               for share in (0.0, 1.0) for gain in (0.0, 7.0)}
@@ -423,7 +428,7 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     clip_of = [next(i for i, c in enumerate(captions) if c.text == text) for text in texts]
     alphas = DDPMScheduler.from_config(pipe.scheduler.config, **SCHEDULE).alphas_cumprod
 
-    def ratio(multiples, direction, share=0.0, below=None):
+    def ratio(multiples, direction, share=0.0, below=1.0, margin=None):
         def unet(sample, t, encoder_hidden_states):
             drawn.extend(t.tolist())
             rows = encoder_hidden_states[::4]  # one clip per caption: the caption tells the clip
@@ -435,8 +440,9 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
                 v = a.sqrt() * (sample - a.sqrt() * x0) / (1 - a).sqrt() - (1 - a).sqrt() * x0
             return SimpleNamespace(sample=v + multiples[:, None, None] * direction[clips])
 
-        fns = dict(losses) if below is None else {(share, g): animatediff_loss_fn(
-            pipe, mean_share=share, brightness_gain=g, brightness_below=below, **settings) for g in (0.0, 7.0)}
+        fns = losses if (below, margin) == (1.0, None) else {(share, g): animatediff_loss_fn(
+            pipe, mean_share=share, brightness_gain=g, brightness_below=below, brightness_margin=margin, **settings)
+            for g in (0.0, 7.0)}
         loss = {g: float(fns[share, g](unet, 3, torch.Generator().manual_seed(0))) for g in (0.0, 7.0)}
         return loss[7.0] / loss[0.0]
 
@@ -452,6 +458,15 @@ def test_brightness_gain_charges_only_the_frames_disagreement_along_the_readout(
     assert ratio(alternate, readout, below=(t[-1] + 1) / steps) == pytest.approx(8.0, rel=1e-4)
     assert 1.0 + 1e-3 < ratio(alternate, readout, below=t[-1] / steps) < 8.0 - 1e-3
     assert ratio(alternate, readout, below=t[0] / steps) == pytest.approx(1.0, rel=1e-4)
+    reached = object_mask(latents).amax(dim=2, keepdim=True)  # where any frame's object is
+    assert 0 < float(reached.mean()) < 1
+    assert ratio(alternate, readout * reached) > 1 + 1e-3  # the whole readout reaches the object's pixels
+    assert ratio(alternate, readout * reached, margin=0) == pytest.approx(1.0, rel=1e-4)
+    assert ratio(alternate, off_object(readout, latents), margin=0) == pytest.approx(8.0, rel=1e-4)
+    wider = off_object(readout, latents, margin=1) != 0  # a margin keeps fewer pixels, a subset
+    assert (wider <= (off_object(readout, latents) != 0)).all() and wider.sum() < (readout * (1 - reached) != 0).sum()
+    with pytest.raises(ValueError, match="brightness_margin"):
+        animatediff_loss_fn(pipe, brightness_gain=1.0, brightness_margin=-1, **settings)
     with pytest.raises(ValueError, match="brightness_gain"):
         animatediff_loss_fn(pipe, brightness_gain=-1.0, **settings)
     with pytest.raises(ValueError, match="brightness_below"):
@@ -904,7 +919,10 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
                                            (["vae", "--kl-weight", "-1", "--steps", "1"], "'--kl-weight'"),
                                            (["svd", "--object-gain", "-2", "--steps", "1"], "'--object-gain'"),
                                            (["animatediff", "--brightness-below", "0.6"], "needs --brightness-gain"),
-                                           (["animatediff", "--brightness-below", "0"], "'--brightness-below'")])
+                                           (["animatediff", "--brightness-below", "0"], "'--brightness-below'"),
+                                           (["animatediff", "--brightness-margin", "0"], "needs --brightness-gain"),
+                                           (["animatediff", "--brightness-gain", "1", "--brightness-margin", "-1"],
+                                            "'--brightness-margin'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 

@@ -20,6 +20,7 @@ from asyncvid.training.data import (
     clip_set,
     encode_frames,
     object_mask,
+    off_object,
     pick,
     variant_set,
 )
@@ -130,7 +131,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         high_noise: tuple[float, float] = (HIGH_NOISE_SHARE, HIGH_NOISE_FROM),
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
                         partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0,
-                        brightness_gain: float = 0.0, brightness_below: float = 1.0):
+                        brightness_gain: float = 0.0, brightness_below: float = 1.0,
+                        brightness_margin: int | None = None):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -156,6 +158,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     trained against a caption's mean clip (`mean_share`), whose target is not the clip the readout was taken at.
     `brightness_below` < 1: that term only at timesteps below this share of the schedule, where the sampler draws
     the flicker (round 29: from about 0.6 down), not where it decides the object's place and path.
+    `brightness_margin` k: the readout only on latent pixels more than k from every frame's object (`off_object`).
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -194,10 +197,14 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         raise ValueError(f"brightness_gain must be >= 0, got {brightness_gain}")
     if not 0 < brightness_below <= 1:
         raise ValueError(f"brightness_below must be in (0, 1], got {brightness_below}")
+    if brightness_margin is not None and brightness_margin < 0:
+        raise ValueError(f"brightness_margin must be >= 0 (or None: the whole readout), got {brightness_margin}")
     readout = None
     if brightness_gain:
         readout = cached(cache_dir and cache_dir / name.replace("latents-", "brightness-"),
                          lambda: brightness_readout(pipe.vae, latents))
+        if brightness_margin is not None:
+            readout = off_object(readout, latents, brightness_margin)
     if mean_share > 0 and float(alphas[-1]) > 1e-6:
         raise ValueError(f"mean_share {mean_share} needs a zero-terminal-SNR schedule (the last step's input must be "
                          f"pure noise); use the default schedule or mean_share 0")

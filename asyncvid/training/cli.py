@@ -200,12 +200,15 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS,
                 flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0,
                 brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0,
-                brightness_below: Annotated[float, typer.Option(min=0.001, max=1.0, help="Clips' stage: charge --brightness-gain only at timesteps below this share of the schedule, where the sampler draws the flicker (round 29); 1: at every one.")] = 1.0):
+                brightness_below: Annotated[float, typer.Option(min=0.001, max=1.0, help="Clips' stage: charge --brightness-gain only at timesteps below this share of the schedule, where the sampler draws the flicker (round 29); 1: at every one.")] = 1.0,
+                brightness_margin: Annotated[Optional[int], typer.Option(min=0, help="Clips' stage: read --brightness-gain's brightness only on latent pixels more than this many from every frame's object (round 30) \\[default: the whole readout].")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
     if brightness_below < 1 and not brightness_gain:  # it bounds that term's timesteps: alone it would do nothing
         raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
+    if brightness_margin is not None and not brightness_gain:
+        raise typer.BadParameter(f"--brightness-margin {brightness_margin} needs --brightness-gain G (> 0)")
     if not 0 <= shared_noise < 1:
         raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
     train_text = TRAIN_TEXT if train_text is None else train_text
@@ -229,7 +232,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             return
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
                      flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
-    for key, value, off in (("brightness_gain", brightness_gain, 0.0), ("brightness_below", brightness_below, 1.0)):
+    for key, value, off in (("brightness_gain", brightness_gain, 0.0), ("brightness_below", brightness_below, 1.0),
+                            ("brightness_margin", brightness_margin, None)):
         if value != off:  # only then a recipe key, so checkpoints trained before the option resume
             clip_loss[key] = value
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,

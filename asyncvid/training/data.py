@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from asyncvid.eval.clips import VERSION, Caption, render, training_captions
 from asyncvid.eval.masks import as_uint8, object_masks
@@ -78,6 +79,18 @@ def brightness_readout(vae, latents: torch.Tensor, background: torch.Tensor | No
             (grad,) = torch.autograd.grad(brightness.sum(), z)
         out.append(grad / grad.flatten(1).norm(dim=1).clamp(min=1e-12)[:, None, None, None])
     return torch.cat(out).unflatten(0, latents.transpose(1, 2).shape[:2]).transpose(1, 2).contiguous()
+
+
+def off_object(readout: torch.Tensor, latents: torch.Tensor, margin: int = 0) -> torch.Tensor:
+    """`brightness_readout` kept only on the latent pixels more than `margin` from where any frame's object is
+    (`object_mask`, its union over the clip's frames), each frame's rescaled to unit length: the background read
+    where no frame's object reaches, so an error on the object, which moves, is never charged as flicker (round
+    30: through the decoder's receptive field the whole readout holds a fifth of its energy on those pixels)."""
+    reached = object_mask(latents).amax(dim=2, keepdim=True)
+    if margin:
+        reached = F.max_pool3d(reached, (1, 2 * margin + 1, 2 * margin + 1), stride=1, padding=(0, margin, margin))
+    kept = readout * (1.0 - reached)
+    return kept / kept.square().sum(dim=(1, 3, 4), keepdim=True).sqrt().clamp(min=1e-12)
 
 
 def cached(path, make):

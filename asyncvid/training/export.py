@@ -153,7 +153,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         recipe = {k: log[k] for k in ("schedule", "snr_cap", "mean_share", "train_text", "text_layers", "text_positions",
                                       "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
                                       "motion_gain", "spatial_gain", "shape_pairs", "colour_pairs", "partial_captions",
-                                      "flicker_gain", "brightness_gain", "brightness_below",
+                                      "flicker_gain", "brightness_gain", "brightness_below", "brightness_margin",
                                       "train_image_encoder") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
