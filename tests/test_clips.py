@@ -65,8 +65,7 @@ def test_the_shape_moves_the_captioned_way(direction):
 
 
 def test_heldout_images_show_every_colour_and_shape_on_every_background(tmp_path):
-    """The image-to-video set: 48 held-out captions, each colour on each plain background and each shape on each
-    background, written as images whose background is the named tone and whose first frame points the caption's
+    """The image-to-video set: 144 held-out captions, each shape in each colour on each plain background, written as images whose background is the named tone and whose first frame points the caption's
     way."""
     from PIL import Image
 
@@ -75,9 +74,9 @@ def test_heldout_images_show_every_colour_and_shape_on_every_background(tmp_path
 
     images = heldout_images()
     held = set(heldout_captions())
-    assert len(images) == 48 and all(c in held for c, _ in images)
-    assert {(c.colour, b) for c, b in images} == {(c, b) for c in COLOURS for b in range(len(BACKGROUNDS))}
-    assert {(c.shape, b) for c, b in images} == {(s, b) for s in SHAPES for b in range(len(BACKGROUNDS))}
+    assert len(images) == 144 and all(c in held for c, _ in images)
+    assert {(c.colour, c.shape, b) for c, b in images} == {
+        (c, s, b) for c in COLOURS for s in SHAPES for b in range(len(BACKGROUNDS))}
     paths = write_heldout_images(tmp_path)
     for path, (caption, background) in zip(paths, images):
         with Image.open(path) as im:
@@ -143,7 +142,7 @@ def test_shape_frames_differ_only_in_the_shape():
 
 @pytest.mark.parametrize("arg, code", [("--help", 0), ("--out", 2)])
 def test_the_image_set_command_takes_an_option_for_no_folder(tmp_path, arg, code):
-    """`python -m asyncvid.eval.clips --help` prints its usage; it once wrote 48 images into a folder named '--help'."""
+    """`python -m asyncvid.eval.clips --help` prints its usage; it once wrote the image set into a folder named '--help'."""
     import subprocess
     import sys
 
@@ -152,4 +151,4 @@ def test_the_image_set_command_takes_an_option_for_no_folder(tmp_path, arg, code
     assert result.returncode == code and "usage: python -m asyncvid.eval.clips FOLDER" in result.stdout + result.stderr
     assert not any(tmp_path.iterdir())
     written = subprocess.run([sys.executable, "-m", "asyncvid.eval.clips", "set"], cwd=tmp_path, timeout=120)
-    assert written.returncode == 0 and len(list((tmp_path / "set").glob("*.png"))) == 48
+    assert written.returncode == 0 and len(list((tmp_path / "set").glob("*.png"))) == 144

@@ -187,16 +187,16 @@ def render_colours(seed: int) -> tuple[str, np.ndarray]:
 
 
 def heldout_images() -> list[tuple[Caption, int]]:
-    """The image-to-video evaluation set: every colour on every plain background (48 images), shapes cycling so each
-    background shows each shape and each colour each shape twice, captions from the held-out ones; (caption,
+    """The image-to-video evaluation set: every shape in every colour on every plain background (144 images), each
+    with one of its colour and shape's held-out captions, the backgrounds taking turns over them; (caption,
     background index into BACKGROUNDS) pairs."""
     held = heldout_captions()
     images = []
     for b in range(len(BACKGROUNDS)):
-        for c, colour in enumerate(COLOURS):
-            shape = SHAPES[(b + c) % len(SHAPES)]
-            directions = [h for h in held if (h.colour, h.shape) == (colour, shape)]
-            images.append((directions[b % len(directions)], b))
+        for colour in COLOURS:
+            for shape in SHAPES:
+                directions = [h for h in held if (h.colour, h.shape) == (colour, shape)]
+                images.append((directions[b % len(directions)], b))
     return images
 
 
@@ -207,7 +207,7 @@ def write_heldout_images(folder) -> list:
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, (caption, background) in enumerate(heldout_images()):
-        path = folder / f"{i:02d}-{caption.text.replace(' ', '-')}-on-{background}.png"
+        path = folder / f"{i:03d}-{caption.text.replace(' ', '-')}-on-{background}.png"
         Image.fromarray(render(caption, 100_000 + i, 1, background)[0]).save(path)
         paths.append(path)
     return paths
@@ -218,7 +218,7 @@ if __name__ == "__main__":
     usage = "usage: python -m asyncvid.eval.clips FOLDER  (writes the image-to-video evaluation set there)"
     if sys.argv[1:] in (["-h"], ["--help"]):
         print(usage)
-    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # an option is not a folder to fill with 48 images
+    elif len(sys.argv) != 2 or sys.argv[1].startswith("-"):  # an option is not a folder to fill with 144 images
         print(usage, file=sys.stderr)
         sys.exit(2)
     else:
