@@ -65,8 +65,8 @@ def test_the_shape_moves_the_captioned_way(direction):
 
 
 def test_heldout_images_show_every_colour_and_shape_on_every_background(tmp_path):
-    """The image-to-video set: 144 held-out captions, each shape in each colour on each plain background, written as images whose background is the named tone and whose first frame points the caption's
-    way."""
+    """The image-to-video set: 144 held-out captions, each shape in each colour on each plain background, written
+    as images whose background is the named tone and whose first frame points the caption's way."""
     from PIL import Image
 
     from asyncvid.eval.adherence import implied_direction, read_video
@@ -142,7 +142,8 @@ def test_shape_frames_differ_only_in_the_shape():
 
 @pytest.mark.parametrize("arg, code", [("--help", 0), ("--out", 2)])
 def test_the_image_set_command_takes_an_option_for_no_folder(tmp_path, arg, code):
-    """`python -m asyncvid.eval.clips --help` prints its usage; it once wrote the image set into a folder named '--help'."""
+    """`python -m asyncvid.eval.clips --help` prints its usage; it once wrote the image set into a folder named
+    '--help'."""
     import subprocess
     import sys
 
