@@ -339,7 +339,8 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
                minutes: Annotated[float, typer.Option(help="Time limit of the AnimateDiff UNet.")] = 150.0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 120.0,
                anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
-    """The shipped models' recipe: the VAE on every core, then both UNets side by side (one thread each), then export."""
+    """tiny-svd r5's recipe and r8's AnimateDiff on one VAE: the VAE on every core, then both UNets side by side
+    (one thread each), then export (tiny-animatediff r9 needs the colour-wheel VAE: docs/MODELS.md, shipped runs)."""
     _check_budget(steps, anneal)  # here, not an hour later when the AnimateDiff stage starts
     root = _workdir(workdir)
     vae(workdir=root, seed=seed, threads=os.cpu_count() or 1)
