@@ -642,6 +642,48 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     assert calls == [("shape", 2)] * 2  # not trained again
 
 
+def test_a_background_puts_every_training_clip_on_one_tone():
+    """`background` renders every training clip on that plain tone, the captions unchanged (round 32); without it
+    the clips' backgrounds vary."""
+    from asyncvid.eval.clips import BACKGROUNDS
+    from asyncvid.training.data import clip_set
+
+    captions, varied = clip_set(1, 2, 0)
+    again, toned = clip_set(1, 2, 0, background=4)
+    assert again == captions
+    corners = lambda clips: {tuple(c) for c in ((clips[:, :, :, 0, 0] + 1) * 127.5).round().flatten(0, 1).tolist()}
+    assert corners(toned) == {tuple(float(v) for v in BACKGROUNDS[4])}
+    assert len(corners(varied)) > 3
+
+
+def test_the_training_cli_trains_both_stages_on_one_background_and_keeps_to_it(tmp_path, monkeypatch):
+    """`animatediff --background K` encodes its clips and colour pairs on that tone (their own caches) for both
+    stages and logs it; the finished image stage is reused only with the same background, another refused in one
+    line, exit 2; an index outside BACKGROUNDS is refused before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
+    monkeypatch.setattr(cli, "COLOUR_PAIR_GEOMETRIES", 4)
+    args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
+            "--image-steps", "1", "--image-batch", "8", "--threads", "1", "--colour-pairs", "4", "--background", "4"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    caches = sorted(p.name.split("-")[1:3] for p in (tmp_path / "animatediff").glob("latents-*"))
+    assert caches == [["background4", "clips1"], ["background4", "colours4"]]
+    for stage in ("animatediff", "animatediff-image"):
+        assert json.loads((tmp_path / stage / "train_log.json").read_text())["background"] == 4
+    refused = CliRunner().invoke(cli.app, [*args[:-2], "--steps", "2"])
+    assert refused.exit_code == 2, refused.output
+    assert "--background unset" in refused.output and "--background 4" in refused.output
+    outside = CliRunner().invoke(cli.app, [*args[:-1], "6"])
+    assert outside.exit_code == 2 and "--background" in outside.output, outside.output
+
+
 def test_colour_and_shape_pairs_share_the_pairs_half_of_the_batch(tmp_path, monkeypatch):
     """With --colour-pairs and --shape-pairs both, the image stage's pairs half is split between the two kinds
     (colour pairs cached under their own name) and the log records both weights."""

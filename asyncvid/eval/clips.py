@@ -152,12 +152,12 @@ def render(caption: Caption, seed: int, num_frames: int = 16, background: int | 
     return frames
 
 
-def render_shapes(seed: int) -> tuple[str, np.ndarray]:
+def render_shapes(seed: int, background: int | None = None) -> tuple[str, np.ndarray]:
     """One frame's geometry (background, colour, size, a place on some clip's path) drawn by `seed`, rendered once
     per shape: (colour, uint8 (3 shapes, 64, 64, 3)). Frames that differ only in the shape, for training the shape
-    word on what tells the shapes apart (asyncvid.training.animatediff.pair_loss_fn)."""
+    word on what tells the shapes apart (asyncvid.training.animatediff.pair_loss_fn); `background` as in `render`."""
     rng = np.random.default_rng([seed, 0x5A])
-    background = _background(rng)
+    background = _background(rng, background)
     colour = list(COLOURS)[rng.integers(len(COLOURS))]
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]]
@@ -170,12 +170,13 @@ def render_shapes(seed: int) -> tuple[str, np.ndarray]:
     return colour, np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
 
-def render_colours(seed: int) -> tuple[str, np.ndarray]:
+def render_colours(seed: int, background: int | None = None) -> tuple[str, np.ndarray]:
     """One frame's geometry (background, shape, size, a place on some clip's path) drawn by `seed`, rendered once
     per colour: (shape, uint8 (8 colours, 64, 64, 3)). Frames that differ only in the colour, for training the
-    colour word on what tells neighbouring hues apart (asyncvid.training.animatediff.pair_loss_fn)."""
+    colour word on what tells neighbouring hues apart (asyncvid.training.animatediff.pair_loss_fn); `background` as
+    in `render`."""
     rng = np.random.default_rng([seed, 0xC0])
-    background = _background(rng)
+    background = _background(rng, background)
     shape = SHAPES[rng.integers(len(SHAPES))]
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[list(DIRECTIONS)[rng.integers(len(DIRECTIONS))]]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-from asyncvid.eval.clips import COLOURS, SHAPES, render_colours, render_shapes
+from asyncvid.eval.clips import BACKGROUNDS, COLOURS, SHAPES, render_colours, render_shapes
 from asyncvid.pipelines.initial_noise import shared_frame_noise
 from asyncvid.training.data import (
     brightness_readout,
@@ -132,7 +132,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
                         partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0,
                         brightness_gain: float = 0.0, brightness_below: float = 1.0,
-                        brightness_margin: int | None = None):
+                        brightness_margin: int | None = None, background: int | None = None):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -159,19 +159,25 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     `brightness_below` < 1: that term only at timesteps below this share of the schedule, where the sampler draws
     the flicker (round 29: from about 0.6 down), not where it decides the object's place and path.
     `brightness_margin` k: the readout only on latent pixels more than k from every frame's object (`off_object`).
+    `background`: every clip on that plain tone (an index into BACKGROUNDS), so a caption, which names no background,
+    has one clip to draw rather than a brightness its frames must agree on (round 32); None: the six tones, stripes
+    and gradients.
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
     if not 1 <= window <= num_frames:
         raise ValueError(f"window must be from 1 to num_frames ({num_frames}), got {window}")
+    if background is not None and not 0 <= background < len(BACKGROUNDS):
+        raise ValueError(f"background must index BACKGROUNDS (0 to {len(BACKGROUNDS) - 1}), got {background}")
 
     def encode():
-        captions, clips = clip_set(clips_per_caption, num_frames, seed)
+        captions, clips = clip_set(clips_per_caption, num_frames, seed, background)
         # (clips, frames, C, h, w) -> (clips, C, frames, h, w), AnimateDiff's latent layout
         latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (len(clips), num_frames))
         return captions, latents.transpose(1, 2)
 
-    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed)
+    tone = {} if background is None else {"background": background}  # older caches keep their names
+    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed, **tone)
     captions, latents = cached(cache_dir and cache_dir / name, encode)
     n = len(latents)
     pixel_weight = 1.0 + object_gain * object_mask(latents) if object_gain > 0 else torch.ones(())
@@ -286,7 +292,8 @@ def _partners(attribute: str) -> torch.Tensor:
 
 
 def pair_loss_fn(pipe, *, pairs: int, attribute: str = "shape", seed: int = 0, cache_dir=None,
-                 schedule: dict | None = None, snr_cap: float = 5.0, difference_weight: float = 4.0):
+                 schedule: dict | None = None, snr_cap: float = 5.0, difference_weight: float = 4.0,
+                 background: int | None = None):
     """An image model's loss on frames that differ only in one word's `attribute` ("shape" or "colour"),
     captioned "a <colour> <shape>": each sample is one geometry drawn with two values of it, noised with the same
     noise at the same step; besides each frame's own error, `difference_weight` weighs the error of the two
@@ -298,18 +305,19 @@ def pair_loss_fn(pipe, *, pairs: int, attribute: str = "shape", seed: int = 0, c
     box, round 16). The difference cancels what the two frames share (the
     background, the place, the noise) and leaves the word's share of the prediction. Colours are paired with their
     nearest (`_partners`). Every colour-shape pair occurs in training, so no held-out combination is shown; `pairs`
-    geometries are encoded once with `pipe.vae`.
+    geometries are encoded once with `pipe.vae`, each on the plain tone `background` if given (round 32).
     """
     partners = _partners(attribute)
     values = SHAPES if attribute == "shape" else list(COLOURS)
     render = render_shapes if attribute == "shape" else render_colours
 
     def encode():
-        others, frames = variant_set(render, pairs, seed)  # the word each geometry keeps, a frame per value
+        others, frames = variant_set(render, pairs, seed, background)  # the word each geometry keeps, a frame per value
         latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(values)))
         return others, latents.unsqueeze(3)  # (pairs, values, C, 1 frame, h, w)
 
-    name = cache_name(pipe.vae, **{"shapes" if attribute == "shape" else "colours": pairs}, seed=seed)
+    tone = {} if background is None else {"background": background}  # older caches keep their names
+    name = cache_name(pipe.vae, **{"shapes" if attribute == "shape" else "colours": pairs}, seed=seed, **tone)
     others, latents = cached(cache_dir and cache_dir / name, encode)
 
     def text(other, value):

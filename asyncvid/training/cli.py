@@ -18,6 +18,7 @@ import typer
 from diffusers import AutoencoderKL
 
 from asyncvid.errors import UsageError
+from asyncvid.eval.clips import BACKGROUNDS
 from asyncvid.pipelines.embedded import cache_root
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import (
@@ -201,7 +202,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0,
                 brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0,
                 brightness_below: Annotated[float, typer.Option(min=0.001, max=1.0, help="Clips' stage: charge --brightness-gain only at timesteps below this share of the schedule, where the sampler draws the flicker (round 29); 1: at every one.")] = 1.0,
-                brightness_margin: Annotated[Optional[int], typer.Option(min=0, help="Clips' stage: read --brightness-gain's brightness only on latent pixels more than this many from every frame's object (round 30) \\[default: the whole readout].")] = None):
+                brightness_margin: Annotated[Optional[int], typer.Option(min=0, help="Clips' stage: read --brightness-gain's brightness only on latent pixels more than this many from every frame's object (round 30) \\[default: the whole readout].")] = None,
+                background: Annotated[Optional[int], typer.Option(min=0, max=len(BACKGROUNDS) - 1, help="Both stages: every clip on this plain tone (an index into asyncvid.eval.clips.BACKGROUNDS), so a caption has one background to draw (round 32) \\[default: all six tones, stripes and gradients].")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
@@ -220,14 +222,15 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
     pipe.vae = _trained(workdir, "vae", AutoencoderKL)
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
-    settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain)
+    tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
+    settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, **tone)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
     image = None
     if image_steps:
         image = _config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
                         seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5,
                         recipe=(("object_gain", object_gain), ("shape_pairs", shape_pairs),
-                                ("colour_pairs", colour_pairs)))
+                                ("colour_pairs", colour_pairs), *tone.items()))
         if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
@@ -238,7 +241,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             clip_loss[key] = value
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
-                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain)))
+                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain), *tone.items()))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, **clip_loss, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
@@ -246,7 +249,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                text_layers=text_layers, text_positions=text_positions, high_noise=dict(zip(("share", "from"), high_noise)),
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
                motion_gain=motion_gain, spatial_gain=spatial_gain, shape_pairs=shape_pairs, colour_pairs=colour_pairs,
-               **clip_loss)
+               **clip_loss, **tone)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
     _finish(pipe.unet, config, log)
@@ -260,19 +263,23 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0, col
     log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
     finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
     weights = {"shape": shape_pairs, "colour": colour_pairs}
-    for attribute, weight in weights.items():
-        trained = log.get(f"{attribute}_pairs", 0.0)  # logs from before rounds 14 / 23 trained without them
-        if finished and trained != weight:
+    asked = {"shape-pairs": (shape_pairs, 0.0), "colour-pairs": (colour_pairs, 0.0),  # (asked, what older logs
+             "background": (settings.get("background"), None)}  # trained with: rounds 14, 23, 32 added them)
+    for flag, (value, before) in asked.items():
+        trained = log.get(flag.replace("-", "_"), before)
+        if finished and trained != value:
+            value, trained = ("unset" if v is None else f"{v:g}" for v in (value, trained))
             raise typer.BadParameter(
-                f"--{attribute}-pairs {weight:g}: the finished image stage in {config.workdir} was trained with "
-                f"--{attribute}-pairs {trained:g}; pass that, or --fresh to train both stages again")
+                f"--{flag} {value}: the finished image stage in {config.workdir} was trained with "
+                f"--{flag} {trained}; pass that, or --fresh to train both stages again")
     if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
         frames = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
         geometries = {"shape": SHAPE_PAIR_GEOMETRIES, "colour": COLOUR_PAIR_GEOMETRIES}
         pairs = [pair_loss_fn(pipe, attribute=a, pairs=geometries[a], seed=settings["seed"], cache_dir=cache,
-                              schedule=settings["schedule"], snr_cap=settings["snr_cap"], difference_weight=w)
+                              schedule=settings["schedule"], snr_cap=settings["snr_cap"], difference_weight=w,
+                              background=settings.get("background"))
                  for a, w in weights.items() if w]
         loss = frames
         if pairs:
@@ -281,7 +288,7 @@ def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0, col
                 paired = sum(p(model, per, generator) for p in pairs) / len(pairs)
                 return (frames(model, batch - batch // 2, generator) + paired) / 2
         log = train(model, loss, config, name="animatediff-image")
-        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs)
+        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs, background=settings.get("background"))
         if train_text:
             pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
         _finish(pipe.unet, config, log)

@@ -12,23 +12,26 @@ from asyncvid.eval.clips import VERSION, Caption, render, training_captions
 from asyncvid.eval.masks import as_uint8, object_masks
 
 
-def clip_tensor(caption: Caption, seed: int, num_frames: int) -> torch.Tensor:
-    """One clip as (frames, 3, 64, 64) floats in [-1, 1], the VAEs' input range."""
-    frames = torch.from_numpy(render(caption, seed, num_frames)).float()
+def clip_tensor(caption: Caption, seed: int, num_frames: int, background: int | None = None) -> torch.Tensor:
+    """One clip as (frames, 3, 64, 64) floats in [-1, 1], the VAEs' input range; `background` forces a plain tone."""
+    frames = torch.from_numpy(render(caption, seed, num_frames, background)).float()
     return frames.permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
-def clip_set(clips_per_caption: int, num_frames: int, seed: int) -> tuple[list[Caption], torch.Tensor]:
-    """Training captions x seeds: the captions (one per clip) and (clips, frames, 3, 64, 64)."""
+def clip_set(clips_per_caption: int, num_frames: int, seed: int,
+             background: int | None = None) -> tuple[list[Caption], torch.Tensor]:
+    """Training captions x seeds: the captions (one per clip) and (clips, frames, 3, 64, 64); `background` puts every
+    clip on that plain tone (an index into BACKGROUNDS), the rest of each clip drawn as without it."""
     captions = [c for c in training_captions() for _ in range(clips_per_caption)]
     seeds = [seed * 1_000_003 + i for i in range(len(captions))]
-    return captions, torch.stack([clip_tensor(c, s, num_frames) for c, s in zip(captions, seeds)])
+    return captions, torch.stack([clip_tensor(c, s, num_frames, background) for c, s in zip(captions, seeds)])
 
 
-def variant_set(render, n: int, seed: int) -> tuple[list[str], torch.Tensor]:
+def variant_set(render, n: int, seed: int, background: int | None = None) -> tuple[list[str], torch.Tensor]:
     """`n` frame geometries, each drawn once per shape or colour by `render` (asyncvid.eval.clips.render_shapes or
-    render_colours): the word each geometry keeps, and (n, variants, 3, 64, 64) floats in [-1, 1]."""
-    kept, frames = zip(*(render(seed * 1_000_003 + i) for i in range(n)))
+    render_colours), on the plain tone `background` if given: the word each geometry keeps, and
+    (n, variants, 3, 64, 64) floats in [-1, 1]."""
+    kept, frames = zip(*(render(seed * 1_000_003 + i, background) for i in range(n)))
     return list(kept), torch.from_numpy(np.stack(frames)).float().permute(0, 1, 4, 2, 3) / 127.5 - 1.0
 
 
