@@ -86,17 +86,17 @@ def test_loss_goes_down_and_fresh_ignores_the_checkpoint(tmp_path):
 
 def test_a_run_stopped_by_its_time_limit_says_how_to_finish_it(tmp_path, capsys):
     """The recipes are step counts; a run cut short by --minutes says so, and resuming it finishes the recipe."""
-    from asyncvid.training.cli import _finish
+    from asyncvid.training.loop import finish
 
     class Saved(torch.nn.Module):
         def save_pretrained(self, folder):
             folder.mkdir(parents=True, exist_ok=True)
 
     log = train(_toy(), _loss, TrainConfig(tmp_path, steps=8, minutes=1e-9), name="toy")
-    _finish(Saved(), TrainConfig(tmp_path, steps=8, minutes=1e-9), log)
+    finish(Saved(), TrainConfig(tmp_path, steps=8, minutes=1e-9), log)
     assert log["steps"] < 8 and f"at step {log['steps']} of 8" in capsys.readouterr().err
     log = train(_toy(), _loss, TrainConfig(tmp_path, steps=8), name="toy")
-    _finish(Saved(), TrainConfig(tmp_path, steps=8), log)
+    finish(Saved(), TrainConfig(tmp_path, steps=8), log)
     assert log["steps"] == 8 and "stopped by" not in capsys.readouterr().err
 
 
@@ -240,7 +240,8 @@ def test_a_training_image_encoder_sees_first_frames_as_the_pipeline_does():
 def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     """`export` gives tiny-animatediff the DDIM schedule recorded in its training log (SD's when none is recorded),
     and the text encoder that trained with the UNet (the built one when it was frozen), and tiny-svd the CLIP vision
-    tower that trained with its UNet (likewise); `stages` exports one model
+    tower that trained with its UNet (likewise); a card names the one background its UNet's clips were drawn on, if
+    one; `stages` exports one model
     and leaves the other's folder alone; a VAE without a training log (brought from elsewhere) gets no card row."""
     import json
     import shutil
@@ -258,7 +259,7 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
         log = {"name": stage, "steps": 3, "minutes": 0.1, "final_loss": 0.5,
                "config": {"batch": 2, "lr": 1e-3, "seed": 0}}
         if stage == "animatediff" and schedule:  # a current log: its schedule, and a text encoder that trained
-            log.update(schedule=SCHEDULE, train_text=True)
+            log.update(schedule=SCHEDULE, train_text=True, background=0)  # and drawn on one tone (round 32)
             trained_text = build_tiny_animatediff().text_encoder
             trained_text.get_submodule("embeddings.token_embedding").weight.data.mul_(2)
             trained_text.save_pretrained(tmp_path / "train" / stage / "text_encoder")
@@ -285,6 +286,9 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     assert {k: shipped[k] for k in expected} == expected
     card = (tmp_path / "weights" / "tiny-animatediff" / "README.md").read_text()
     assert "colour 90%" in card and ("| vae | 3 |" in card) == bool(schedule)
+    assert ("over the plain tone (235, 235, 220) (RGB), every clip" in card) == bool(schedule)
+    svd_card = (tmp_path / "weights" / "tiny-svd" / "README.md").read_text()
+    assert "over a plain, striped or graded background" in svd_card
     for name in ("tiny-animatediff", "tiny-svd"):  # no folder of the training machine is shipped
         for config in (tmp_path / "weights" / name).glob("*/config.json"):
             assert str(tmp_path) not in config.read_text(), config
@@ -563,7 +567,7 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
     from typer.testing import CliRunner
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training import cli
+    from asyncvid.training import cli, image_stage
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
     starts = []
@@ -574,6 +578,7 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
         return real_train(model, loss, config, name=name)
 
     monkeypatch.setattr(cli, "train", train)
+    monkeypatch.setattr(image_stage, "train", train)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "2", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "2", "--image-batch", "2", "--threads", "1"]
     first = CliRunner().invoke(cli.app, args)
@@ -591,17 +596,59 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
     assert all(torch.equal(starts[0][1][k], image[k]) for k in image)
 
 
-def _spy_on_pair_losses(cli, monkeypatch) -> list:
+def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeypatch):
+    """`animatediff --init-from FOLDER --image-steps 0` starts the clips' stage from that pipeline folder's UNet and
+    text encoder and encodes the clips with its VAE (the work folder needs no VAE stage), and logs where it started
+    (round 32); with an image stage asked for, or a folder without a UNet, it is refused, exit 2, before any work."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    trained = build_tiny_animatediff(seed=3)  # not the weights the clips' stage would build (seed 0)
+    trained.save_pretrained(tmp_path / "trained")
+    starts = []
+    real_train = cli.train
+
+    def train(model, loss, config, name):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_train(model, loss, config, name=name)
+
+    monkeypatch.setattr(cli, "train", train)
+    args = ["animatediff", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1",
+            "--clips", "1", "--image-steps", "0", "--threads", "1", "--init-from", str(tmp_path / "trained")]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    expected = {**{f"unet.{k}": v for k, v in trained.unet.state_dict().items()},
+                **{f"text_encoder.{k}": v for k, v in trained.text_encoder.state_dict().items()}}
+    assert starts[0].keys() == expected.keys()
+    assert all(torch.equal(starts[0][k], expected[k]) for k in expected)
+    log = json.loads((tmp_path / "w" / "animatediff" / "train_log.json").read_text())
+    assert log["init_from"] == str(tmp_path / "trained")
+    vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
+    assert [p.name for p in (tmp_path / "w" / "animatediff").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's
+    refused = CliRunner().invoke(cli.app, [*args[:-5], "2", *args[-4:], "--fresh"])
+    assert refused.exit_code == 2 and "pass --image-steps 0" in refused.output, refused.output
+    missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
+    assert missing.exit_code == 2 and "unet/config.json there" in missing.output, missing.output
+    assert len(starts) == 1  # neither refusal trained
+
+
+def _spy_on_pair_losses(monkeypatch) -> list:
     """The (attribute, geometries) of every pair loss call the training CLI makes, recorded as it trains."""
+    from asyncvid.training import image_stage
+
     calls = []
-    real = cli.pair_loss_fn
+    real = image_stage.pair_loss_fn
 
     def pair_loss_fn(pipe, **kwargs):
         loss = real(pipe, **kwargs)
         return lambda model, batch, generator: calls.append((kwargs["attribute"], batch)) or loss(model, batch,
                                                                                                    generator)
 
-    monkeypatch.setattr(cli, "pair_loss_fn", pair_loss_fn)
+    monkeypatch.setattr(image_stage, "pair_loss_fn", pair_loss_fn)
     return calls
 
 
@@ -613,11 +660,11 @@ def test_shape_pairs_join_the_image_stage_and_the_log(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training import cli
+    from asyncvid.training import cli, image_stage
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
-    monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 6)
-    calls = _spy_on_pair_losses(cli, monkeypatch)
+    monkeypatch.setattr(image_stage, "SHAPE_PAIR_GEOMETRIES", 6)
+    calls = _spy_on_pair_losses(monkeypatch)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "2", "--image-batch", "8", "--threads", "1", "--shape-pairs", "4"]
     result = CliRunner().invoke(cli.app, args)
@@ -665,10 +712,10 @@ def test_the_training_cli_trains_both_stages_on_one_background_and_keeps_to_it(t
     from typer.testing import CliRunner
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training import cli
+    from asyncvid.training import cli, image_stage
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
-    monkeypatch.setattr(cli, "COLOUR_PAIR_GEOMETRIES", 4)
+    monkeypatch.setattr(image_stage, "COLOUR_PAIR_GEOMETRIES", 4)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "1", "--image-batch", "8", "--threads", "1", "--colour-pairs", "4", "--background", "4"]
     result = CliRunner().invoke(cli.app, args)
@@ -692,12 +739,12 @@ def test_colour_and_shape_pairs_share_the_pairs_half_of_the_batch(tmp_path, monk
     from typer.testing import CliRunner
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
-    from asyncvid.training import cli
+    from asyncvid.training import cli, image_stage
 
     build_tiny_animatediff().vae.save_pretrained(tmp_path / "vae" / "final")
-    monkeypatch.setattr(cli, "SHAPE_PAIR_GEOMETRIES", 3)
-    monkeypatch.setattr(cli, "COLOUR_PAIR_GEOMETRIES", 2)
-    calls = _spy_on_pair_losses(cli, monkeypatch)
+    monkeypatch.setattr(image_stage, "SHAPE_PAIR_GEOMETRIES", 3)
+    monkeypatch.setattr(image_stage, "COLOUR_PAIR_GEOMETRIES", 2)
+    calls = _spy_on_pair_losses(monkeypatch)
     args = ["animatediff", "--workdir", str(tmp_path), "--steps", "1", "--anneal", "0", "--batch", "1", "--clips", "1",
             "--image-steps", "1", "--image-batch", "16", "--threads", "1", "--shape-pairs", "4", "--colour-pairs", "2"]
     result = CliRunner().invoke(cli.app, args)

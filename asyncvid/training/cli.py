@@ -14,8 +14,10 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNetMotionModel
+from transformers import CLIPTextModel
 
 from asyncvid.errors import UsageError
 from asyncvid.eval.clips import BACKGROUNDS
@@ -34,20 +36,18 @@ from asyncvid.training.animatediff import (
     UNetWithText,
     animatediff_loss_fn,
     clip_stage_gains,
-    pair_loss_fn,
 )
 from asyncvid.training.export import export_all
-from asyncvid.training.loop import TrainConfig, train
+from asyncvid.training.image_stage import train_image_stage
+from asyncvid.training.loop import TrainConfig, finish, train
 from asyncvid.training.recipes import (
     ANIMATEDIFF_STEPS,
     ANNEAL,
-    COLOUR_PAIR_GEOMETRIES,
     COLOUR_PAIRS,
     IMAGE_BATCH,
     IMAGE_LR,
     IMAGE_STEPS,
     MOTION_GAIN,
-    SHAPE_PAIR_GEOMETRIES,
     SHAPE_PAIRS,
     SVD_STEPS,
     VAE_RECIPE,
@@ -165,7 +165,7 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
         typer.echo(f"{stage}: round trip of the held-out clips {log['round_trip']}")
         log["mean_latent"] = mean_latent_scores(model)
         typer.echo(f"{stage}: the held-out captions' mean latent clips, decoded {log['mean_latent']}")
-    _finish(model, config, log)
+    finish(model, config, log)
 
 
 def _earlier_phases(folder: Path, first_steps: int, fresh: bool) -> list[dict]:
@@ -203,10 +203,16 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0,
                 brightness_below: Annotated[float, typer.Option(min=0.001, max=1.0, help="Clips' stage: charge --brightness-gain only at timesteps below this share of the schedule, where the sampler draws the flicker (round 29); 1: at every one.")] = 1.0,
                 brightness_margin: Annotated[Optional[int], typer.Option(min=0, help="Clips' stage: read --brightness-gain's brightness only on latent pixels more than this many from every frame's object (round 30) \\[default: the whole readout].")] = None,
-                background: Annotated[Optional[int], typer.Option(min=0, max=len(BACKGROUNDS) - 1, help="Both stages: every clip on this plain tone (an index into asyncvid.eval.clips.BACKGROUNDS), so a caption has one background to draw (round 32) \\[default: all six tones, stripes and gradients].")] = None):
+                background: Annotated[Optional[int], typer.Option(min=0, max=len(BACKGROUNDS) - 1, help="Both stages: every clip on this plain tone (an index into asyncvid.eval.clips.BACKGROUNDS), so a caption has one background to draw (round 32) \\[default: all six tones, stripes and gradients].")] = None,
+                init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: the clips' stage starts from this exported pipeline folder's UNet and text encoder, on its own VAE's latents (e.g. pipelines/weights/tiny-animatediff; round 32); needs --image-steps 0.")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
+    if init_from is not None and image_steps:
+        raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; pass --image-steps 0")
+    if init_from is not None and not (init_from / "unet" / "config.json").is_file():
+        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline folder "
+                                 f"such as pipelines/weights/tiny-animatediff")
     if brightness_below < 1 and not brightness_gain:  # it bounds that term's timesteps: alone it would do nothing
         raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
     if brightness_margin is not None and not brightness_gain:
@@ -220,9 +226,14 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     high_noise = (HIGH_NOISE_SHARE if high_noise_share is None else high_noise_share,
                   HIGH_NOISE_FROM if high_noise_from is None else high_noise_from)
     pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
-    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    if init_from is None:
+        pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+    else:  # the trained model's own parts (its UNet draws in its VAE's latents), in float32 however they were stored
+        for part, cls in (("vae", AutoencoderKL), ("unet", UNetMotionModel), ("text_encoder", CLIPTextModel)):
+            setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
     tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
+    start = {} if init_from is None else {"init_from": str(init_from)}
     settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, **tone)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
     image = None
@@ -231,7 +242,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                         seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5,
                         recipe=(("object_gain", object_gain), ("shape_pairs", shape_pairs),
                                 ("colour_pairs", colour_pairs), *tone.items()))
-        if not _image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
+        if not train_image_stage(pipe, model, image, settings, train_text, shape_pairs, colour_pairs):
             return
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
                      flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
@@ -241,7 +252,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             clip_loss[key] = value
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
-                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain), *tone.items()))
+                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain), *tone.items(),
+                             *start.items()))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, **clip_loss, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.
@@ -249,56 +261,10 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                text_layers=text_layers, text_positions=text_positions, high_noise=dict(zip(("share", "from"), high_noise)),
                image_stage=image and {"steps": image.steps, "batch": image.batch, "lr": image.lr},
                motion_gain=motion_gain, spatial_gain=spatial_gain, shape_pairs=shape_pairs, colour_pairs=colour_pairs,
-               **clip_loss, **tone)
+               **clip_loss, **tone, **start)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
-    _finish(pipe.unet, config, log)
-
-
-def _image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0, colour_pairs=0.0) -> bool:
-    """AnimateDiff's first stage: `model` trained on single frames of the clips (or loaded, once trained), so the
-    clips' stage starts from an image model; with `shape_pairs` / `colour_pairs`, half of each batch is such pairs
-    (pair_loss_fn). False when the time limit stopped it before its step budget."""
-    final, log_file = config.workdir / "final", config.workdir / "train_log.json"
-    log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
-    finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
-    weights = {"shape": shape_pairs, "colour": colour_pairs}
-    asked = {"shape-pairs": (shape_pairs, 0.0), "colour-pairs": (colour_pairs, 0.0),  # (asked, what older logs
-             "background": (settings.get("background"), None)}  # trained with: rounds 14, 23, 32 added them)
-    for flag, (value, before) in asked.items():
-        trained = log.get(flag.replace("-", "_"), before)
-        if finished and trained != value:
-            value, trained = ("unset" if v is None else f"{v:g}" for v in (value, trained))
-            raise typer.BadParameter(
-                f"--{flag} {value}: the finished image stage in {config.workdir} was trained with "
-                f"--{flag} {trained}; pass that, or --fresh to train both stages again")
-    if not finished:
-        # Single frames of the clips' stage's latents: the two stages share its cache.
-        cache = config.workdir.parent / "animatediff"
-        frames = animatediff_loss_fn(pipe, cache_dir=cache, mean_share=0.0, window=1, **settings)
-        geometries = {"shape": SHAPE_PAIR_GEOMETRIES, "colour": COLOUR_PAIR_GEOMETRIES}
-        pairs = [pair_loss_fn(pipe, attribute=a, pairs=geometries[a], seed=settings["seed"], cache_dir=cache,
-                              schedule=settings["schedule"], snr_cap=settings["snr_cap"], difference_weight=w,
-                              background=settings.get("background"))
-                 for a, w in weights.items() if w]
-        loss = frames
-        if pairs:
-            def loss(model, batch, generator):  # half the frames plain, half in pairs: the batch's cost is kept
-                per = max(batch // (4 * len(pairs)), 1)  # geometries of each kind, two frames each
-                paired = sum(p(model, per, generator) for p in pairs) / len(pairs)
-                return (frames(model, batch - batch // 2, generator) + paired) / 2
-        log = train(model, loss, config, name="animatediff-image")
-        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs, background=settings.get("background"))
-        if train_text:
-            pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
-        _finish(pipe.unet, config, log)
-        return log["steps"] >= config.steps
-    typer.echo(f"animatediff-image: trained already ({final}); the clips' stage starts from it")
-    pipe.unet.load_state_dict(type(pipe.unet).from_pretrained(final).state_dict())
-    if train_text:
-        pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(config.workdir / "text_encoder")
-                                          .state_dict())
-    return True
+    finish(pipe.unet, config, log)
 
 
 @app.command()
@@ -325,7 +291,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     log.update(object_gain=object_gain, train_image_encoder=train_image_encoder)
     if train_image_encoder:  # the loop left the averaged weights in both parts
         pipe.image_encoder.save_pretrained(config.workdir / "image_encoder")
-    _finish(pipe.unet, config, log)
+    finish(pipe.unet, config, log)
 
 
 @app.command()
@@ -376,15 +342,6 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
         log = json.loads((root / stage / "train_log.json").read_text())
         typer.echo(f"{stage}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
     export(workdir=root, dest=None, scores=None, only=None)
-
-
-def _finish(model, config, log) -> None:
-    model.save_pretrained(config.workdir / "final")
-    (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
-    typer.echo(f"{log['name']}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
-    if log["steps"] < config.steps:  # the recipe is a step count: a time-limited model is a different, weaker one
-        typer.echo(f"{log['name']}: stopped by the {config.minutes:g}-minute limit at step {log['steps']} of "
-                   f"{config.steps}; run the same command with a larger --minutes to finish it", err=True)
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 import asyncvid.pipelines
-from asyncvid.eval.clips import COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
+from asyncvid.eval.clips import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import GUIDANCE, SD_SCHEDULE, SHARED_NOISE
@@ -119,6 +119,14 @@ def _round_trip(vae_log: dict) -> str:
             f"direction {rt['direction']:g}% (the ceiling of what the UNet can show)")
 
 
+def _backdrop(logs: dict) -> str:
+    """What the UNet's clips were drawn over: one plain tone (`animatediff --background`, round 32) or any."""
+    tones = {log["background"] for log in logs.values() if log.get("background") is not None}
+    if not tones:
+        return "a plain, striped or graded background"
+    return " or ".join(f"the plain tone {BACKGROUNDS[t]} (RGB)" for t in sorted(tones)) + ", every clip"
+
+
 def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
     """A short card: what the model is, what it saw, how it was trained and how well it follows prompts."""
     unet = pipe.unet
@@ -129,7 +137,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
         "parallel samplers can be scored for what they cost in quality. Not a general video model.", "",
         "## Training data", "",
         f"Clips from `asyncvid.eval.clips` (64x64): one shape ({', '.join(SHAPES)}) in one of {len(COLOURS)} colours "
-        f"({', '.join(COLOURS)}) moving {', '.join(DIRECTIONS)} over a plain, striped or graded background. "
+        f"({', '.join(COLOURS)}) moving {', '.join(DIRECTIONS)} over {_backdrop(logs)}. "
         f"Trained on {len(training_captions())} of the {len(training_captions()) + len(heldout_captions())} "
         "caption combinations; the other 50 are held out (`samples/heldout_prompts.txt`).", "",
         "## Model", "",
@@ -154,7 +162,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
                                       "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
                                       "motion_gain", "spatial_gain", "shape_pairs", "colour_pairs", "partial_captions",
                                       "flicker_gain", "brightness_gain", "brightness_below", "brightness_margin",
-                                      "train_image_encoder") if k in log}
+                                      "background", "init_from", "train_image_encoder") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]

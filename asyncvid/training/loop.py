@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from asyncvid.errors import UsageError
@@ -171,3 +172,13 @@ def _save(config, model, average, opt, generator, step, seconds, losses) -> None
     tmp = config.checkpoint.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(config.checkpoint)
+
+
+def finish(model, config, log) -> None:
+    """Save a finished (or time-limited) stage: its final weights and training log, and say which it is."""
+    model.save_pretrained(config.workdir / "final")
+    (config.workdir / "train_log.json").write_text(json.dumps(log, indent=2))
+    typer.echo(f"{log['name']}: {log['steps']} steps in {log['minutes']} min, loss {log['final_loss']}")
+    if log["steps"] < config.steps:  # the recipe is a step count: a time-limited model is a different, weaker one
+        typer.echo(f"{log['name']}: stopped by the {config.minutes:g}-minute limit at step {log['steps']} of "
+                   f"{config.steps}; run the same command with a larger --minutes to finish it", err=True)
