@@ -209,10 +209,11 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     r8's recipe by default, r9's from docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     _check_budget(steps, anneal)
     if init_from is not None and image_steps:
-        raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; pass --image-steps 0")
+        raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
+                                 f"pass --image-steps 0")
     if init_from is not None and not (init_from / "unet" / "config.json").is_file():
-        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline folder "
-                                 f"such as pipelines/weights/tiny-animatediff")
+        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline "
+                                 f"folder such as pipelines/weights/tiny-animatediff")
     if brightness_below < 1 and not brightness_gain:  # it bounds that term's timesteps: alone it would do nothing
         raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
     if brightness_margin is not None and not brightness_gain:
@@ -234,7 +235,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
     tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
     start = {} if init_from is None else {"init_from": str(init_from)}
-    settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain, **tone)
+    settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain,
+                    **tone)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
     image = None
     if image_steps:
@@ -252,8 +254,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             clip_loss[key] = value
     config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
-                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain), *tone.items(),
-                             *start.items()))
+                     recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain),
+                             *tone.items(), *start.items()))
     loss = animatediff_loss_fn(pipe, cache_dir=config.workdir, high_noise=high_noise, **clip_loss, **settings)
     log = train(model, loss, config, name="animatediff")
     # The recipe, for the model card; export builds the scheduler (and a frozen text encoder) from it.

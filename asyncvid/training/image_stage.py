@@ -20,15 +20,16 @@ def train_image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0
     log = json.loads(log_file.read_text()) if config.resume and log_file.is_file() else {}
     finished = (final / "config.json").is_file() and log.get("steps", 0) >= config.steps
     weights = {"shape": shape_pairs, "colour": colour_pairs}
-    asked = {"shape-pairs": (shape_pairs, 0.0), "colour-pairs": (colour_pairs, 0.0),  # (asked, what older logs
-             "background": (settings.get("background"), None)}  # trained with: rounds 14, 23, 32 added them)
+    # What a finished stage must have been trained with: (asked, what a log from before the option records:
+    # rounds 14, 23 and 32 added them).
+    asked = {"shape-pairs": (shape_pairs, 0.0), "colour-pairs": (colour_pairs, 0.0),
+             "background": (settings.get("background"), None)}
     for flag, (value, before) in asked.items():
         trained = log.get(flag.replace("-", "_"), before)
         if finished and trained != value:
-            value, trained = ("unset" if v is None else f"{v:g}" for v in (value, trained))
             raise typer.BadParameter(
-                f"--{flag} {value}: the finished image stage in {config.workdir} was trained with "
-                f"--{flag} {trained}; pass that, or --fresh to train both stages again")
+                f"--{flag} {_shown(value)}: the finished image stage in {config.workdir} was trained with "
+                f"--{flag} {_shown(trained)}; pass that, or --fresh to train both stages again")
     if not finished:
         # Single frames of the clips' stage's latents: the two stages share its cache.
         cache = config.workdir.parent / "animatediff"
@@ -56,3 +57,8 @@ def train_image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0
         pipe.text_encoder.load_state_dict(type(pipe.text_encoder).from_pretrained(config.workdir / "text_encoder")
                                           .state_dict())
     return True
+
+
+def _shown(value) -> str:
+    """An option's value as the command line spells it; unset for None."""
+    return "unset" if value is None else f"{value:g}"
