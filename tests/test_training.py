@@ -599,13 +599,16 @@ def test_animatediff_trains_an_image_stage_first_and_starts_the_clips_from_it(tm
 def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeypatch):
     """`animatediff --init-from FOLDER --image-steps 0` starts the clips' stage from that pipeline folder's UNet and
     text encoder and encodes the clips with its VAE (the work folder needs no VAE stage), and logs where it started
-    (round 32); with an image stage asked for, or a folder without a UNet, it is refused, exit 2, before any work."""
+    (round 32), and export ships that VAE; with an image stage asked for, or a folder without a UNet, it is refused,
+    exit 2, before any work."""
     import json
 
+    from diffusers import AutoencoderKL
     from typer.testing import CliRunner
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
     from asyncvid.training import cli
+    from asyncvid.training.export import export_all
 
     trained = build_tiny_animatediff(seed=3)  # not the weights the clips' stage would build (seed 0)
     trained.save_pretrained(tmp_path / "trained")
@@ -629,6 +632,10 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     assert log["init_from"] == str(tmp_path / "trained")
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
     assert [p.name for p in (tmp_path / "w" / "animatediff").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's
+    # Exported, the fine-tune ships the VAE it trained in (the work folder has no VAE stage).
+    export_all(tmp_path / "w", tmp_path / "out", stages=("animatediff",))
+    shipped = AutoencoderKL.from_pretrained(tmp_path / "out" / "tiny-animatediff", subfolder="vae")
+    assert torch.equal(shipped.decoder.conv_out.weight, trained.vae.decoder.conv_out.weight.half().to(shipped.dtype))
     refused = CliRunner().invoke(cli.app, [*args[:-5], "2", *args[-4:], "--fresh"])
     assert refused.exit_code == 2 and "pass --image-steps 0" in refused.output, refused.output
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])

@@ -266,6 +266,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                **clip_loss, **tone, **start)
     if train_text:
         pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
+    if init_from is not None:  # the latents it trained in, for export: the work folder has no VAE stage of its own
+        pipe.vae.save_pretrained(config.workdir / "vae")
     finish(pipe.unet, config, log)
 
 

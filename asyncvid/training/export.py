@@ -34,7 +34,8 @@ def default_dest() -> Path:
 
 
 def assemble_animatediff(root: Path):
-    """The tiny AnimateDiff pipeline with the trained VAE, UNet and text encoder (as built, if it was frozen)."""
+    """The tiny AnimateDiff pipeline with the trained VAE (or the one a fine-tune started from), UNet and text encoder
+    (as built, if it was frozen)."""
 
     # The frozen text encoder and the sampler's schedule must be the ones the UNet was trained with (logs from
     # before they were recorded mean SD's schedule and two text layers).
@@ -44,10 +45,13 @@ def assemble_animatediff(root: Path):
     scheduler = DDIMScheduler.from_config(base.scheduler.config, **log.get("schedule", SD_SCHEDULE))
     text_encoder = (CLIPTextModel.from_pretrained(root / "animatediff" / "text_encoder") if log.get("train_text")
                     else base.text_encoder)
+    # A fine-tune (`animatediff --init-from`) keeps the VAE it started from beside its UNet.
+    own_vae = root / "animatediff" / "vae"
+    vae = AutoencoderKL.from_pretrained(own_vae if (own_vae / "config.json").is_file() else root / "vae" / "final")
     # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
     return AnimateDiffPipeline(
         unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
-        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"), text_encoder=text_encoder,
+        vae=vae, text_encoder=text_encoder,
         tokenizer=base.tokenizer, scheduler=scheduler,
     )
 
