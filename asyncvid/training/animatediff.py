@@ -176,8 +176,7 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         latents = encode_frames(pipe.vae, clips.flatten(0, 1)).unflatten(0, (len(clips), num_frames))
         return captions, latents.transpose(1, 2)
 
-    tone = {} if background is None else {"background": background}  # older caches keep their names
-    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed, **tone)
+    name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed, background=background)
     captions, latents = cached(cache_dir and cache_dir / name, encode)
     n = len(latents)
     pixel_weight = 1.0 + object_gain * object_mask(latents) if object_gain > 0 else torch.ones(())
@@ -316,8 +315,8 @@ def pair_loss_fn(pipe, *, pairs: int, attribute: str = "shape", seed: int = 0, c
         latents = encode_frames(pipe.vae, frames.flatten(0, 1)).unflatten(0, (pairs, len(values)))
         return others, latents.unsqueeze(3)  # (pairs, values, C, 1 frame, h, w)
 
-    tone = {} if background is None else {"background": background}  # older caches keep their names
-    name = cache_name(pipe.vae, **{"shapes" if attribute == "shape" else "colours": pairs}, seed=seed, **tone)
+    name = cache_name(pipe.vae, **{"shapes" if attribute == "shape" else "colours": pairs}, seed=seed,
+                      background=background)
     others, latents = cached(cache_dir and cache_dir / name, encode)
 
     def text(other, value):

@@ -111,7 +111,8 @@ def cache_name(vae, **settings) -> str:
     """A file name naming the encoding settings, the clips' version and the VAE's weights, so a retrained VAE or a
     changed clip generator never reuses latents."""
     fingerprint = sum(float(p.detach().double().sum()) for p in vae.parameters())
-    settings = {"data": VERSION, **settings}  # the clip generator's version
+    # The clip generator's version; a setting left unset (None) is not named, so caches from before it keep theirs.
+    settings = {"data": VERSION, **{k: v for k, v in settings.items() if v is not None}}
     return "latents-" + "-".join(f"{k}{v}" for k, v in sorted(settings.items())) + f"-{fingerprint:.6e}.pt"
 
 
