@@ -236,7 +236,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
     start = {} if init_from is None else {"init_from": str(init_from)}
     settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain,
-                    **tone)
+                    background=background)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
     image = None
     if image_steps:

@@ -23,7 +23,7 @@ def train_image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0
     # What a finished stage must have been trained with: (asked, what a log from before the option records:
     # rounds 14, 23 and 32 added them).
     asked = {"shape-pairs": (shape_pairs, 0.0), "colour-pairs": (colour_pairs, 0.0),
-             "background": (settings.get("background"), None)}
+             "background": (settings["background"], None)}
     for flag, (value, before) in asked.items():
         trained = log.get(flag.replace("-", "_"), before)
         if finished and trained != value:
@@ -37,7 +37,7 @@ def train_image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0
         geometries = {"shape": SHAPE_PAIR_GEOMETRIES, "colour": COLOUR_PAIR_GEOMETRIES}
         pairs = [pair_loss_fn(pipe, attribute=a, pairs=geometries[a], seed=settings["seed"], cache_dir=cache,
                               schedule=settings["schedule"], snr_cap=settings["snr_cap"], difference_weight=w,
-                              background=settings.get("background"))
+                              background=settings["background"])
                  for a, w in weights.items() if w]
         loss = frames
         if pairs:
@@ -46,7 +46,7 @@ def train_image_stage(pipe, model, config, settings, train_text, shape_pairs=0.0
                 paired = sum(p(model, per, generator) for p in pairs) / len(pairs)
                 return (frames(model, batch - batch // 2, generator) + paired) / 2
         log = train(model, loss, config, name="animatediff-image")
-        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs, background=settings.get("background"))
+        log.update(shape_pairs=shape_pairs, colour_pairs=colour_pairs, background=settings["background"])
         if train_text:
             pipe.text_encoder.save_pretrained(config.workdir / "text_encoder")
         finish(pipe.unet, config, log)
