@@ -1111,3 +1111,21 @@ def test_pairs_noise_two_frames_alike_and_train_their_difference(tmp_path, attri
     expected = 4.0 * float((weight[t[:6]] * targets_apart).mean())
     assert expected > 1e-4 and losses[4.0] - losses[0.0] == pytest.approx(expected, rel=1e-3)
     assert list(tmp_path.glob(f"latents-*{attribute}s8*"))  # encoded once, kept for the next run
+
+
+def test_export_of_an_untrained_part_is_refused_before_anything_is_written(tmp_path):
+    """`export` from a work folder without the stage's UNet, or without any VAE for it, is one line naming the
+    missing folder and the command that trains it, exit 2, and the destination is left as it was."""
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    args = ["export", "--workdir", str(tmp_path / "w"), "--dest", str(tmp_path / "out"), "--only", "animatediff"]
+    empty = CliRunner().invoke(cli.app, args)
+    assert empty.exit_code == 2 and "no trained animatediff UNet" in empty.output, empty.output
+    build_tiny_animatediff(seed=0).unet.save_pretrained(tmp_path / "w" / "animatediff" / "final")
+    no_vae = CliRunner().invoke(cli.app, args)
+    assert no_vae.exit_code == 2 and "no VAE for animatediff" in no_vae.output, no_vae.output
+    assert "python -m asyncvid.training vae" in " ".join(no_vae.output.split()), no_vae.output
+    assert not (tmp_path / "out").exists()

@@ -37,7 +37,7 @@ from asyncvid.training.animatediff import (
     animatediff_loss_fn,
     clip_stage_gains,
 )
-from asyncvid.training.export import export_all
+from asyncvid.training.export import export_all, missing_parts
 from asyncvid.training.image_stage import train_image_stage
 from asyncvid.training.loop import TrainConfig, finish, train
 from asyncvid.training.recipes import (
@@ -304,8 +304,11 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
            only: Annotated[Optional[list[UNetStage]], typer.Option(help="Export only this UNet stage (animatediff or svd); repeat for both \\[default: both].")] = None):
     """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
     root = _workdir(workdir)
+    stages = tuple(s.value for s in only or UNetStage)
+    for gap in filter(None, (missing_parts(root, stage) for stage in stages)):
+        raise typer.BadParameter(gap)  # before anything is written
     card_scores = json.loads(scores.read_text()) if scores else {}
-    for folder in export_all(root, dest, card_scores, tuple(s.value for s in only or UNetStage)):
+    for folder in export_all(root, dest, card_scores, stages):
         typer.echo(f"wrote {folder}")
 
 

@@ -70,6 +70,17 @@ def assemble_svd(root: Path):
     )
 
 
+def missing_parts(root: Path, stage: str) -> str | None:
+    """What `stage`'s pipeline lacks in the work folder `root`, and the command that makes it (None: nothing)."""
+    vaes = [root / "vae" / "final"] + ([root / "animatediff" / "vae"] if stage == "animatediff" else [])
+    if not (root / stage / "final" / "config.json").is_file():
+        return f"no trained {stage} UNet in {root / stage / 'final'}; run `python -m asyncvid.training {stage}` first"
+    if not any((folder / "config.json").is_file() for folder in vaes):
+        return (f"no VAE for {stage} in {' or '.join(map(str, vaes))}; run `python -m asyncvid.training vae` "
+                "with this --workdir first")
+    return None
+
+
 def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
                stages: tuple[str, ...] = tuple(NAMES)) -> list[Path]:
     """Write tiny-animatediff and tiny-svd (or those of `stages`) under `dest`, each replaced whole (written aside,
