@@ -636,6 +636,8 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     export_all(tmp_path / "w", tmp_path / "out", stages=("animatediff",))
     shipped = AutoencoderKL.from_pretrained(tmp_path / "out" / "tiny-animatediff", subfolder="vae")
     assert torch.equal(shipped.decoder.conv_out.weight, trained.vae.decoder.conv_out.weight.half().to(shipped.dtype))
+    card = " ".join((tmp_path / "out" / "tiny-animatediff" / "README.md").read_text().split())
+    assert f"fine-tuned from the model then in `{tmp_path / 'trained'}`" in card  # its data is not all it saw
     refused = CliRunner().invoke(cli.app, [*args[:-5], "2", *args[-4:], "--fresh"])
     assert refused.exit_code == 2 and "pass --image-steps 0" in refused.output, refused.output
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])

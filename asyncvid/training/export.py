@@ -137,9 +137,13 @@ def _round_trip(vae_log: dict) -> str:
 def _backdrop(logs: dict) -> str:
     """What the UNet's clips were drawn over: one plain tone (`animatediff --background`, round 32) or any."""
     tones = {log["background"] for log in logs.values() if log.get("background") is not None}
+    starts = sorted({log["init_from"] for log in logs.values() if log.get("init_from")})
+    # A fine-tune's log knows only its own clips; the model it started from saw its own (its card says which).
+    start = "".join(f", fine-tuned from the model then in `{folder}` (its own card says what it saw)"
+                    for folder in starts)
     if not tones:
-        return "a plain, striped or graded background"
-    return " or ".join(f"the plain tone {BACKGROUNDS[t]} (RGB)" for t in sorted(tones)) + ", every clip"
+        return "a plain, striped or graded background" + start
+    return " or ".join(f"the plain tone {BACKGROUNDS[t]} (RGB)" for t in sorted(tones)) + ", every clip" + start
 
 
 def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
