@@ -137,6 +137,32 @@ def test_tiny_grid_runs_end_to_end(tmp_path, monkeypatch):
     assert "AsyncDiff N=2 S=1 warm-up 1" in (tmp_path / "out" / "BENCHMARKS.md").read_text()
 
 
+def test_refreshed_adherence_carries_its_own_stamp_and_leaves_the_grid_alone(tmp_path, monkeypatch):
+    """`--adherence-only` rewrites the page: the adherence section says when, by which command and on which weights
+    it was measured, with its smooth and calm columns; the grid's command stays the grid's (it used to grow by one
+    command per refresh), and the notes kept in the grid's record come back in the header."""
+    from asyncvid.bench import adherence
+    from asyncvid.pipelines.embedded import EMBEDDED
+
+    result = _fake_result()
+    result["meta"]["notes"] = ["**Which weights:** the grid ran on older weights."]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "benchmarks.json").write_text(json.dumps(result))
+    scored = dict(videos=2, colour=100.0, shape=50.0, direction=100.0, smooth=50.0, steady=100.0, calm=50.0,
+                  worst_flicker=7.5, seconds=1.0, misses=[])
+    monkeypatch.setattr(adherence, "score_configuration", lambda *a: scored)
+    config = BenchConfig(out=tmp_path / "out", adherence_only=True, adherence_prompts=2, plots=False,
+                         command="python -m asyncvid.bench --adherence-only")
+    run_bench(config, log=lambda *a: None)
+    saved = json.loads((tmp_path / "out" / "benchmarks.json").read_text())
+    assert saved["meta"]["command"] == "asyncvid bench"
+    page = (tmp_path / "out" / "BENCHMARKS.md").read_text()
+    revision = EMBEDDED["tiny-animatediff"].revision
+    assert f"by `python -m asyncvid.bench --adherence-only` on tiny-animatediff {revision} (load average" in page
+    assert "| sequential | 1 | 2 | 100% | 50% | 100% | 50% | 50% (7.5) | 1 |" in page
+    assert "**Which weights:** the grid ran on older weights." in page.split("## Summary")[0]
+
+
 def test_missing_matplotlib_is_refused_before_any_measuring(tmp_path, monkeypatch):
     """The plots come last; without matplotlib the bench stops at once, not after the measurements."""
     import importlib.util

@@ -3,6 +3,7 @@ held-out prompts? Each configuration loads the model once (asyncvid.load) and sa
 
 from __future__ import annotations
 
+import os
 import time
 
 from asyncvid.api import load
@@ -10,6 +11,7 @@ from asyncvid.asyncdiff.config import AsyncDiffConfig
 from asyncvid.eval.adherence import score_video, summarize
 from asyncvid.eval.clips import heldout_captions
 from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.pipelines.embedded import EMBEDDED
 
 MODEL = "tiny-animatediff"
 
@@ -37,11 +39,14 @@ def adherence_section(config, log, model: str = MODEL) -> dict:
     `adherence_parataa_prompts` prompts: it costs several sequential runs per video on a CPU)."""
     # The captions of samples/heldout_prompts.txt (a test keeps the two equal), from code: a wheel has no samples/.
     prompts = [c.text for c in heldout_captions()][: config.adherence_prompts]
-    rows = []
+    load_before, rows = os.getloadavg()[0], []
     for label, devices, sampler in configurations(config.adherence_warmups, config.parataa):
         chosen = prompts[: config.adherence_parataa_prompts] if isinstance(sampler, ParaTAAConfig) else prompts
         result = score_configuration(model, devices, sampler, chosen, config.steps)
         rows.append({"config": label, "devices": devices, **result})
         log(f"adherence {label}: {result}")
+    # The section's own stamp: it is refreshed without the timing grid (--adherence-only), on other weights.
     return {"model": model, "prompts_file": "samples/heldout_prompts.txt", "steps": config.steps, "seed": 0,
-            "rows": rows}
+            "rows": rows, "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": config.command,
+            "revision": EMBEDDED[model].revision if model in EMBEDDED else None,
+            "load_average": [load_before, os.getloadavg()[0]]}

@@ -88,6 +88,8 @@ def header(meta: dict, link: dict) -> list[str]:
         "(the whole process: Python, torch and the model). *Busy* is the share of a rank's time in the UNet spent "
         "computing its stage (the rest waits on the others). *Predicted* is the cost model's loop time (below).", "",
         _link_line(link), "",
+        # What a later partial run (--adherence-only, another benchmark's section) leaves to say about the grid.
+        *(line for note in meta.get("notes", []) for line in (note, "")),
     ]
 
 
@@ -211,11 +213,21 @@ def adherence_section(section: dict | None) -> list[str]:
     lines = ["## Adherence", "",
              f"{section['model']} on the held-out prompts of `{section['prompts_file']}` (combinations never shown in "
              f"training), {section['steps']} steps, seed {section['seed']}: the share of videos that show the asked "
-             "colour, shape and direction (asyncvid.eval.adherence reads them from the frames).", "",
-             "| configuration | devices | videos | colour | shape | direction | seconds |", "|---|---|---|---|---|---|---|"]
+             "colour, shape and direction (asyncvid.eval.adherence reads them from the frames), moving smoothly, "
+             "and with a calm background (within 3 levels of 255 from frame to frame).", ""]
+    if "measured" in section:  # sections from before the stamp have none
+        revision = f" {section['revision']}" if section["revision"] else ""
+        before, after = section["load_average"]
+        lines += [f"Measured {section['measured']} by `{section['command']}` on {section['model']}{revision} "
+                  f"(load average {before:.1f} before, {after:.1f} after).", ""]
+    lines += ["| configuration | devices | videos | colour | shape | direction | smooth | calm (worst flicker) | seconds |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
+        calm = f"{r['calm']:.0f}%" if "calm" in r else "—"
+        calm += f" ({r['worst_flicker']:.1f})" if "worst_flicker" in r else ""
+        smooth = f"{r['smooth']:.0f}%" if "smooth" in r else "—"
         lines.append(f"| {r['config']} | {r['devices']} | {r['videos']} | {r['colour']:.0f}% | {r['shape']:.0f}% "
-                     f"| {r['direction']:.0f}% | {r['seconds']:.0f} |")
+                     f"| {r['direction']:.0f}% | {smooth} | {calm} | {r['seconds']:.0f} |")
     return lines + [""]
 
 

@@ -287,8 +287,7 @@ def _refresh_adherence(config: BenchConfig, log) -> dict:
     if not path.is_file():
         raise UsageError(f"no {path} to add adherence to; run `asyncvid bench` first (or pass --adherence to it)")
     result = json.loads(path.read_text())
-    result["adherence"] = adherence_section(config, log, config.adherence_model)
-    result["meta"]["command"] += f" && {config.command}"
+    result["adherence"] = adherence_section(config, log, config.adherence_model)  # it carries its own command
     write_report(result, config)
     return result
 
