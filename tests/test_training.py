@@ -1,5 +1,6 @@
 """Training: the loop resumes exactly where it stopped, and each model's loss runs on its real components."""
 
+import hashlib
 import math
 
 import pytest
@@ -630,6 +631,8 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     assert all(torch.equal(starts[0][k], expected[k]) for k in expected)
     log = json.loads((tmp_path / "w" / "animatediff" / "train_log.json").read_text())
     assert log["init_from"] == str(tmp_path / "trained")
+    weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()  # which weights, not only where
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
     assert [p.name for p in (tmp_path / "w" / "animatediff").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's
     # Exported, the fine-tune ships the VAE it trained in (the work folder has no VAE stage).
@@ -637,7 +640,8 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     shipped = AutoencoderKL.from_pretrained(tmp_path / "out" / "tiny-animatediff", subfolder="vae")
     assert torch.equal(shipped.decoder.conv_out.weight, trained.vae.decoder.conv_out.weight.half().to(shipped.dtype))
     card = " ".join((tmp_path / "out" / "tiny-animatediff" / "README.md").read_text().split())
-    assert f"fine-tuned from the model then in `{tmp_path / 'trained'}`" in card  # its data is not all it saw
+    assert f"fine-tuned from the model then in `{tmp_path / 'trained'}` (UNet weights sha256 " in card  # its data
+    assert hashlib.sha256(weights).hexdigest()[:12] in card  # is not all it saw
     refused = CliRunner().invoke(cli.app, [*args[:-5], "2", *args[-4:], "--fresh"])
     assert refused.exit_code == 2 and "pass --image-steps 0" in refused.output, refused.output
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])

@@ -5,6 +5,7 @@ Each stage resumes from its checkpoint in the work folder; --fresh starts over. 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -82,6 +83,14 @@ def _workdir(workdir: Path | None) -> Path:
 
 def _config(workdir, stage, **kw):
     return TrainConfig(workdir=_workdir(workdir) / stage, resume=not kw.pop("fresh"), **kw)
+
+
+def _weights_sha256(folder: Path) -> str:
+    """SHA-256 over a model folder's weight files, in name order."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def _trained(workdir: Path | None, stage: str, cls):
@@ -235,7 +244,9 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
             setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
     schedule = SD_SCHEDULE if sd_schedule else SCHEDULE
     tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
-    start = {} if init_from is None else {"init_from": str(init_from)}
+    # The folder's path names where the start was; the UNet's hash pins which weights (a folder's weights get replaced).
+    start = {} if init_from is None else {"init_from": str(init_from),
+                                          "init_unet_sha256": _weights_sha256(init_from / "unet")}
     settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain,
                     background=background)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet

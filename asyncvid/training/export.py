@@ -137,10 +137,11 @@ def _round_trip(vae_log: dict) -> str:
 def _backdrop(logs: dict) -> str:
     """What the UNet's clips were drawn over: one plain tone (`animatediff --background`, round 32) or any."""
     tones = {log["background"] for log in logs.values() if log.get("background") is not None}
-    starts = sorted({log["init_from"] for log in logs.values() if log.get("init_from")})
+    starts = sorted({(log["init_from"], log.get("init_unet_sha256")) for log in logs.values() if log.get("init_from")})
     # A fine-tune's log knows only its own clips; the model it started from saw its own (its card says which).
-    start = "".join(f", fine-tuned from the model then in `{folder}` (its own card says what it saw)"
-                    for folder in starts)
+    start = "".join(f", fine-tuned from the model then in `{folder}`"
+                    + (f" (UNet weights sha256 {sha[:12]})" if sha else "") + " (its own card says what it saw)"
+                    for folder, sha in starts)
     if not tones:
         return "a plain, striped or graded background" + start
     return " or ".join(f"the plain tone {BACKGROUNDS[t]} (RGB)" for t in sorted(tones)) + ", every clip" + start
@@ -181,7 +182,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
                                       "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
                                       "motion_gain", "spatial_gain", "shape_pairs", "colour_pairs", "partial_captions",
                                       "flicker_gain", "brightness_gain", "brightness_below", "brightness_margin",
-                                      "background", "init_from", "train_image_encoder") if k in log}
+                                      "background", "init_from", "init_unet_sha256", "train_image_encoder") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]
