@@ -45,9 +45,8 @@ def assemble_animatediff(root: Path):
     scheduler = DDIMScheduler.from_config(base.scheduler.config, **log.get("schedule", SD_SCHEDULE))
     text_encoder = (CLIPTextModel.from_pretrained(root / "animatediff" / "text_encoder") if log.get("train_text")
                     else base.text_encoder)
-    # A fine-tune (`animatediff --init-from`) keeps the VAE it started from beside its UNet.
-    own_vae = root / "animatediff" / "vae"
-    vae = AutoencoderKL.from_pretrained(own_vae if (own_vae / "config.json").is_file() else root / "vae" / "final")
+    found = [folder for folder in _vae_candidates(root, "animatediff") if (folder / "config.json").is_file()]
+    vae = AutoencoderKL.from_pretrained((found or [root / "vae" / "final"])[0])
     # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
     return AnimateDiffPipeline(
         unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
@@ -70,9 +69,15 @@ def assemble_svd(root: Path):
     )
 
 
+def _vae_candidates(root: Path, stage: str) -> list[Path]:
+    """Where `stage`'s VAE may be, first choice first: a fine-tune (`animatediff --init-from`) keeps the VAE it
+    started from beside its UNet; otherwise the work folder's VAE stage."""
+    return ([root / "animatediff" / "vae"] if stage == "animatediff" else []) + [root / "vae" / "final"]
+
+
 def missing_parts(root: Path, stage: str) -> str | None:
     """What `stage`'s pipeline lacks in the work folder `root`, and the command that makes it (None: nothing)."""
-    vaes = [root / "vae" / "final"] + ([root / "animatediff" / "vae"] if stage == "animatediff" else [])
+    vaes = _vae_candidates(root, stage)
     if not (root / stage / "final" / "config.json").is_file():
         return f"no trained {stage} UNet in {root / stage / 'final'}; run `python -m asyncvid.training {stage}` first"
     if not any((folder / "config.json").is_file() for folder in vaes):
