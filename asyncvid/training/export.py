@@ -45,8 +45,7 @@ def assemble_animatediff(root: Path):
     scheduler = DDIMScheduler.from_config(base.scheduler.config, **log.get("schedule", SD_SCHEDULE))
     text_encoder = (CLIPTextModel.from_pretrained(root / "animatediff" / "text_encoder") if log.get("train_text")
                     else base.text_encoder)
-    found = [folder for folder in _vae_candidates(root, "animatediff") if (folder / "config.json").is_file()]
-    vae = AutoencoderKL.from_pretrained((found or [root / "vae" / "final"])[0])
+    vae = AutoencoderKL.from_pretrained(_stage_vae(root, "animatediff"))
     # motion_adapter=None: the UNetMotionModel already holds the motion modules; a copy would double the size.
     return AnimateDiffPipeline(
         unet=UNetMotionModel.from_pretrained(root / "animatediff" / "final"), motion_adapter=None,
@@ -64,7 +63,7 @@ def assemble_svd(root: Path):
                      if log.get("train_image_encoder") else base.image_encoder)
     return StableVideoDiffusionPipeline(
         unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
-        vae=AutoencoderKL.from_pretrained(root / "vae" / "final"),  # see `python -m asyncvid.training svd --help`
+        vae=AutoencoderKL.from_pretrained(_stage_vae(root, "svd")),  # see `python -m asyncvid.training svd --help`
         image_encoder=image_encoder, scheduler=base.scheduler, feature_extractor=base.feature_extractor,
     )
 
@@ -75,14 +74,19 @@ def _vae_candidates(root: Path, stage: str) -> list[Path]:
     return ([root / "animatediff" / "vae"] if stage == "animatediff" else []) + [root / "vae" / "final"]
 
 
+def _stage_vae(root: Path, stage: str) -> Path:
+    """The first of `stage`'s VAE candidates that holds one, else the last (the VAE stage, not trained yet)."""
+    vaes = _vae_candidates(root, stage)
+    return next((folder for folder in vaes if (folder / "config.json").is_file()), vaes[-1])
+
+
 def missing_parts(root: Path, stage: str) -> str | None:
     """What `stage`'s pipeline lacks in the work folder `root`, and the command that makes it (None: nothing)."""
-    vaes = _vae_candidates(root, stage)
     if not (root / stage / "final" / "config.json").is_file():
         return f"no trained {stage} UNet in {root / stage / 'final'}; run `python -m asyncvid.training {stage}` first"
-    if not any((folder / "config.json").is_file() for folder in vaes):
-        return (f"no VAE for {stage} in {' or '.join(map(str, vaes))}; run `python -m asyncvid.training vae` "
-                "with this --workdir first")
+    if not (_stage_vae(root, stage) / "config.json").is_file():
+        places = " or ".join(map(str, _vae_candidates(root, stage)))
+        return f"no VAE for {stage} in {places}; run `python -m asyncvid.training vae` with this --workdir first"
     return None
 
 
