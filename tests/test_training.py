@@ -1135,3 +1135,81 @@ def test_export_of_an_untrained_part_is_refused_before_anything_is_written(tmp_p
     assert no_vae.exit_code == 2 and "no VAE for animatediff" in no_vae.output, no_vae.output
     assert "python -m asyncvid.training vae" in " ".join(no_vae.output.split()), no_vae.output
     assert not (tmp_path / "out").exists()
+
+
+def test_colour_pairs_differ_only_in_the_objects_colour():
+    """`vae-invariance`'s pairs (round 36): one frame of a training clip and the same frame with the object in
+    another colour, so whatever differs between their latents off the object is the colour leaking there."""
+    from asyncvid.eval.clips import COLOURS
+    from asyncvid.training.colour_invariance import COLOUR_WHEEL, colour_pair
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(8):
+        frames, _, first, second = colour_pair(generator)
+        assert first != second
+        a, b = (torch.from_numpy(f).float() for f in frames)
+        differs = (a != b).any(-1)
+        assert 0 < differs.float().mean() < 0.2  # the object, and nothing of the background
+        # Where they differ, each pixel is the background blended with the object's colour by the same coverage:
+        # the difference is that coverage times the difference of the two colours.
+        colours = torch.tensor([COLOURS[COLOUR_WHEEL[i]] for i in (first, second)], dtype=torch.float32)
+        step = colours[0] - colours[1]
+        coverage = (a - b)[differs] @ step / step.square().sum()
+        assert coverage.min() > 0 and coverage.max() <= 1.01
+        assert ((a - b)[differs] - coverage[:, None] * step).abs().max() <= 1.5  # rounding to uint8
+
+
+def test_colour_invariance_charges_the_pairs_latent_difference_off_the_object():
+    """The invariance term is the pairs' squared latent difference away from the object: with its weight at 0 the
+    loss is the rest, with a weight it is larger by what a random VAE leaks of the colour into the background."""
+    from asyncvid.training.colour_invariance import background_code_spread, colour_invariance_loss_fn
+    from asyncvid.training.vae import build_vae
+
+    vae = build_vae(seed=0)
+    vae.register_to_config(scaling_factor=20.0)  # a random encoder's latents are small: in units of their spread
+    weights = dict(anchor=0.0, shape_align=0.0, colour_align=0.0, latent_noise=0.0)
+    with torch.no_grad():
+        losses = {w: float(colour_invariance_loss_fn(vae, invariance=w, **weights)(vae, 2, torch.Generator().manual_seed(1)))
+                  for w in (0.0, 1.0, 2.0)}
+    assert losses[1.0] > losses[0.0] * 1.01
+    assert losses[2.0] - losses[0.0] == pytest.approx(2 * (losses[1.0] - losses[0.0]), rel=1e-3)
+    assert background_code_spread(vae) > 0  # a random encoder's background follows the object's colour
+
+
+def test_vae_invariance_writes_the_folder_with_only_its_vae_changed(tmp_path):
+    """`vae-invariance --init-from FOLDER --dest NEW` fine-tunes FOLDER's VAE and writes FOLDER again at NEW with
+    that VAE (its latent scale kept: the UNet's), the rest byte for byte, and logs the background code's spread
+    before and after; an existing --dest or a folder without a VAE is refused, exit 2, before any training."""
+    import json
+
+    from diffusers import AutoencoderKL
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff
+    from asyncvid.training import cli
+
+    build_tiny_animatediff(seed=3).save_pretrained(tmp_path / "trained")
+    args = ["vae-invariance", "--init-from", str(tmp_path / "trained"), "--dest", str(tmp_path / "new"),
+            "--workdir", str(tmp_path / "w"), "--steps", "2", "--anneal", "1", "--batch", "1", "--threads", "1"]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "new" / unet).read_bytes() == (tmp_path / "trained" / unet).read_bytes()
+    before = AutoencoderKL.from_pretrained(tmp_path / "trained" / "vae")
+    after = AutoencoderKL.from_pretrained(tmp_path / "new" / "vae")
+    assert after.config.scaling_factor == before.config.scaling_factor
+    assert not torch.equal(after.encoder.conv_in.weight, before.encoder.conv_in.weight)
+    log = json.loads((tmp_path / "w" / "vae-invariance" / "train_log.json").read_text())
+    assert log["steps"] == 2 and set(log["background_code_spread"]) == {"before", "after"}
+    again = CliRunner().invoke(cli.app, args)
+    assert again.exit_code == 2 and "exists; name a new folder" in _unboxed(again.output), again.output
+    (tmp_path / "novae").mkdir()
+    missing = CliRunner().invoke(cli.app, [*args[:2], str(tmp_path / "novae"), *args[3:4], str(tmp_path / "x"),
+                                           *args[5:]])
+    assert missing.exit_code == 2 and "no vae/config.json there" in _unboxed(missing.output), missing.output
+    assert not (tmp_path / "x").exists()
+
+
+def _unboxed(output: str) -> str:
+    """A CLI error as one line: typer draws it in a box, wrapped at the terminal's width."""
+    return " ".join(output.replace("│", " ").split())

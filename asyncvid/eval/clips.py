@@ -133,22 +133,23 @@ def _start(rng: np.random.Generator, dx: int, dy: int) -> tuple[float, float]:
     return SIZE / 2 + (along * dx if dx else across), SIZE / 2 + (along * dy if dy else across)
 
 
-def render(caption: Caption, seed: int, num_frames: int = 16, background: int | None = None) -> np.ndarray:
+def render(caption: Caption, seed: int, num_frames: int = 16, background: int | None = None,
+           colour: str | None = None) -> np.ndarray:
     """The clip of `caption` for `seed`: uint8 (num_frames, 64, 64, 3); `background` forces a plain tone (an index
-    into BACKGROUNDS)."""
+    into BACKGROUNDS), `colour` draws the object in another of COLOURS with the rest of the clip unchanged."""
     rng = np.random.default_rng([seed, len(caption.text), *caption.text.encode()])
     background = _background(rng, background)
     radius = rng.uniform(*RADIUS)
     dx, dy = DIRECTIONS[caption.direction]
     x0, y0 = _start(rng, dx, dy)
-    colour = np.array(COLOURS[caption.colour], dtype=np.float32)
+    rgb = np.array(COLOURS[colour or caption.colour], dtype=np.float32)
     yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) + 0.5
     frames = np.empty((num_frames, SIZE, SIZE, 3), dtype=np.uint8)
     for i in range(num_frames):
         t = i / max(num_frames - 1, 1)
         cx, cy = x0 + dx * TRAVEL * t, y0 + dy * TRAVEL * t
         alpha = _coverage(caption.shape, xx - cx, yy - cy, radius)[..., None]
-        frames[i] = np.clip(background * (1 - alpha) + colour * alpha, 0, 255).round().astype(np.uint8)
+        frames[i] = np.clip(background * (1 - alpha) + rgb * alpha, 0, 255).round().astype(np.uint8)
     return frames
 
 

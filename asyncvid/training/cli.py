@@ -38,6 +38,7 @@ from asyncvid.training.animatediff import (
     animatediff_loss_fn,
     clip_stage_gains,
 )
+from asyncvid.training.colour_invariance import fine_tune
 from asyncvid.training.export import export_all, missing_parts
 from asyncvid.training.image_stage import train_image_stage
 from asyncvid.training.loop import TrainConfig, finish, train
@@ -135,6 +136,27 @@ def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3
     _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes,
                [dict(steps=steps, anneal=0, lr=lr, crop=32, batch=batch)], seed=seed, threads=threads, fresh=fresh,
                clips=clips)
+
+
+@app.command("vae-invariance")
+def vae_invariance(init_from: Annotated[Path, typer.Option(help="An exported tiny-animatediff folder whose VAE to fine-tune (r9's: docs/MODELS.md).")],
+                   dest: Annotated[Path, typer.Option(help="A new folder: --init-from's with the fine-tuned VAE, for `animatediff --init-from`.")],
+                   workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 600, batch: Batch = 8,
+                   seed: Seed = 0, threads: Threads = 2, fresh: Fresh = False, lr: float = 1e-4,
+                   anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps.")] = 180,
+                   invariance: Annotated[float, typer.Option(min=0.0, help="Weight of the colour pairs' latent difference off the object.")] = 1.0,
+                   anchor: Annotated[float, typer.Option(min=0.0, help="Weight of the distance to the starting encoder's latents.")] = 0.1):
+    """Fine-tune a trained VAE so that its background latent does not follow the object's colour (round 36): 600
+    steps of 8 colour pairs, about 20 minutes on two threads; the UNet then fine-tunes on its latents."""
+    _check_budget(steps, anneal)
+    if not (init_from / "vae" / "config.json").is_file():
+        raise typer.BadParameter(f"--init-from {init_from}: no vae/config.json there; pass an exported pipeline folder")
+    if dest.exists():
+        raise typer.BadParameter(f"--dest {dest} exists; name a new folder")
+    config = _config(workdir, "vae-invariance", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+                     fresh=fresh, lr=lr, ema=0.99, anneal=anneal, recipe=(("invariance", invariance), ("anchor", anchor)))
+    fine_tune(init_from, dest, config, invariance=invariance, anchor=anchor, shape_align=0.3, colour_align=0.3,
+              latent_noise=0.2)
 
 
 def _check_budget(steps: int, anneal: int) -> None:
