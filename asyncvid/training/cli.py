@@ -1,4 +1,5 @@
-"""Train the embedded models: `python -m asyncvid.training all` (or one stage: vae, animatediff, svd, export).
+"""Train the embedded models: `python -m asyncvid.training all` (or one stage: vae, animatediff, svd, export; a
+trained VAE fine-tuned: vae-invariance).
 
 Each stage resumes from its checkpoint in the work folder; --fresh starts over. Stages after the VAEs need them.
 """
@@ -146,8 +147,7 @@ def vae_invariance(init_from: Annotated[Path, typer.Option(help="An exported tin
                    anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps.")] = 180,
                    invariance: Annotated[float, typer.Option(min=0.0, help="Weight of the colour pairs' latent difference off the object.")] = 1.0,
                    anchor: Annotated[float, typer.Option(min=0.0, help="Weight of the distance to the starting encoder's latents.")] = 0.1):
-    """Fine-tune a trained VAE so that its background latent does not follow the object's colour (round 36): 600
-    steps of 8 colour pairs, about 20 minutes on two threads; the UNet then fine-tunes on its latents."""
+    """Fine-tune a trained VAE so its background latent does not follow the object's colour (round 36; ~20 min)."""
     _check_budget(steps, anneal)
     if not (init_from / "vae" / "config.json").is_file():
         raise typer.BadParameter(f"--init-from {init_from}: no vae/config.json there; pass an exported pipeline folder")
