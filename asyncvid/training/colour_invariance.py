@@ -36,11 +36,16 @@ def colour_pair(generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, int
     captions = training_captions()
     draws = torch.randint(0, 1 << 30, (5,), generator=generator).tolist()
     caption = captions[draws[0] % len(captions)]
-    other = COLOUR_WHEEL[(COLOUR_WHEEL.index(caption.colour) + 1 + draws[1] % (len(COLOURS) - 1)) % len(COLOURS)]
+    other = _another_colour(caption.colour, draws[1])
     background = TONE if draws[2] < TONE_SHARE * (1 << 30) else None
     frame = draws[4] % FRAMES
     pair = [render(caption, draws[3], FRAMES, background, colour)[frame] for colour in (None, other)]
     return np.stack(pair), SHAPES.index(caption.shape), COLOUR_WHEEL.index(caption.colour), COLOUR_WHEEL.index(other)
+
+
+def _another_colour(colour: str, k: int) -> str:
+    """The colour k steps (mod the other seven) further round COLOUR_WHEEL: never `colour` itself."""
+    return COLOUR_WHEEL[(COLOUR_WHEEL.index(colour) + 1 + k % (len(COLOURS) - 1)) % len(COLOURS)]
 
 
 def colour_invariance_loss_fn(vae, *, invariance: float, anchor: float, shape_align: float, colour_align: float,
@@ -87,7 +92,7 @@ def background_code_spread(vae, *, seed: int = 0) -> float:
     over the one tone and the same clip with the object in another colour, a latent pixel or more off the object."""
     scale, spread = 1.0 / vae.config.scaling_factor, []
     for k, caption in enumerate(heldout_captions()):
-        other = COLOUR_WHEEL[(COLOUR_WHEEL.index(caption.colour) + 1 + k % (len(COLOURS) - 1)) % len(COLOURS)]
+        other = _another_colour(caption.colour, k)
         clips = [render(caption, seed, FRAMES, TONE, colour)[::SPREAD_EVERY] for colour in (None, other)]
         x = torch.from_numpy(np.concatenate(clips)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         latents = vae.encode(x).latent_dist.mean / scale
