@@ -30,10 +30,10 @@ FRAMES = 16  # a pair is one frame of a clip of this many, so positions are spre
 SPREAD_EVERY = 5  # `background_code_spread` reads every fifth frame of each held-out clip (0, 5, 10, 15)
 
 
-def colour_pair(generator: torch.Generator) -> tuple[np.ndarray, np.ndarray, int, int, int]:
+def colour_pair(generator: torch.Generator, captions=None) -> tuple[np.ndarray, np.ndarray, int, int, int]:
     """A frame of a training clip and the same frame with the object in another colour: uint8 (2, 64, 64, 3), the
     shape's index and the two colours' indices on COLOUR_WHEEL."""
-    captions = training_captions()
+    captions = captions or training_captions()  # the loss passes them: building the list costs ~35 ms
     draws = torch.randint(0, 1 << 30, (5,), generator=generator).tolist()
     caption = captions[draws[0] % len(captions)]
     other = _another_colour(caption.colour, draws[1])
@@ -57,9 +57,10 @@ def colour_invariance_loss_fn(vae, *, invariance: float, anchor: float, shape_al
     start = copy.deepcopy(vae).requires_grad_(False).eval()
     scale = 1.0 / vae.config.scaling_factor  # the latents' standard deviation: the UNet's scale is kept
     readouts = shape_readout(), colour_readout()
+    captions = training_captions()
 
     def loss(model, batch, generator):
-        pairs = [colour_pair(generator) for _ in range(batch)]
+        pairs = [colour_pair(generator, captions) for _ in range(batch)]
         frames = np.concatenate([p[0][:1] for p in pairs] + [p[0][1:] for p in pairs])  # firsts, then seconds
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         shapes = torch.tensor([p[1] for p in pairs] * 2)
