@@ -50,6 +50,9 @@ class TextToVideo:
     # The share of each frame's initial noise common to all frames, whose spatial means are then shared outright
     # (pipelines/initial_noise.py); 0 draws diffusers' independent noise.
     shared_noise: float = 0.0
+    # The scale of each frame's initial noise mean (per channel): 1 as drawn, 0 zero-mean noise, so that the seed
+    # does not choose the background's brightness (pipelines/initial_noise.py).
+    noise_mean: float = 1.0
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -60,6 +63,9 @@ class TextToVideo:
         if not 0 <= self.shared_noise < 1:
             raise UsageError(f"shared noise must be in [0, 1) (the share of the initial noise the frames have in "
                              f"common; 0 turns it off), got {self.shared_noise}; try --shared-noise 0.5")
+        if not 0 <= self.noise_mean <= 1:
+            raise UsageError(f"noise mean must be in [0, 1] (the scale of the initial noise's spatial mean; 1 keeps "
+                             f"it as drawn), got {self.noise_mean}; try --noise-mean 0")
         _check_common(self)
 
     def describe(self) -> dict:

@@ -4,6 +4,8 @@
 A video model trained on independent noise per frame reads a frame's noise mean as that frame's brightness, so
 independent means make the background flicker from frame to frame (docs/MODELS.md, round 12). Every frame stays
 N(0, I), so the spatial layers see the noise they were trained on; only what the frames have in common changes.
+That common mean can also be scaled down to zero (`scaled_mean`), for a model that should not take the background's
+brightness from the seed.
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, generator: torch.Generator,
-                       device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+                       device: torch.device, dtype: torch.dtype, mean: float = 1.0) -> torch.Tensor:
     """Noise of `shape` (..., H, W) whose frames (along `frame_dim`) are each N(0, I), with their spatial means
-    common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own."""
+    common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own.
+    `mean` scales the common spatial means (`scaled_mean`)."""
     if not 0 <= share < 1:
         raise ValueError(f"share must be in [0, 1), got {share}")
     own = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
@@ -26,4 +29,17 @@ def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, 
     common = randn_tensor(tuple(common_shape), generator=generator, device=device, dtype=torch.float32)
     mixed = math.sqrt(share) * common + math.sqrt(1 - share) * own
     # A white Gaussian's spatial mean is independent of the rest, so swapping in the common frame's keeps N(0, I).
-    return (mixed - mixed.mean((-2, -1), keepdim=True) + common.mean((-2, -1), keepdim=True)).to(dtype)
+    shared = mixed - mixed.mean((-2, -1), keepdim=True) + common.mean((-2, -1), keepdim=True)
+    return scaled_mean(shared, mean).to(dtype)
+
+
+def scaled_mean(noise: torch.Tensor, mean: float) -> torch.Tensor:
+    """`noise` with each frame's spatial mean (per channel) scaled by `mean`; 0 leaves every frame's noise with a zero
+    mean. A model trained on one background tone reads that mean as the background's brightness (docs/MODELS.md,
+    round 37): drawn from the seed, it sets a darker or lighter background than the model learnt, and there it
+    flickers; at 0 every seed starts from the mean the model expects most."""
+    if not 0 <= mean <= 1:
+        raise ValueError(f"mean must be in [0, 1], got {mean}")
+    if mean == 1:
+        return noise
+    return noise - (1 - mean) * noise.mean((-2, -1), keepdim=True)

@@ -4,7 +4,7 @@ frame stays standard normal; the frames' means are equal and the rest correlates
 import pytest
 import torch
 
-from asyncvid.pipelines.initial_noise import shared_frame_noise
+from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
 
 CPU = torch.device("cpu")
 
@@ -26,3 +26,25 @@ def test_the_share_must_leave_each_frame_its_own_part():
     with pytest.raises(ValueError, match="1.0"):
         shared_frame_noise((1, 4, 2, 8, 8), frame_dim=2, share=1.0, generator=torch.Generator(), device=CPU,
                            dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mean", [0.0, 0.5])
+def test_the_noise_mean_scales_the_frames_common_mean_and_leaves_the_rest(mean):
+    """`mean` 0: every frame's noise has zero spatial mean per channel, so the seed does not set the background's
+    brightness (round 37); the part below the mean is the same noise as drawn at 1."""
+    draw = dict(shape=(64, 4, 8, 8, 8), frame_dim=2, share=0.5, device=CPU, dtype=torch.float32)
+    drawn = shared_frame_noise(**draw, generator=torch.Generator().manual_seed(0))
+    scaled = shared_frame_noise(**draw, generator=torch.Generator().manual_seed(0), mean=mean)
+    means = drawn.mean((-2, -1), keepdim=True)
+    assert torch.allclose(scaled.mean((-2, -1), keepdim=True), mean * means, atol=1e-6)
+    assert torch.allclose(scaled - scaled.mean((-2, -1), keepdim=True), drawn - means, atol=1e-6)
+    assert float(means.abs().max()) > 0.3  # the drawn means are not already zero
+
+
+def test_scaled_mean_keeps_the_noise_at_one_and_refuses_a_scale_outside_0_to_1():
+    noise = torch.randn(1, 4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert scaled_mean(noise, 1.0) is noise
+    assert float(scaled_mean(noise, 0.0).mean((-2, -1)).abs().max()) < 1e-6
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=str(bad)):
+            scaled_mean(noise, bad)

@@ -64,16 +64,21 @@ def test_problem_is_the_pipelines_own(model):
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 
-def test_the_problem_starts_from_the_requests_shared_noise():
-    """With shared noise the pipeline is given its initial latents; ParaTAA's problem must start from the same."""
+@pytest.mark.parametrize("shared_noise, noise_mean", [(0.5, 1.0), (0.5, 0.0), (0.0, 0.0)])
+def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_mean):
+    """With shared noise or a scaled noise mean the pipeline is given its initial latents; ParaTAA's problem must
+    start from the same."""
     pipe, adapter = load("tiny-animatediff")
-    request = TextToVideo("a red circle moving left", num_frames=4, num_inference_steps=2, seed=3, shared_noise=0.5)
+    request = TextToVideo("a red circle moving left", num_frames=4, num_inference_steps=2, seed=3,
+                          shared_noise=shared_noise, noise_mean=noise_mean)
     want = pipeline_latents(pipe, adapter, request)
     with torch.inference_mode():
         problem = adapter.parataa_problem(pipe, request, generator=torch.Generator().manual_seed(request.seed))
         got = sample_sequential(problem.x0, problem.trajectory, problem.direction())
-    means = problem.x0.mean((-2, -1))  # (channels, frames): the frames' noise means are common
-    assert torch.allclose(means, means[:, :1].expand_as(means), atol=1e-6)
+    means = problem.x0.mean((-2, -1))  # (channels, frames)
+    if shared_noise:  # the frames' noise means are common
+        assert torch.allclose(means, means[:, :1].expand_as(means), atol=1e-6)
+    assert (float(means.abs().max()) < 1e-6) == (noise_mean == 0)
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 

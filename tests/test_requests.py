@@ -24,6 +24,7 @@ def test_text_to_video_keeps_settings_and_describes_itself():
     assert req.describe() == {
         "task": "text-to-video", "prompt": "a red circle", "negative_prompt": "", "num_frames": 4, "height": 64,
         "width": 96, "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 3, "fps": 12, "shared_noise": 0.0,
+        "noise_mean": 1.0,
     }
 
 
@@ -49,6 +50,9 @@ def test_text_to_video_none_means_model_defaults():
         (dict(shared_noise=1.0), "shared noise must be in [0, 1)"),
         (dict(shared_noise=-0.1), "got -0.1; try --shared-noise 0.5"),
         (dict(shared_noise=float("nan")), "got nan"),
+        (dict(noise_mean=1.5), "noise mean must be in [0, 1]"),
+        (dict(noise_mean=-0.5), "got -0.5; try --noise-mean 0"),
+        (dict(noise_mean=float("nan")), "got nan"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

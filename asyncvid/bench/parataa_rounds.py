@@ -30,7 +30,8 @@ def requests(model: str, steps: int, seed: int = 0):
     own = recommended_sampling(model)
     if model == "tiny-animatediff":
         return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
-                           guidance_scale=own.guidance_scale, shared_noise=own.shared_noise)
+                           guidance_scale=own.guidance_scale, shared_noise=own.shared_noise,
+                           noise_mean=own.noise_mean)
     return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed,
                         max_guidance_scale=own.max_guidance_scale)
 

@@ -1,8 +1,9 @@
 """Sampling settings a model folder recommends (`sampling.json` beside `model_index.json`), used where the user
 sets none. Diffusers folders have no place for them, and they belong to the weights: the tiny models trained here
 with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours,
-tiny-animatediff flickers less when its frames' initial noise shares a part (pipelines/initial_noise.py), and
-tiny-svd keeps its input's colour and shape more often when its guidance ramp ends below SVD's 3."""
+tiny-animatediff flickers less when its frames' initial noise shares a part and has no mean
+(pipelines/initial_noise.py), and tiny-svd keeps its input's colour and shape more often when its guidance ramp
+ends below SVD's 3."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from asyncvid.errors import UsageError
 FILE = "sampling.json"
 GUIDANCE = 7.5  # diffusers' default, for folders that recommend nothing
 MAX_GUIDANCE = 3.0  # SVD's: its guidance rises from 1 at the first frame to this at the last
-KEYS = ("guidance_scale", "shared_noise", "max_guidance_scale")
+KEYS = ("guidance_scale", "shared_noise", "noise_mean", "max_guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class Recommended:
     guidance_scale: float = GUIDANCE
     shared_noise: float = 0.0  # the share of each frame's initial noise common to all frames; 0: independent
     max_guidance_scale: float = MAX_GUIDANCE  # image-to-video: the guidance at the last frame
+    noise_mean: float = 1.0  # the scale of each frame's initial noise mean; 1: as drawn, 0: zero-mean noise
 
 
 def read(folder: Path) -> dict:
@@ -46,6 +48,9 @@ def read(folder: Path) -> dict:
     share = settings.get("shared_noise", 0.0)
     if not _number(share) or not 0 <= share < 1:
         raise UsageError(f"'{path}': shared_noise must be a number in [0, 1), got {share!r}; fix or delete it")
+    mean = settings.get("noise_mean", 1.0)
+    if not _number(mean) or not 0 <= mean <= 1:
+        raise UsageError(f"'{path}': noise_mean must be a number in [0, 1], got {mean!r}; fix or delete it")
     return settings
 
 
