@@ -56,8 +56,8 @@ GUIDANCE = 2.5
 SHARED_NOISE = 0.5
 # The scale of the frames' initial noise mean `export` recommends (sampling.json, pipelines/initial_noise.py). Trained
 # on clips over one tone, the model reads the noise's mean as the background's brightness, so a seed whose mean is far
-# from zero draws a darker background, and there it flickers: r11 keeps 62% of the 50 held-out clips calm at seed 3
-# with the mean as drawn and 74% without it; 80% and 82% at seed 0 (docs/MODELS.md, round 37).
+# from zero draws a darker background, and there it flickers: r12 keeps 100 / 96 / 40 / 30% of the 50 held-out clips
+# calm at seeds 0-3 with the mean as drawn, 96 / 92 / 96 / 88% without it (docs/MODELS.md, round 37).
 NOISE_MEAN = 0.0
 # The share of clips' samples captioned without their colour, their shape or both (`--partial-captions`). The
 # held-out split trains each colour-shape pair on one direction of each axis (asyncvid.eval.clips.heldout_captions),
