@@ -6,13 +6,11 @@ Each stage resumes from its checkpoint in the work folder; --fresh starts over. 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -23,7 +21,6 @@ from transformers import CLIPTextModel
 
 from asyncvid.errors import UsageError
 from asyncvid.eval.clips import BACKGROUNDS
-from asyncvid.pipelines.embedded import cache_root
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import (
     HIGH_NOISE_FROM,
@@ -39,10 +36,26 @@ from asyncvid.training.animatediff import (
     animatediff_loss_fn,
     clip_stage_gains,
 )
+from asyncvid.training.cli_options import (
+    Batch,
+    Clips,
+    Fresh,
+    MaxSteps,
+    Minutes,
+    Seed,
+    Threads,
+    UNetStage,
+    Workdir,
+    check_budget,
+    stage_config,
+    trained_part,
+    weights_sha256,
+    workdir_root,
+)
 from asyncvid.training.colour_invariance import fine_tune
 from asyncvid.training.export import export_all, missing_parts
 from asyncvid.training.image_stage import train_image_stage
-from asyncvid.training.loop import TrainConfig, finish, train
+from asyncvid.training.loop import finish, train
 from asyncvid.training.recipes import (
     ANIMATEDIFF_STEPS,
     ANNEAL,
@@ -66,41 +79,6 @@ from asyncvid.training.vae import (
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-Workdir = Annotated[Optional[Path], typer.Option(help="Checkpoints and trained parts \\[default: $ASYNCVID_HOME/training].")]
-Minutes = Annotated[float, typer.Option(help="Wall-clock budget of this stage.")]
-MaxSteps = Annotated[int, typer.Option("--steps", help="Step budget of this stage (whichever of steps and minutes ends first).")]
-Batch = Annotated[int, typer.Option(help="Clips (or frames, for the AnimateDiff VAE) per step.")]
-Seed = Annotated[int, typer.Option(help="Seed of data, initial weights and batches.")]
-Threads = Annotated[int, typer.Option(help="CPU threads (torch.set_num_threads).")]
-Fresh = Annotated[bool, typer.Option(help="Ignore an existing checkpoint and start over.")]
-Clips = Annotated[int, typer.Option(help="Clips rendered per training caption.")]
-# What export can ship: asyncvid.training.export.NAMES's keys, spelt here so `--help` needs no torch import.
-UNetStage = Enum("UNetStage", {"animatediff": "animatediff", "svd": "svd"}, type=str)
-
-
-def _workdir(workdir: Path | None) -> Path:
-    return cache_root() / "training" if workdir is None else workdir
-
-
-def _config(workdir, stage, **kw):
-    return TrainConfig(workdir=_workdir(workdir) / stage, resume=not kw.pop("fresh"), **kw)
-
-
-def _weights_sha256(folder: Path) -> str:
-    """SHA-256 over a model folder's weight files, in name order."""
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _trained(workdir: Path | None, stage: str, cls):
-    folder = _workdir(workdir) / stage / "final"
-    if not (folder / "config.json").is_file():
-        raise typer.BadParameter(f"no trained {stage} in {folder}; run `python -m asyncvid.training {stage}` first")
-    return cls.from_pretrained(folder)
-
 
 @app.command()
 def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wall-clock budget of the whole stage, all phases.")] = 150.0,
@@ -148,20 +126,15 @@ def vae_invariance(init_from: Annotated[Path, typer.Option(help="An exported tin
                    invariance: Annotated[float, typer.Option(min=0.0, help="Weight of the colour pairs' latent difference off the object.")] = 1.0,
                    anchor: Annotated[float, typer.Option(min=0.0, help="Weight of the distance to the starting encoder's latents.")] = 0.1):
     """Fine-tune a trained VAE so its background latent does not follow the object's colour (round 36; ~20 min)."""
-    _check_budget(steps, anneal)
+    check_budget(steps, anneal)
     if not (init_from / "vae" / "config.json").is_file():
         raise typer.BadParameter(f"--init-from {init_from}: no vae/config.json there; pass an exported pipeline folder")
     if dest.exists():
         raise typer.BadParameter(f"--dest {dest} exists; name a new folder")
-    config = _config(workdir, "vae-invariance", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+    config = stage_config(workdir, "vae-invariance", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, ema=0.99, anneal=anneal, recipe=(("invariance", invariance), ("anchor", anchor)))
     fine_tune(init_from, dest, config, invariance=invariance, anchor=anchor, shape_align=0.3, colour_align=0.3,
               latent_noise=0.2)
-
-
-def _check_budget(steps: int, anneal: int) -> None:
-    if not 0 <= anneal <= steps:  # here, not after the clips are rendered
-        raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
 
 
 def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
@@ -170,16 +143,16 @@ def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, thread
     its own shape alignment and latent noise (0 where it names none), then the latent scaling factor (and, for the
     frame VAE, its round-trip adherence), once, from the last phase."""
     for phase in phases:
-        _check_budget(phase["steps"], phase["anneal"])
+        check_budget(phase["steps"], phase["anneal"])
         if phase["crop"] % 8 or not 8 <= phase["crop"] <= 64:
             raise typer.BadParameter(f"--crop {phase['crop']} must be a multiple of 8 from 8 to 64 (the frame)")
     options = dict(edge_weight=edge_weight, kl_weight=kl_weight)
     # Each phase in the log with the loss it trained on.
     phases = [{"shape_align": 0.0, "latent_noise": 0.0, "colour_align": 0.0, **phase, **options}
               for phase in phases]
-    earlier = _earlier_phases(_workdir(workdir) / stage, phases[0]["steps"], fresh)
+    earlier = _earlier_phases(workdir_root(workdir) / stage, phases[0]["steps"], fresh)
     for i, phase in enumerate(phases):
-        config = _config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
+        config = stage_config(workdir, stage, minutes=minutes, steps=phase["steps"], batch=phase["batch"], seed=seed,
                          threads=threads, fresh=fresh and i == 0, lr=phase["lr"], ema=0.99, anneal=phase["anneal"])
         loss = vae_loss_fn(model, temporal=temporal, clips_per_caption=clips, seed=seed, edge_weight=edge_weight,
                            crop=phase["crop"], kl_weight=kl_weight, shape_align=phase["shape_align"],
@@ -239,7 +212,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default; r9's, and r11's (r9 fine-tuned with --init-from, --background and --brightness-gain), in
     docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
-    _check_budget(steps, anneal)
+    check_budget(steps, anneal)
     if init_from is not None and image_steps:
         raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
                                  f"pass --image-steps 0")
@@ -260,7 +233,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                   HIGH_NOISE_FROM if high_noise_from is None else high_noise_from)
     pipe = build_tiny_animatediff(seed, text_layers=text_layers, text_positions=text_positions)
     if init_from is None:
-        pipe.vae = _trained(workdir, "vae", AutoencoderKL)
+        pipe.vae = trained_part(workdir, "vae", AutoencoderKL)
     else:  # the trained model's own parts (its UNet draws in its VAE's latents), in float32 however they were stored
         for part, cls in (("vae", AutoencoderKL), ("unet", UNetMotionModel), ("text_encoder", CLIPTextModel)):
             setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
@@ -268,13 +241,13 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     tone = {} if background is None else {"background": background}  # only then a recipe key: old checkpoints resume
     # The folder's path names where the start was; the UNet's hash pins which weights (a folder's weights get replaced).
     start = {} if init_from is None else {"init_from": str(init_from),
-                                          "init_unet_sha256": _weights_sha256(init_from / "unet")}
+                                          "init_unet_sha256": weights_sha256(init_from / "unet")}
     settings = dict(clips_per_caption=clips, seed=seed, schedule=schedule, snr_cap=snr_cap, object_gain=object_gain,
                     background=background)
     model = UNetWithText(pipe.unet, pipe.text_encoder) if train_text else pipe.unet
     image = None
     if image_steps:
-        image = _config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
+        image = stage_config(workdir, "animatediff-image", minutes=minutes, steps=image_steps, batch=image_batch,
                         seed=seed, threads=threads, fresh=fresh, lr=image_lr, anneal=image_steps // 5,
                         recipe=(("object_gain", object_gain), ("shape_pairs", shape_pairs),
                                 ("colour_pairs", colour_pairs), *tone.items()))
@@ -286,7 +259,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                             ("brightness_margin", brightness_margin, None)):
         if value != off:  # only then a recipe key, so checkpoints trained before the option resume
             clip_loss[key] = value
-    config = _config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+    config = stage_config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, lr_gains=clip_stage_gains(motion_gain, spatial_gain),
                      recipe=(("object_gain", object_gain), *clip_loss.items(), ("spatial_gain", spatial_gain),
                              *tone.items(), *start.items()))
@@ -318,10 +291,10 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     (`svd-vae`) did not reach usable colours in the CPU budget.
     """
     anneal = steps // 5 if anneal is None else anneal
-    _check_budget(steps, anneal)
+    check_budget(steps, anneal)
     pipe = build_tiny_svd(seed)
-    pipe.vae = _trained(workdir, "vae", AutoencoderKL)
-    config = _config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
+    pipe.vae = trained_part(workdir, "vae", AutoencoderKL)
+    config = stage_config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, recipe=(("object_gain", object_gain),))
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
     model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
@@ -337,7 +310,7 @@ def export(workdir: Workdir = None, dest: Annotated[Optional[Path], typer.Option
            scores: Annotated[Optional[Path], typer.Option(help="JSON of adherence scores per model, for the model cards.")] = None,
            only: Annotated[Optional[list[UNetStage]], typer.Option(help="Export only this UNet stage (animatediff or svd); repeat for both \\[default: both].")] = None):
     """Assemble the trained parts into the shipped pipeline folders (float16 safetensors) with model cards."""
-    root = _workdir(workdir)
+    root = workdir_root(workdir)
     stages = tuple(s.value for s in only or UNetStage)
     for gap in filter(None, (missing_parts(root, stage) for stage in stages)):
         raise typer.BadParameter(gap)  # before anything is written
@@ -356,8 +329,8 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
     """tiny-svd r5's recipe and r8's AnimateDiff on one VAE: the VAE on every core, then both UNets side by side
     (one thread each), then export (tiny-animatediff r9 to r11 need the colour-wheel VAE: docs/MODELS.md, shipped
     runs)."""
-    _check_budget(steps, anneal)  # here, not an hour later when the AnimateDiff stage starts
-    root = _workdir(workdir)
+    check_budget(steps, anneal)  # here, not an hour later when the AnimateDiff stage starts
+    root = workdir_root(workdir)
     vae(workdir=root, seed=seed, threads=os.cpu_count() or 1)
     # Two one-thread processes use two cores better than one process with two threads (small tensors: one
     # AnimateDiff step took 1.2-1.4 s on two threads, about what one thread takes beside the SVD run).
