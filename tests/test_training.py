@@ -621,16 +621,26 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
         return real_train(model, loss, config, name=name)
 
     monkeypatch.setattr(cli, "train", train)
+    loss_settings, real_loss_fn = [], cli.animatediff_loss_fn
+
+    def animatediff_loss_fn(pipe, **kw):
+        loss_settings.append((kw["shared_noise"], kw.get("noise_mean", 1.0)))
+        return real_loss_fn(pipe, **kw)
+
+    monkeypatch.setattr(cli, "animatediff_loss_fn", animatediff_loss_fn)
     args = ["animatediff", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1",
-            "--clips", "1", "--image-steps", "0", "--threads", "1", "--init-from", str(tmp_path / "trained")]
+            "--clips", "1", "--shared-noise", "0.5", "--noise-mean", "0", "--image-steps", "0", "--threads", "1",
+            "--init-from", str(tmp_path / "trained")]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
+    assert loss_settings == [(0.5, 0.0)]  # round 38's recipe: trained on the noise it is sampled from
     expected = {**{f"unet.{k}": v for k, v in trained.unet.state_dict().items()},
                 **{f"text_encoder.{k}": v for k, v in trained.text_encoder.state_dict().items()}}
     assert starts[0].keys() == expected.keys()
     assert all(torch.equal(starts[0][k], expected[k]) for k in expected)
     log = json.loads((tmp_path / "w" / "animatediff" / "train_log.json").read_text())
     assert log["init_from"] == str(tmp_path / "trained")
+    assert (log["shared_noise"], log["noise_mean"]) == (0.5, 0.0)
     weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()  # which weights, not only where
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
@@ -642,6 +652,7 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     card = " ".join((tmp_path / "out" / "tiny-animatediff" / "README.md").read_text().split())
     assert f"fine-tuned from the model then in `{tmp_path / 'trained'}` (UNet weights sha256 " in card  # its data
     assert hashlib.sha256(weights).hexdigest()[:12] in card  # is not all it saw
+    assert '"noise_mean": 0.0' in card
     refused = CliRunner().invoke(cli.app, [*args[:-5], "2", *args[-4:], "--fresh"])
     assert refused.exit_code == 2 and "pass --image-steps 0" in refused.output, refused.output
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
@@ -1024,7 +1035,8 @@ def test_a_checkpoint_of_another_architecture_says_to_start_fresh(tmp_path):
                                            (["animatediff", "--brightness-below", "0"], "'--brightness-below'"),
                                            (["animatediff", "--brightness-margin", "0"], "needs --brightness-gain"),
                                            (["animatediff", "--brightness-gain", "1", "--brightness-margin", "-1"],
-                                            "'--brightness-margin'")])
+                                            "'--brightness-margin'"),
+                                           (["animatediff", "--noise-mean", "1.5"], "'--noise-mean'")])
 def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, message):
     from typer.testing import CliRunner
 
@@ -1037,7 +1049,8 @@ def test_training_budgets_are_checked_before_anything_runs(tmp_path, args, messa
 
 def test_shared_noise_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
     """At the pure-noise step (mean_share 1) the UNet's input is the noise itself: with shared_noise its frames have
-    one spatial mean and the rest correlates by the share, as pipelines/initial_noise.py draws it for sampling."""
+    one spatial mean and the rest correlates by the share, as pipelines/initial_noise.py draws it for sampling; with
+    noise_mean 0 every frame's spatial mean is zero, shared or not (round 38)."""
     from types import SimpleNamespace
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff
@@ -1051,17 +1064,19 @@ def test_shared_noise_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
         seen.append(sample)
         return SimpleNamespace(sample=torch.zeros_like(sample))
 
-    for share in (0.0, 0.5):
+    for share, mean in ((0.0, 1.0), (0.5, 1.0), (0.5, 0.0), (0.0, 0.0)):
         seen.clear()
         loss = animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, mean_share=1.0,
-                                   shared_noise=share)
+                                   shared_noise=share, noise_mean=mean)
         loss(unet, 64, torch.Generator().manual_seed(0))
         [noise] = seen  # (clips, C, frames, h, w)
         means = noise.mean((-2, -1))
         rest = noise - means[..., None, None]
         correlation = float((rest[:, :, 0] * rest[:, :, 3]).mean() / rest[:, :, 0].square().mean())
         assert abs(float(noise.std()) - 1) < 0.05
-        if share:
+        if not mean:
+            assert float(means.abs().max()) < 1e-5 and abs(correlation - share) < 0.05
+        elif share:
             assert torch.allclose(means, means[:, :, :1].expand_as(means), atol=1e-3)
             assert abs(correlation - share) < 0.05
         else:

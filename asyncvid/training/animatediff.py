@@ -12,7 +12,7 @@ import torch
 from diffusers import DDPMScheduler
 
 from asyncvid.eval.clips import BACKGROUNDS, COLOURS, SHAPES, render_colours, render_shapes
-from asyncvid.pipelines.initial_noise import shared_frame_noise
+from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
 from asyncvid.training.data import (
     brightness_readout,
     cache_name,
@@ -137,7 +137,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
                         mean_share: float = MEAN_SHARE, window: int | None = None, shared_noise: float = 0.0,
                         partial_captions: float = PARTIAL_CAPTIONS, flicker_gain: float = 0.0,
                         brightness_gain: float = 0.0, brightness_below: float = 1.0,
-                        brightness_margin: int | None = None, background: int | None = None):
+                        brightness_margin: int | None = None, background: int | None = None,
+                        noise_mean: float = 1.0):
     """The loss of `pipe.unet` (or of a `UNetWithText`, whose text encoder trains too) over clips encoded once with
     `pipe.vae` (which must be trained already); with `cache_dir`, the encoded clips are kept there for the next run.
 
@@ -167,6 +168,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     `background`: every clip on that plain tone (an index into BACKGROUNDS), so a caption, which names no background,
     has one clip to draw rather than a brightness its frames must agree on (round 32); None: the six tones, stripes
     and gradients.
+    `noise_mean` < 1: each frame's noise has its spatial mean (per channel) scaled by it (`scaled_mean`), as the
+    pipeline draws it for a request's `noise_mean`, so the model trains on the noise it samples from (round 38: at 0
+    no clip's training noise sets its brightness).
     """
     high_share, high_from = high_noise
     window = num_frames if window is None else window
@@ -197,6 +201,8 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
     alphas = noise_schedule.alphas_cumprod
     if not 0 <= shared_noise < 1:
         raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
+    if not 0 <= noise_mean <= 1:
+        raise ValueError(f"noise_mean must be in [0, 1], got {noise_mean}")
     if not 0 <= mean_share <= 1:
         raise ValueError(f"mean_share must be in [0, 1], got {mean_share}")
     if not 0 <= partial_captions <= 1:
@@ -236,9 +242,9 @@ def animatediff_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 16, s
         x0 = frames(latents[pick_], start)
         if shared_noise:
             noise = shared_frame_noise(x0.shape, frame_dim=2, share=shared_noise, generator=generator,
-                                       device=x0.device, dtype=x0.dtype)
+                                       device=x0.device, dtype=x0.dtype, mean=noise_mean)
         else:
-            noise = torch.randn(x0.shape, generator=generator)
+            noise = scaled_mean(torch.randn(x0.shape, generator=generator), noise_mean)
         t = torch.randint(0, steps, (batch,), generator=generator)
         if high_share > 0:
             noisy_end = torch.randint(int(steps * high_from), steps, (batch,), generator=generator)

@@ -202,6 +202,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 shape_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: half of each batch is frames that differ only in the shape, captioned 'a <colour> <shape>', and this weighs the error of their predictions' difference (round 14); 0: plain frames only.")] = SHAPE_PAIRS,
                 colour_pairs: Annotated[float, typer.Option(min=0.0, help="Image stage: as --shape-pairs, for frames that differ only in the colour (each with its two nearest: round 23); with both, the pairs' half of the batch is shared.")] = COLOUR_PAIRS,
                 shared_noise: Annotated[float, typer.Option(help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; 0: each frame's own (r8's recipe).")] = 0.0,
+                noise_mean: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: scale of each frame's noise mean, as the pipeline draws it with --noise-mean (round 38); 0: zero-mean noise, 1: as drawn.")] = 1.0,
                 partial_captions: Annotated[float, typer.Option(min=0.0, max=1.0, help="Clips' stage: this share of samples is captioned without its colour, its shape or both ('a shape moving left'), so only the direction word tells which way (round 17); 0: full captions only.")] = PARTIAL_CAPTIONS,
                 flicker_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their mean error (the background's flicker, round 27); 0: the plain loss.")] = 0.0,
                 brightness_gain: Annotated[float, typer.Option(min=0.0, help="Clips' stage: extra weight on the frames' disagreement in their error along the decoder's brightness (round 28); 0: off.")] = 0.0,
@@ -256,7 +257,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     clip_loss = dict(mean_share=mean_share, shared_noise=shared_noise, partial_captions=partial_captions,
                      flicker_gain=flicker_gain)  # the clips' stage's loss settings, kept in its checkpoint
     for key, value, off in (("brightness_gain", brightness_gain, 0.0), ("brightness_below", brightness_below, 1.0),
-                            ("brightness_margin", brightness_margin, None)):
+                            ("brightness_margin", brightness_margin, None), ("noise_mean", noise_mean, 1.0)):
         if value != off:  # only then a recipe key, so checkpoints trained before the option resume
             clip_loss[key] = value
     config = stage_config(workdir, "animatediff", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,

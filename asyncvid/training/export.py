@@ -191,7 +191,7 @@ def model_card(name: str, pipe, logs: dict, scores: dict | None) -> str:
                                       "high_noise", "phases", "object_gain", "shared_noise", "image_stage",
                                       "motion_gain", "spatial_gain", "shape_pairs", "colour_pairs", "partial_captions",
                                       "flicker_gain", "brightness_gain", "brightness_below", "brightness_margin",
-                                      "background", "init_from", "init_unet_sha256", "train_image_encoder") if k in log}
+                                      "noise_mean", "background", "init_from", "init_unet_sha256", "train_image_encoder") if k in log}
         if recipe:
             lines += ["", f"{stage} recipe (from its training log): `{json.dumps(recipe)}`"]
     lines += ["", "## Adherence", ""]
