@@ -108,16 +108,19 @@ class VideoPipeline:
                       height: int | None = None, width: int | None = None, num_inference_steps: int = 25,
                       guidance_scale: float | None = None, seed: int | None = None,
                       generator: torch.Generator | None = None, fps: int = 8,
-                      shared_noise: float | None = None, noise_mean: float | None = None) -> Video | list[Video]:
+                      shared_noise: float | None = None, noise_mean: float | None = None,
+                      shared_grid: int | None = None) -> Video | list[Video]:
         """A video of `prompt` (AnimateDiff), or one per prompt of a list (made by the data-parallel groups at
-        once, returned in order); `None` sizes and frames mean the model's defaults, `None` guidance, shared noise
-        and noise mean the model's recommended ones (its folder's sampling.json; else 7.5 and independent noise)."""
+        once, returned in order); `None` sizes and frames mean the model's defaults, `None` guidance, shared noise,
+        noise mean and shared grid the model's recommended ones (its folder's sampling.json; else 7.5 and
+        independent noise)."""
         own = self._recommended
         requests = [TextToVideo(p, negative_prompt=negative_prompt, num_frames=num_frames, height=height,
                                 width=width, num_inference_steps=num_inference_steps,
                                 guidance_scale=own.guidance_scale if guidance_scale is None else guidance_scale,
                                 shared_noise=own.shared_noise if shared_noise is None else shared_noise,
                                 noise_mean=own.noise_mean if noise_mean is None else noise_mean,
+                                shared_grid=own.shared_grid if shared_grid is None else shared_grid,
                                 seed=_seed(seed, generator), fps=fps) for p in _listed(prompt)]
         return self._generate(requests) if isinstance(prompt, list) else self._generate(requests)[0]
 

@@ -53,6 +53,9 @@ class TextToVideo:
     # The scale of each frame's initial noise mean (per channel): 1 as drawn, 0 zero-mean noise, so that the seed
     # does not choose the background's brightness (pipelines/initial_noise.py).
     noise_mean: float = 1.0
+    # The frames also share their initial noise's means over each cell of a G x G grid of the latent frame (its
+    # lowest spatial frequencies); 1: only the whole frame's mean (pipelines/initial_noise.py).
+    shared_grid: int = 1
 
     def __post_init__(self):
         if not self.prompt.strip():
@@ -67,6 +70,12 @@ class TextToVideo:
             raise UsageError(f"noise mean must be in [0, 1] (the scale of the initial noise's spatial mean; 1 keeps "
                              f"it as drawn), got {self.noise_mean}; try --noise-mean 0")
         _check_common(self)
+        # The latent frame's side (the VAE's factor is 8); unsized, the smallest model's (tiny-animatediff: 64 px).
+        side = min(self.height or 64, self.width or 64) // 8
+        grid = self.shared_grid
+        if isinstance(grid, bool) or not isinstance(grid, int) or not 1 <= grid <= side:
+            raise UsageError(f"shared grid must be a whole number from 1 to the latent frame's side ({side} at this "
+                             f"size), got {grid!r}; try --shared-grid 1")
 
     def describe(self) -> dict:
         return {"task": "text-to-video", **asdict(self)}

@@ -24,7 +24,7 @@ from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 
 # Check the request before the model's own settings are read (the same ranges apply).
-PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0, noise_mean=1.0, max_guidance_scale=3.0)
+PROVISIONAL = dict(guidance_scale=7.5, shared_noise=0.0, noise_mean=1.0, shared_grid=1, max_guidance_scale=3.0)
 
 
 def _models_own(model: str, unset: list[str]):
@@ -79,6 +79,7 @@ def generate(
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance scale (1 disables it) \\[default: the model's own (sampling.json in its folder; tiny-animatediff: 2.5), else 7.5].")] = None,
     shared_noise: Annotated[Optional[float], typer.Option(help="Share of each frame's initial noise that all frames have in common, their noise means wholly (PYoCo's mixed noise prior: a steadier background); 0 draws every frame's noise on its own \\[default: the model's own (sampling.json; tiny-animatediff: 0.5), else 0].")] = None,
     noise_mean: Annotated[Optional[float], typer.Option(help="Scale of each frame's initial noise mean: 1 as drawn, 0 zero-mean noise, so the seed does not choose the background's brightness \\[default: the model's own (sampling.json; tiny-animatediff: 0), else 1].")] = None,
+    shared_grid: Annotated[Optional[int], typer.Option(help="The frames also share their initial noise's means over each cell of a G x G grid of the latent frame, its coarsest pattern (FreeInit's low frequencies: a steadier background); 1 shares only the whole frame's mean \\[default: the model's own (sampling.json; tiny-animatediff: 4), else 1].")] = None,
     negative_prompt: Annotated[str, typer.Option(help="What the video should not show.")] = "",
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second of the written video.")] = 8,
@@ -121,7 +122,8 @@ def generate(
     """Text-to-video (AnimateDiff): one video per prompt in PROMPT_FILE."""
     from asyncvid.video.naming import output_stem, read_prompts  # numpy, PIL: not at --help time
 
-    chosen = dict(guidance_scale=guidance, shared_noise=shared_noise, noise_mean=noise_mean)  # None: the model's own
+    chosen = dict(guidance_scale=guidance, shared_noise=shared_noise, noise_mean=noise_mean,
+                  shared_grid=shared_grid)  # None: the model's own
     unset = [name for name, value in chosen.items() if value is None]
 
     def build():

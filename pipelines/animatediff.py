@@ -165,19 +165,20 @@ def _warn_if_truncated(tokenizer, request: TextToVideo) -> None:
 
 
 def initial_noise(pipe: AnimateDiffPipeline, request: TextToVideo, generator) -> torch.Tensor | None:
-    """The request's initial latents (before the scheduler's scaling) with `shared_noise` and `noise_mean`; None
-    (the pipeline draws its own) with neither. Drawn first from `generator`, where the pipeline draws its own."""
-    if not request.shared_noise and request.noise_mean == 1:
+    """The request's initial latents (before the scheduler's scaling) with `shared_noise`, `noise_mean` and
+    `shared_grid`; None (the pipeline draws its own) with none of them. Drawn first from `generator`, where the
+    pipeline draws its own."""
+    if not request.shared_noise and request.noise_mean == 1 and request.shared_grid == 1:
         return None
     frames = request.num_frames or DEFAULT_FRAMES
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, frames, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
     device, dtype = pipe._execution_device, pipe.text_encoder.dtype
-    if not request.shared_noise:  # diffusers' own draw (prepare_latents), its means scaled
+    if not request.shared_noise and request.shared_grid == 1:  # diffusers' own draw (prepare_latents), means scaled
         return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), request.noise_mean)
     return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
-                              device=device, dtype=dtype, mean=request.noise_mean)
+                              device=device, dtype=dtype, mean=request.noise_mean, grid=request.shared_grid)
 
 
 def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):

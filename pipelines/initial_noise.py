@@ -5,7 +5,9 @@ A video model trained on independent noise per frame reads a frame's noise mean 
 independent means make the background flicker from frame to frame (docs/MODELS.md, round 12). Every frame stays
 N(0, I), so the spatial layers see the noise they were trained on; only what the frames have in common changes.
 That common mean can also be scaled down to zero (`scaled_mean`), for a model that should not take the background's
-brightness from the seed.
+brightness from the seed, and the frames can share more than the mean: the noise's means over a grid of cells, its
+lowest spatial frequencies, which FreeInit (Wu et al., 2023) finds set a video's layout and its temporal consistency
+(`grid`; docs/MODELS.md, round 38).
 """
 
 from __future__ import annotations
@@ -17,20 +19,36 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, generator: torch.Generator,
-                       device: torch.device, dtype: torch.dtype, mean: float = 1.0) -> torch.Tensor:
+                       device: torch.device, dtype: torch.dtype, mean: float = 1.0, grid: int = 1) -> torch.Tensor:
     """Noise of `shape` (..., H, W) whose frames (along `frame_dim`) are each N(0, I), with their spatial means
     common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own.
-    `mean` scales the common spatial means (`scaled_mean`)."""
+    `mean` scales the common spatial means (`scaled_mean`); `grid` G > 1 makes the means over each cell of a G x G
+    grid common, not only the whole frame's (`cell_means`)."""
     if not 0 <= share < 1:
         raise ValueError(f"share must be in [0, 1), got {share}")
+    if not 1 <= grid <= min(shape[-2:]):
+        raise ValueError(f"grid must be from 1 to the noise's height and width {tuple(shape[-2:])}, got {grid}")
     own = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     common_shape = list(shape)
     common_shape[frame_dim] = 1
     common = randn_tensor(tuple(common_shape), generator=generator, device=device, dtype=torch.float32)
     mixed = math.sqrt(share) * common + math.sqrt(1 - share) * own
-    # A white Gaussian's spatial mean is independent of the rest, so swapping in the common frame's keeps N(0, I).
-    shared = mixed - mixed.mean((-2, -1), keepdim=True) + common.mean((-2, -1), keepdim=True)
+    # A white Gaussian's cell means are independent of the rest, so swapping in the common frame's keeps N(0, I).
+    shared = mixed - cell_means(mixed, grid) + cell_means(common, grid)
     return scaled_mean(shared, mean).to(dtype)
+
+
+def cell_means(noise: torch.Tensor, grid: int) -> torch.Tensor:
+    """Each pixel of `noise` (..., H, W) replaced by the mean of its cell in a `grid` x `grid` split of the frame
+    (cells as even as the size allows): the orthogonal projection onto the grid's piecewise-constant frames, so what
+    it leaves is independent of it in white noise. Grid 1: the frame's spatial mean (broadcastable)."""
+    if grid == 1:
+        return noise.mean((-2, -1), keepdim=True)
+    height, width = noise.shape[-2:]
+    rows = torch.nn.functional.one_hot(torch.arange(height, device=noise.device) * grid // height, grid).to(noise)
+    cols = torch.nn.functional.one_hot(torch.arange(width, device=noise.device) * grid // width, grid).to(noise)
+    means = torch.einsum("...hw,hi,wj->...ij", noise, rows / rows.sum(0), cols / cols.sum(0))
+    return torch.einsum("...ij,hi,wj->...hw", means, rows, cols)
 
 
 def scaled_mean(noise: torch.Tensor, mean: float) -> torch.Tensor:

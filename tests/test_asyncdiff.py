@@ -9,7 +9,7 @@ from asyncvid.bench.measure import asyncdiff_sample, psnr, sequential_sample
 from asyncvid.errors import UsageError
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
-from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_NOISE
+from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_GRID, SHARED_NOISE
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -22,7 +22,7 @@ def _request(family, steps, frames=8, red_circle=None):
     # two seeds' videos differ by only 16.7 dB, too little for a PSNR floor to tell close from unrelated.
     return "tiny-animatediff", TextToVideo("a red circle moving left", num_inference_steps=steps, num_frames=frames,
                                            height=64, width=64, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE,
-                                           noise_mean=NOISE_MEAN)
+                                           noise_mean=NOISE_MEAN, shared_grid=SHARED_GRID)
 
 
 def _parallel(model, request, world, scheduler=None, **config):

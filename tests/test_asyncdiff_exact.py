@@ -18,7 +18,7 @@ from asyncvid.pipelines import units_for
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
 from asyncvid.runtime.loaders import ModelSpec, load_sampler
-from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_NOISE
+from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_GRID, SHARED_NOISE
 
 pytestmark = pytest.mark.slow
 CPU = torch.device("cpu")
@@ -30,9 +30,10 @@ def _request(family: str, red_circle, steps: int = STEPS):
     if family == "svd":
         return "tiny-svd", ImageToVideo(red_circle, **size)
     # The model's own settings, as the CLI samples it (shared noise: its frames start from noise with common means;
-    # noise mean 0: those means are zero).
+    # noise mean 0: those means are zero; the shared grid: so are the means over each cell).
     return "tiny-animatediff", TextToVideo("a blue square moving up", guidance_scale=GUIDANCE,
-                                           shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN, **size)
+                                           shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN, shared_grid=SHARED_GRID,
+                                           **size)
 
 
 def oracle_latents(model: str, request, config: AsyncDiffConfig, scheduler: str | None = None) -> torch.Tensor:

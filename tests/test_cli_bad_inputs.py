@@ -102,6 +102,8 @@ CASES = {
     "guidance negative": (lambda f: [G, f["prompts"], *FAST, "--guidance", "-1"], ["guidance", "-1"]),
     "shared noise 1": (lambda f: [G, f["prompts"], *FAST, "--shared-noise", "1"], ["shared noise", "got 1.0", "[0, 1)"]),
     "noise mean 2": (lambda f: [G, f["prompts"], *FAST, "--noise-mean", "2"], ["noise mean", "got 2.0", "[0, 1]"]),
+    "shared grid past the latent": (lambda f: [G, f["prompts"], *FAST, "--shared-grid", "9"],
+                                    ["shared grid", "got 9", "--shared-grid 1"]),
     "seed negative": (lambda f: [G, f["prompts"], *FAST, "--seed", "-1"], ["seed", "-1"]),
     "seed too large": (lambda f: [G, f["prompts"], *FAST, "--seed", str(2**63)], ["seed"]),
     "fps 0": (lambda f: [G, f["prompts"], *FAST, "--fps", "0"], ["fps", "got 0"]),

@@ -4,7 +4,7 @@ frame stays standard normal; the frames' means are equal and the rest correlates
 import pytest
 import torch
 
-from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
+from asyncvid.pipelines.initial_noise import cell_means, scaled_mean, shared_frame_noise
 
 CPU = torch.device("cpu")
 
@@ -48,3 +48,36 @@ def test_scaled_mean_keeps_the_noise_at_one_and_refuses_a_scale_outside_0_to_1()
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=str(bad)):
             scaled_mean(noise, bad)
+
+
+@pytest.mark.parametrize("grid", [2, 4])
+def test_a_grid_shares_each_cells_mean_and_keeps_each_frame_standard_normal(grid):
+    """`grid` G: the frames' means over each cell of a G x G grid are common (the noise's coarsest pattern, round
+    38), each frame is still N(0, I), and below the cells the frames keep their own part and the share."""
+    noise = shared_frame_noise((2000, 4, 6, 8, 8), frame_dim=2, share=0.5, generator=torch.Generator().manual_seed(0),
+                               device=CPU, dtype=torch.float32, grid=grid)
+    assert abs(float(noise.mean())) < 0.01 and abs(float(noise.std()) - 1) < 0.01
+    cells = noise.unflatten(-2, (grid, -1)).unflatten(-1, (grid, -1)).mean((-3, -1))  # (..., frames, grid, grid)
+    assert torch.allclose(cells, cells[:, :, :1].expand_as(cells), atol=1e-5)
+    assert abs(float(cells.std()) - grid / 8) < 0.01  # a white cell's mean: as independent noise has it
+    rest = noise - cell_means(noise, grid)
+    correlation = float((rest[:, :, 0] * rest[:, :, 5]).mean() / rest[:, :, 0].square().mean())
+    assert abs(correlation - 0.5) < 0.01
+
+
+def test_grid_1_is_the_frames_mean_and_a_grid_past_the_frame_is_refused():
+    draw = dict(shape=(2, 4, 3, 8, 8), frame_dim=2, share=0.5, device=CPU, dtype=torch.float32)
+    assert torch.equal(shared_frame_noise(**draw, generator=torch.Generator().manual_seed(0)),
+                       shared_frame_noise(**draw, generator=torch.Generator().manual_seed(0), grid=1))
+    with pytest.raises(ValueError, match="got 9"):
+        shared_frame_noise(**draw, generator=torch.Generator(), grid=9)
+
+
+@pytest.mark.parametrize("size", [(8, 8), (6, 7)])
+def test_cell_means_is_a_projection_onto_the_grids_cells(size):
+    """Idempotent and orthogonal (what it leaves has zero mean in every cell), for uneven cells too."""
+    noise = torch.randn(3, *size, generator=torch.Generator().manual_seed(2))
+    cells = cell_means(noise, 4)
+    assert torch.allclose(cell_means(cells, 4), cells, atol=1e-6)
+    assert torch.allclose(cell_means(noise - cells, 4), torch.zeros_like(noise), atol=1e-6)
+    assert len(torch.unique(cells[0].round(decimals=5))) == 16

@@ -12,6 +12,7 @@ from asyncvid.bench.measure import psnr
 from asyncvid.parataa.config import ParaTAAConfig
 from asyncvid.parataa.run import sample
 from asyncvid.parataa.trajectory import sample_sequential
+from asyncvid.pipelines.initial_noise import cell_means
 from asyncvid.requests import ImageToVideo, TextToVideo
 from asyncvid.runtime import launch
 from asyncvid.video.frames import to_uint8
@@ -64,20 +65,22 @@ def test_problem_is_the_pipelines_own(model):
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 
-@pytest.mark.parametrize("shared_noise, noise_mean", [(0.5, 1.0), (0.5, 0.0), (0.0, 0.0)])
-def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_mean):
-    """With shared noise or a scaled noise mean the pipeline is given its initial latents; ParaTAA's problem must
-    start from the same."""
+@pytest.mark.parametrize("shared_noise, noise_mean, shared_grid", [(0.5, 1.0, 1), (0.5, 0.0, 1), (0.0, 0.0, 1),
+                                                                   (0.5, 0.0, 4), (0.0, 1.0, 2)])
+def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_mean, shared_grid):
+    """With shared noise, a scaled noise mean or a shared grid the pipeline is given its initial latents; ParaTAA's
+    problem must start from the same."""
     pipe, adapter = load("tiny-animatediff")
     request = TextToVideo("a red circle moving left", num_frames=4, num_inference_steps=2, seed=3,
-                          shared_noise=shared_noise, noise_mean=noise_mean)
+                          shared_noise=shared_noise, noise_mean=noise_mean, shared_grid=shared_grid)
     want = pipeline_latents(pipe, adapter, request)
     with torch.inference_mode():
         problem = adapter.parataa_problem(pipe, request, generator=torch.Generator().manual_seed(request.seed))
         got = sample_sequential(problem.x0, problem.trajectory, problem.direction())
     means = problem.x0.mean((-2, -1))  # (channels, frames)
-    if shared_noise:  # the frames' noise means are common
-        assert torch.allclose(means, means[:, :1].expand_as(means), atol=1e-6)
+    if shared_noise or shared_grid > 1:  # the frames' noise means are common, over each cell of the grid
+        cells = cell_means(problem.x0, shared_grid)
+        assert torch.allclose(cells, cells[:, :1].expand_as(cells), atol=1e-6)
     assert (float(means.abs().max()) < 1e-6) == (noise_mean == 0)
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 

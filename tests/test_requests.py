@@ -24,7 +24,7 @@ def test_text_to_video_keeps_settings_and_describes_itself():
     assert req.describe() == {
         "task": "text-to-video", "prompt": "a red circle", "negative_prompt": "", "num_frames": 4, "height": 64,
         "width": 96, "num_inference_steps": 2, "guidance_scale": 7.5, "seed": 3, "fps": 12, "shared_noise": 0.0,
-        "noise_mean": 1.0,
+        "noise_mean": 1.0, "shared_grid": 1,
     }
 
 
@@ -53,6 +53,11 @@ def test_text_to_video_none_means_model_defaults():
         (dict(noise_mean=1.5), "noise mean must be in [0, 1]"),
         (dict(noise_mean=-0.5), "got -0.5; try --noise-mean 0"),
         (dict(noise_mean=float("nan")), "got nan"),
+        (dict(shared_grid=0), "shared grid must be a whole number from 1 to the latent frame's side (8 at this size)"),
+        (dict(shared_grid=9), "got 9; try --shared-grid 1"),
+        (dict(shared_grid=4, height=16), "(2 at this size), got 4"),
+        (dict(shared_grid=2.5), "got 2.5"),
+        (dict(shared_grid=True), "got True"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

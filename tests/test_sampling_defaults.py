@@ -8,7 +8,7 @@ import pytest
 from asyncvid.errors import UsageError
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines import recommended_sampling
-from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_NOISE
+from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_GRID, SHARED_NOISE
 from asyncvid.training.svd import MAX_GUIDANCE
 
 
@@ -23,6 +23,9 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 0.0, 2.0)
     sampling_defaults.write(tmp_path, noise_mean=0)
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(noise_mean=0.0)
+    sampling_defaults.write(tmp_path, shared_grid=4)
+    assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(shared_grid=4)
+    assert type(sampling_defaults.recommended(tmp_path).shared_grid) is int  # a grid, not 4.0
     assert sampling_defaults.Recommended().max_guidance_scale == 3.0  # SVD's
 
 
@@ -37,6 +40,8 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     ('{"shared_noise": true}', "True"),
     ('{"noise_mean": 2}', "[0, 1]"),
     ('{"noise_mean": "zero"}', "'zero'"),
+    ('{"shared_grid": 0}', "got 0"),
+    ('{"shared_grid": 2.5}', "2.5"),
     ('{"max_guidance_scale": -2}', "-2"),
     ('{"max_guidance_scale": null}', "None"),
 ])
@@ -51,7 +56,8 @@ def test_the_embedded_model_recommends_the_recipes_settings(asyncvid_home):
     # export writes the training recipe's GUIDANCE, SHARED_NOISE and NOISE_MEAN; the shipped folder must be the
     # exported one.
     assert recommended_sampling("tiny-animatediff") == sampling_defaults.Recommended(GUIDANCE, SHARED_NOISE,
-                                                                                     noise_mean=NOISE_MEAN)
+                                                                                     noise_mean=NOISE_MEAN,
+                                                                                     shared_grid=SHARED_GRID)
     # SVD's guidance is a per-frame ramp, from 1 to the recommended one at the last frame
     assert recommended_sampling("tiny-svd") == sampling_defaults.Recommended(max_guidance_scale=MAX_GUIDANCE)
 
@@ -63,19 +69,20 @@ def test_generate_uses_the_folders_settings_unless_given(tmp_path, asyncvid_home
     from asyncvid.pipelines.embedded import EMBEDDED
 
     model = shutil.copytree(EMBEDDED["tiny-animatediff"].source, tmp_path / "model")
-    sampling_defaults.write(model, guidance_scale=1.5, shared_noise=0.25, noise_mean=0)
+    sampling_defaults.write(model, guidance_scale=1.5, shared_noise=0.25, noise_mean=0, shared_grid=2)
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle moving left\n")
-    for i, (extra, expected) in enumerate((([], (1.5, 0.25, 0.0)), (["--guidance", "4"], (4.0, 0.25, 0.0)),
-                                           (["--shared-noise", "0"], (1.5, 0.0, 0.0)),
-                                           (["--noise-mean", "1"], (1.5, 0.25, 1.0)))):
+    for i, (extra, expected) in enumerate((([], (1.5, 0.25, 0.0, 2)), (["--guidance", "4"], (4.0, 0.25, 0.0, 2)),
+                                           (["--shared-noise", "0"], (1.5, 0.0, 0.0, 2)),
+                                           (["--noise-mean", "1"], (1.5, 0.25, 1.0, 2)),
+                                           (["--shared-grid", "1"], (1.5, 0.25, 0.0, 1)))):
         out = tmp_path / f"out{i}"
         result = CliRunner().invoke(app, ["generate", str(prompts), "--model", str(model), "--steps", "1",
                                           "--frames", "2", "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
         [sidecar] = out.glob("*.json")
         meta = json.loads(sidecar.read_text())
-        assert (meta["guidance_scale"], meta["shared_noise"], meta["noise_mean"]) == expected
+        assert (meta["guidance_scale"], meta["shared_noise"], meta["noise_mean"], meta["shared_grid"]) == expected
 
 
 def test_i2v_and_the_library_use_the_folders_last_frame_guidance_unless_given(tmp_path, asyncvid_home, red_circle):

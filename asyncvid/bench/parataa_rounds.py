@@ -31,7 +31,7 @@ def requests(model: str, steps: int, seed: int = 0):
     if model == "tiny-animatediff":
         return TextToVideo("a red circle moving left", num_inference_steps=steps, seed=seed,
                            guidance_scale=own.guidance_scale, shared_noise=own.shared_noise,
-                           noise_mean=own.noise_mean)
+                           noise_mean=own.noise_mean, shared_grid=own.shared_grid)
     return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed,
                         max_guidance_scale=own.max_guidance_scale)
 

@@ -16,7 +16,7 @@ from asyncvid.errors import UsageError
 FILE = "sampling.json"
 GUIDANCE = 7.5  # diffusers' default, for folders that recommend nothing
 MAX_GUIDANCE = 3.0  # SVD's: its guidance rises from 1 at the first frame to this at the last
-KEYS = ("guidance_scale", "shared_noise", "noise_mean", "max_guidance_scale")
+KEYS = ("guidance_scale", "shared_noise", "noise_mean", "shared_grid", "max_guidance_scale")
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class Recommended:
     shared_noise: float = 0.0  # the share of each frame's initial noise common to all frames; 0: independent
     max_guidance_scale: float = MAX_GUIDANCE  # image-to-video: the guidance at the last frame
     noise_mean: float = 1.0  # the scale of each frame's initial noise mean; 1: as drawn, 0: zero-mean noise
+    shared_grid: int = 1  # the frames share their noise's means over a G x G grid; 1: only the whole frame's
 
 
 def read(folder: Path) -> dict:
@@ -51,6 +52,9 @@ def read(folder: Path) -> dict:
     mean = settings.get("noise_mean", 1.0)
     if not _number(mean) or not 0 <= mean <= 1:
         raise UsageError(f"'{path}': noise_mean must be a number in [0, 1], got {mean!r}; fix or delete it")
+    grid = settings.get("shared_grid", 1)
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise UsageError(f"'{path}': shared_grid must be a whole number >= 1, got {grid!r}; fix or delete it")
     return settings
 
 
@@ -65,4 +69,5 @@ def write(folder: Path, **settings) -> None:
 
 def recommended(folder: Path) -> Recommended:
     """The settings to use with this model where the user gives none."""
-    return Recommended(**{key: float(value) for key, value in read(folder).items()})
+    kinds = {name: type(field.default) for name, field in Recommended.__dataclass_fields__.items()}  # float, int
+    return Recommended(**{key: kinds[key](value) for key, value in read(folder).items()})

@@ -59,6 +59,10 @@ SHARED_NOISE = 0.5
 # from zero draws a darker background, and there it flickers: r12 keeps 100 / 96 / 40 / 30% of the 50 held-out clips
 # calm at seeds 0-3 with the mean as drawn, 96 / 92 / 96 / 88% without it (docs/MODELS.md, round 37).
 NOISE_MEAN = 0.0
+# The grid over whose cells the frames share their initial noise's means `export` recommends (sampling.json,
+# pipelines/initial_noise.py): a frame's own coarse noise is read as that frame's brightness, so one frame in a clip
+# could come out a few levels darker than the next (docs/MODELS.md, round 38).
+SHARED_GRID = 4
 # The share of clips' samples captioned without their colour, their shape or both (`--partial-captions`). The
 # held-out split trains each colour-shape pair on one direction of each axis (asyncvid.eval.clips.heldout_captions),
 # so on full captions the direction word need only name the axis: colour and shape tell the sign (round 16's model,

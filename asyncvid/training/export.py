@@ -22,7 +22,7 @@ import asyncvid.pipelines
 from asyncvid.eval.clips import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, heldout_captions, training_captions
 from asyncvid.models import sampling_defaults
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
-from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SD_SCHEDULE, SHARED_NOISE
+from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SD_SCHEDULE, SHARED_GRID, SHARED_NOISE
 from asyncvid.training.svd import MAX_GUIDANCE
 
 NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
@@ -113,7 +113,8 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         _forget_training_paths(tmp)
         # What it is sampled with unless the user says otherwise.
         if stage == "animatediff":
-            sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN)
+            sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN,
+                                    shared_grid=SHARED_GRID)
         else:
             sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
