@@ -211,8 +211,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 background: Annotated[Optional[int], typer.Option(min=0, max=len(BACKGROUNDS) - 1, help="Both stages: every clip on this plain tone (an index into asyncvid.eval.clips.BACKGROUNDS), so a caption has one background to draw (round 32) \\[default: all six tones, stripes and gradients].")] = None,
                 init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: the clips' stage starts from this exported pipeline folder's UNet and text encoder, on its own VAE's latents (e.g. pipelines/weights/tiny-animatediff; round 32); needs --image-steps 0.")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
-    r8's recipe by default; r9's, and r11's (r9 fine-tuned with --init-from, --background and --brightness-gain), in
-    docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
+    r8's recipe by default; r9's, and r13's (r9 fine-tuned with --init-from, --background, --brightness-gain and the
+    noise it is sampled from), in docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     check_budget(steps, anneal)
     if init_from is not None and image_steps:
         raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
@@ -328,7 +328,7 @@ def all_stages(workdir: Workdir = None, seed: Seed = 0,
                svd_minutes: Annotated[float, typer.Option(help="Time limit of the SVD UNet.")] = 120.0,
                anneal: Annotated[int, typer.Option(help="AnimateDiff steps, at the end of --steps, whose learning rate decays to zero.")] = ANNEAL):
     """tiny-svd r5's recipe and r8's AnimateDiff on one VAE: the VAE on every core, then both UNets side by side
-    (one thread each), then export (tiny-animatediff r9 to r11 need the colour-wheel VAE: docs/MODELS.md, shipped
+    (one thread each), then export (tiny-animatediff r9 to r13 need the colour-wheel VAE: docs/MODELS.md, shipped
     runs)."""
     check_budget(steps, anneal)  # here, not an hour later when the AnimateDiff stage starts
     root = workdir_root(workdir)
