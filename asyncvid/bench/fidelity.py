@@ -129,9 +129,9 @@ def table(result: dict) -> str:
         f"Measured {result['date']} by `python -m asyncvid.bench.fidelity --out docs` ({result['minutes']:.0f} min; "
         f"load average {result['load_before']:.1f} before, {result['load_after']:.1f} after, on {os.cpu_count()} "
         "cores). Each model at the CLI's default request (tiny-svd: samples/red_circle.png; tiny-animatediff: "
-        "\"a red circle moving left\", its sampling.json's guidance 2.5, shared noise 0.5 and noise mean 0), seed 0, "
-        "float32. PSNR over the whole clip and mean SSIM per frame, both against sequential sampling of the same "
-        "request.",
+        "\"a red circle moving left\", its sampling.json's guidance 2.5, shared noise 0.5, noise mean 0 and shared "
+        "grid 4), seed 0, float32. PSNR over the whole clip and mean SSIM per frame, both against sequential sampling "
+        "of the same request.",
         "",
         f"AsyncDiff, N=2 on two processes of one thread each, warm-up 3 unless named; *loop* is the median of "
         f"{result['repeats']} calls after a warm-up call; *vs sequential* against sequential sampling on both threads; "
