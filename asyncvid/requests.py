@@ -48,7 +48,7 @@ class TextToVideo:
     seed: int = 0
     fps: int = 8
     # The share of each frame's initial noise common to all frames, whose spatial means are then shared outright
-    # (pipelines/initial_noise.py); 0 draws diffusers' independent noise.
+    # (pipelines/initial_noise.py); 0 draws diffusers' independent noise, 1 gives every frame the same noise.
     shared_noise: float = 0.0
     # The scale of each frame's initial noise mean (per channel): 1 as drawn, 0 zero-mean noise, so that the seed
     # does not choose the background's brightness (pipelines/initial_noise.py).
@@ -63,9 +63,10 @@ class TextToVideo:
         if not 0 <= self.guidance_scale < math.inf:  # also refuses nan, which JSON sidecars cannot hold
             raise UsageError(f"guidance must be a number >= 0 (1 disables guidance), got {self.guidance_scale}; "
                              f"try --guidance 7.5")
-        if not 0 <= self.shared_noise < 1:
-            raise UsageError(f"shared noise must be in [0, 1) (the share of the initial noise the frames have in "
-                             f"common; 0 turns it off), got {self.shared_noise}; try --shared-noise 0.5")
+        if not 0 <= self.shared_noise <= 1:
+            raise UsageError(f"shared noise must be in [0, 1] (the share of the initial noise the frames have in "
+                             f"common; 0 turns it off, 1 gives every frame the same noise), got {self.shared_noise}; "
+                             f"try --shared-noise 0.5")
         if not 0 <= self.noise_mean <= 1:
             raise UsageError(f"noise mean must be in [0, 1] (the scale of the initial noise's spatial mean; 1 keeps "
                              f"it as drawn), got {self.noise_mean}; try --noise-mean 0")

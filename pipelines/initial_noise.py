@@ -7,7 +7,8 @@ N(0, I), so the spatial layers see the noise they were trained on; only what the
 That common mean can also be scaled down to zero (`scaled_mean`), for a model that should not take the background's
 brightness from the seed, and the frames can share more than the mean: the noise's means over a grid of cells, its
 lowest spatial frequencies, which FreeInit (Wu et al., 2023) finds set a video's layout and its temporal consistency
-(`grid`; docs/MODELS.md, round 38).
+(`grid`; docs/MODELS.md, round 38). At a share of 1 the frames start from one noise: a frame's own noise also sets
+where the model draws the object in it, so its steps come out uneven (round 39).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from diffusers.utils.torch_utils import randn_tensor
 def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, generator: torch.Generator,
                        device: torch.device, dtype: torch.dtype, mean: float = 1.0, grid: int = 1) -> torch.Tensor:
     """Noise of `shape` (..., H, W) whose frames (along `frame_dim`) are each N(0, I), with their spatial means
-    common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own.
-    `mean` scales the common spatial means (`scaled_mean`); `grid` G > 1 makes the means over each cell of a G x G
-    grid common, not only the whole frame's (`cell_means`)."""
-    if not 0 <= share < 1:
-        raise ValueError(f"share must be in [0, 1), got {share}")
+    common to all frames and `share` of the rest's variance too: sqrt(share) * common + sqrt(1 - share) * own (1:
+    every frame the same noise, PYoCo's prior in its limit). `mean` scales the common spatial means (`scaled_mean`);
+    `grid` G > 1 makes the means over each cell of a G x G grid common, not only the whole frame's (`cell_means`)."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"share must be in [0, 1], got {share}")
     if not 1 <= grid <= min(shape[-2:]):
         raise ValueError(f"grid must be from 1 to the noise's height and width {tuple(shape[-2:])}, got {grid}")
     own = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -47,7 +47,7 @@ def test_text_to_video_none_means_model_defaults():
         (dict(seed=2**63), f"seed must be in [0, 2**63), got {2**63}"),
         (dict(fps=0), "fps must be at least 1, got 0"),
         (dict(guidance_scale=-0.5), "guidance must be a number >= 0 (1 disables guidance), got -0.5"),
-        (dict(shared_noise=1.0), "shared noise must be in [0, 1)"),
+        (dict(shared_noise=1.5), "shared noise must be in [0, 1]"),
         (dict(shared_noise=-0.1), "got -0.1; try --shared-noise 0.5"),
         (dict(shared_noise=float("nan")), "got nan"),
         (dict(noise_mean=1.5), "noise mean must be in [0, 1]"),

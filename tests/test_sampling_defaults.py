@@ -35,7 +35,7 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     ('[2.5]', "guidance_scale"),
     ('{"guidance_scale": -1}', "-1"),
     ('{"guidance_scale": "high"}', "'high'"),
-    ('{"shared_noise": 1}', "[0, 1)"),
+    ('{"shared_noise": 1.5}', "[0, 1]"),
     ('{"shared_noise": -0.1}', "-0.1"),
     ('{"shared_noise": true}', "True"),
     ('{"noise_mean": 2}', "[0, 1]"),

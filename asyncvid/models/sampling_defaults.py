@@ -1,7 +1,7 @@
 """Sampling settings a model folder recommends (`sampling.json` beside `model_index.json`), used where the user
 sets none. Diffusers folders have no place for them, and they belong to the weights: the tiny models trained here
 with a trained text encoder follow the prompt so closely that SD's guidance of 7.5 over-saturates their colours,
-tiny-animatediff flickers less when its frames' initial noise shares a part and has no mean
+tiny-animatediff flickers less and moves more evenly when its frames start from one noise with no mean
 (pipelines/initial_noise.py), and tiny-svd keeps its input's colour and shape more often when its guidance ramp
 ends below SVD's 3."""
 
@@ -47,8 +47,8 @@ def read(folder: Path) -> dict:
         if not _number(scale) or scale < 0:
             raise UsageError(f"'{path}': {key} must be a number >= 0, got {scale!r}; fix or delete it")
     share = settings.get("shared_noise", 0.0)
-    if not _number(share) or not 0 <= share < 1:
-        raise UsageError(f"'{path}': shared_noise must be a number in [0, 1), got {share!r}; fix or delete it")
+    if not _number(share) or not 0 <= share <= 1:
+        raise UsageError(f"'{path}': shared_noise must be a number in [0, 1], got {share!r}; fix or delete it")
     mean = settings.get("noise_mean", 1.0)
     if not _number(mean) or not 0 <= mean <= 1:
         raise UsageError(f"'{path}': noise_mean must be a number in [0, 1], got {mean!r}; fix or delete it")
