@@ -35,7 +35,7 @@ EMBEDDED = {
         EmbeddedModel(
             "tiny-animatediff", "text-to-video",
             "SD1.5-shaped UNet + motion modules (4 levels, 4.8M params) trained on moving-shape clips, DDIM",
-            "r13",
+            "r13.1",  # r13's weights, sampled with every frame on the same noise (sampling.json)
         ),
         EmbeddedModel(
             "tiny-svd", "image-to-video",

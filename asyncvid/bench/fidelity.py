@@ -121,6 +121,12 @@ def _line(r: dict) -> str:
     return f"{r['sampler']} {r['model']} {r['steps']} steps, {r['option']}: {r['psnr']:.1f} dB, SSIM {r['ssim']:.4f}; {speed}"
 
 
+def _settings(request) -> str:
+    """The recommended settings a request samples with, in words."""
+    return (f"guidance {request.guidance_scale:g}, shared noise {request.shared_noise:g}, noise mean "
+            f"{request.noise_mean:g} and shared grid {request.shared_grid}")
+
+
 def table(result: dict) -> str:
     rows = result["rows"]
     lines = [
@@ -129,9 +135,9 @@ def table(result: dict) -> str:
         f"Measured {result['date']} by `python -m asyncvid.bench.fidelity --out docs` ({result['minutes']:.0f} min; "
         f"load average {result['load_before']:.1f} before, {result['load_after']:.1f} after, on {os.cpu_count()} "
         "cores). Each model at the CLI's default request (tiny-svd: samples/red_circle.png; tiny-animatediff: "
-        "\"a red circle moving left\", its sampling.json's guidance 2.5, shared noise 0.5, noise mean 0 and shared "
-        "grid 4), seed 0, float32. PSNR over the whole clip and mean SSIM per frame, both against sequential sampling "
-        "of the same request.",
+        f"\"a red circle moving left\", its sampling.json's {_settings(requests('tiny-animatediff', 25))}), seed 0, "
+        "float32. PSNR over the whole clip and mean SSIM per frame, both against sequential sampling of the same "
+        "request.",
         "",
         f"AsyncDiff, N=2 on two processes of one thread each, warm-up 3 unless named; *loop* is the median of "
         f"{result['repeats']} calls after a warm-up call; *vs sequential* against sequential sampling on both threads; "

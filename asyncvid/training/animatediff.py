@@ -52,8 +52,11 @@ GUIDANCE = 2.5
 # The share of the initial noise `export` recommends the frames have in common (sampling.json; their noise means are
 # then shared outright, pipelines/initial_noise.py). Sampling r8 with independent noise, a frame's noise mean sets its
 # brightness and the background flickers by up to 27 levels of 255; with 0.5 by up to 6, with 0.2 / 0.8 up to 7 / 13
-# (12 held-out prompts, seed 0: docs/MODELS.md, round 12).
-SHARED_NOISE = 0.5
+# (12 held-out prompts, seed 0: docs/MODELS.md, round 12). r13 is sampled with 1, every frame the same noise: a
+# frame's own noise also sets where it draws the object, so with 0.5 its steps are uneven and a clip's longest step is
+# often near twice its median (smooth 92 / 90 / 90 / 94% of the 50 held-out clips at seeds 0-3); with 1, 100 / 94 /
+# 100 / 98%, and no clip's background steps by more than 2.1 levels (round 39).
+SHARED_NOISE = 1.0
 # The scale of the frames' initial noise mean `export` recommends (sampling.json, pipelines/initial_noise.py). Trained
 # on clips over one tone, the model reads the noise's mean as the background's brightness, so a seed whose mean is far
 # from zero draws a darker background, and there it flickers: r12 keeps 100 / 96 / 40 / 30% of the 50 held-out clips
@@ -62,8 +65,9 @@ NOISE_MEAN = 0.0
 # The grid over whose cells the frames share their initial noise's means `export` recommends (sampling.json,
 # pipelines/initial_noise.py): a frame's own coarse noise is read as that frame's brightness, so one frame in a clip
 # comes out a few levels darker than the next. r13 keeps 98 / 98 / 100 / 98% of the 50 held-out clips calm at seeds
-# 0-3 with a grid of 1, 100 / 100 / 100 / 98% with 4 (docs/MODELS.md, round 38).
-SHARED_GRID = 4
+# 0-3 with a grid of 1, 100 / 100 / 100 / 98% with 4 (docs/MODELS.md, round 38). With SHARED_NOISE 1 the frames
+# share all of their noise, so there is no own part left for a grid to share.
+SHARED_GRID = 1
 # The share of clips' samples captioned without their colour, their shape or both (`--partial-captions`). The
 # held-out split trains each colour-shape pair on one direction of each axis (asyncvid.eval.clips.heldout_captions),
 # so on full captions the direction word need only name the axis: colour and shape tell the sign (round 16's model,
