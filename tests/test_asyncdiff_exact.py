@@ -29,8 +29,8 @@ def _request(family: str, red_circle, steps: int = STEPS):
     size = dict(num_inference_steps=steps, num_frames=4, height=64, width=64, seed=2)
     if family == "svd":
         return "tiny-svd", ImageToVideo(red_circle, **size)
-    # The model's own settings, as the CLI samples it (shared noise: its frames start from noise with common means;
-    # noise mean 0: those means are zero; the shared grid: so are the means over each cell).
+    # The model's own settings, as the CLI samples it (shared noise: its frames start from common noise, since round
+    # 39 one draw for all; noise mean 0: its means are zero).
     return "tiny-animatediff", TextToVideo("a blue square moving up", guidance_scale=GUIDANCE,
                                            shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN, shared_grid=SHARED_GRID,
                                            **size)

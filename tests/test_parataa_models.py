@@ -66,7 +66,7 @@ def test_problem_is_the_pipelines_own(model):
 
 
 @pytest.mark.parametrize("shared_noise, noise_mean, shared_grid", [(0.5, 1.0, 1), (0.5, 0.0, 1), (0.0, 0.0, 1),
-                                                                   (0.5, 0.0, 4), (0.0, 1.0, 2)])
+                                                                   (0.5, 0.0, 4), (0.0, 1.0, 2), (1.0, 0.0, 1)])
 def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_mean, shared_grid):
     """With shared noise, a scaled noise mean or a shared grid the pipeline is given its initial latents; ParaTAA's
     problem must start from the same."""
@@ -81,6 +81,8 @@ def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_
     if shared_noise or shared_grid > 1:  # the frames' noise means are common, over each cell of the grid
         cells = cell_means(problem.x0, shared_grid)
         assert torch.allclose(cells, cells[:, :1].expand_as(cells), atol=1e-6)
+    x0 = problem.x0.reshape(-1, *problem.x0.shape[-3:])[0]  # (frames, ...) of the first channel
+    assert torch.allclose(x0, x0[:1].expand_as(x0), atol=1e-6) == (shared_noise == 1)  # one draw for every frame
     assert (float(means.abs().max()) < 1e-6) == (noise_mean == 0)
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 

@@ -28,6 +28,12 @@ def test_text_to_video_keeps_settings_and_describes_itself():
     }
 
 
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_shared_noise_takes_both_ends(share):
+    """0: each frame's own noise; 1: every frame the same noise (tiny-animatediff's, round 39)."""
+    assert TextToVideo("x", shared_noise=share).shared_noise == share
+
+
 def test_text_to_video_none_means_model_defaults():
     req = TextToVideo("x")
     assert (req.num_frames, req.height, req.width) == (None, None, None)

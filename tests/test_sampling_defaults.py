@@ -19,6 +19,8 @@ def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(3.0, 0.0)
     sampling_defaults.write(tmp_path, shared_noise=0.25)
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 0.25)
+    sampling_defaults.write(tmp_path, shared_noise=1)  # every frame the same noise
+    assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 1.0)
     sampling_defaults.write(tmp_path, max_guidance_scale=2)
     assert sampling_defaults.recommended(tmp_path) == sampling_defaults.Recommended(7.5, 0.0, 2.0)
     sampling_defaults.write(tmp_path, noise_mean=0)

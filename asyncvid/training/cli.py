@@ -211,8 +211,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 background: Annotated[Optional[int], typer.Option(min=0, max=len(BACKGROUNDS) - 1, help="Both stages: every clip on this plain tone (an index into asyncvid.eval.clips.BACKGROUNDS), so a caption has one background to draw (round 32) \\[default: all six tones, stripes and gradients].")] = None,
                 init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: the clips' stage starts from this exported pipeline folder's UNet and text encoder, on its own VAE's latents (e.g. pipelines/weights/tiny-animatediff; round 32); needs --image-steps 0.")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
-    r8's recipe by default; r9's, and r13's (r9 fine-tuned with --init-from, --background, --brightness-gain and the
-    noise it is sampled from), in docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
+    r8's recipe by default; r9's, and r13's (r9 fine-tuned with --init-from, --background, --brightness-gain and
+    zero-mean shared noise 0.5; sampled since round 39 from one noise for every frame), in docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
     check_budget(steps, anneal)
     if init_from is not None and image_steps:
         raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
