@@ -53,10 +53,10 @@ GUIDANCE = 2.5
 # then shared outright, pipelines/initial_noise.py). Sampling r8 with independent noise, a frame's noise mean sets its
 # brightness and the background flickers by up to 27 levels of 255; with 0.5 by up to 6, with 0.2 / 0.8 up to 7 / 13
 # (12 held-out prompts, seed 0: docs/MODELS.md, round 12). r13.1 (r13's weights, trained at 0.5) is sampled with 1,
-# every frame the same noise: a
-# frame's own noise also sets where it draws the object, so with 0.5 its steps are uneven and a clip's longest step is
-# often near twice its median (smooth 92 / 90 / 90 / 94% of the 50 held-out clips at seeds 0-3); with 1, 100 / 94 /
-# 100 / 98%, and no clip's background steps by more than 2.0 levels (round 39).
+# every frame the same noise: a frame's own noise also sets where it draws the object, so with 0.5 its steps are
+# uneven and a clip's longest step is often near twice its median (smooth 92 / 90 / 90 / 94% of the 50 held-out
+# clips at seeds 0-3); with 1, 100 / 94 / 100 / 98%, and no clip's background steps by more than 2.0 levels
+# (round 39).
 SHARED_NOISE = 1.0
 # The scale of the frames' initial noise mean `export` recommends (sampling.json, pipelines/initial_noise.py). Trained
 # on clips over one tone, the model reads the noise's mean as the background's brightness, so a seed whose mean is far

@@ -212,7 +212,8 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
                 init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: the clips' stage starts from this exported pipeline folder's UNet and text encoder, on its own VAE's latents (e.g. pipelines/weights/tiny-animatediff; round 32); needs --image-steps 0.")] = None):
     """AnimateDiff's UNetMotionModel on 16-frame clips, text through the tiny CLIP text encoder (or --frozen-text);
     r8's recipe by default; r9's, and r13's (r9 fine-tuned with --init-from, --background, --brightness-gain and
-    zero-mean shared noise 0.5; sampled since round 39 from one noise for every frame), in docs/MODELS.md. A step budget, so a slower machine trains the same model, later."""
+    zero-mean shared noise 0.5; sampled since round 39 from one noise for every frame), in docs/MODELS.md. A step
+    budget, so a slower machine trains the same model, later."""
     check_budget(steps, anneal)
     if init_from is not None and image_steps:
         raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
