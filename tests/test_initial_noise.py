@@ -24,8 +24,8 @@ def test_each_frame_is_standard_normal_and_the_frames_share_their_means_and_a_pa
 
 @pytest.mark.parametrize("grid", [1, 4])
 def test_share_1_gives_every_frame_the_same_standard_normal_noise(grid):
-    """The prior's limit (round 39: tiny-animatediff's steps grow even when no frame has its own noise to read its
-    place from); a grid has nothing left to share."""
+    """The prior's limit (round 39: tiny-animatediff's steps come out even when no frame has noise of its own to
+    read its place from); a grid has nothing left to share."""
     noise = shared_frame_noise((500, 4, 6, 8, 8), frame_dim=2, share=1.0, generator=torch.Generator().manual_seed(0),
                                device=CPU, dtype=torch.float32, grid=grid)
     assert torch.allclose(noise, noise[:, :, :1].expand_as(noise), atol=1e-6)
