@@ -128,17 +128,22 @@ class VideoPipeline:
                        width: int | None = None, num_inference_steps: int = 25, min_guidance_scale: float = 1.0,
                        max_guidance_scale: float | None = None, motion_bucket_id: int = 127,
                        noise_aug_strength: float = 0.02, decode_chunk_size: int | None = None, seed: int | None = None,
-                       generator: torch.Generator | None = None, fps: int = 7) -> Video | list[Video]:
+                       generator: torch.Generator | None = None, fps: int = 7, shared_noise: float | None = None,
+                       noise_mean: float | None = None) -> Video | list[Video]:
         """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion), or one per image of a
-        list (made by the data-parallel groups at once, returned in order); `None` guidance at the last frame means
-        the model's recommended one (its folder's sampling.json; else SVD's 3)."""
-        if max_guidance_scale is None:
-            max_guidance_scale = self._recommended.max_guidance_scale
+        list (made by the data-parallel groups at once, returned in order); `None` guidance at the last frame, shared
+        noise and noise mean mean the model's recommended ones (its folder's sampling.json; else SVD's 3 and
+        independent noise)."""
+        own = self._recommended
+        max_guidance_scale = own.max_guidance_scale if max_guidance_scale is None else max_guidance_scale
         requests = [ImageToVideo(self._image_path(i), num_frames=num_frames, height=height, width=width,
                                  num_inference_steps=num_inference_steps, min_guidance_scale=min_guidance_scale,
                                  max_guidance_scale=max_guidance_scale, motion_bucket_id=motion_bucket_id,
                                  noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size,
-                                 seed=_seed(seed, generator), fps=fps) for i in _listed(image)]
+                                 seed=_seed(seed, generator), fps=fps,
+                                 shared_noise=own.shared_noise if shared_noise is None else shared_noise,
+                                 noise_mean=own.noise_mean if noise_mean is None else noise_mean)
+                    for i in _listed(image)]
         return self._generate(requests) if isinstance(image, list) else self._generate(requests)[0]
 
     def close(self) -> None:

@@ -32,6 +32,13 @@ def _check_common(req) -> None:
         raise UsageError(f"seed must be in [0, 2**63), got {req.seed}; use e.g. --seed 0")
     if req.fps < 1:
         raise UsageError(f"fps must be at least 1, got {req.fps}; use e.g. --fps 8")
+    if not 0 <= req.shared_noise <= 1:
+        raise UsageError(f"shared noise must be in [0, 1] (the share of the initial noise the frames have in "
+                         f"common; 0 turns it off, 1 gives every frame the same noise), got {req.shared_noise}; "
+                         f"try --shared-noise 0.5")
+    if not 0 <= req.noise_mean <= 1:
+        raise UsageError(f"noise mean must be in [0, 1] (the scale of the initial noise's spatial mean; 1 keeps "
+                         f"it as drawn), got {req.noise_mean}; try --noise-mean 0")
 
 
 @dataclass
@@ -63,13 +70,6 @@ class TextToVideo:
         if not 0 <= self.guidance_scale < math.inf:  # also refuses nan, which JSON sidecars cannot hold
             raise UsageError(f"guidance must be a number >= 0 (1 disables guidance), got {self.guidance_scale}; "
                              f"try --guidance 7.5")
-        if not 0 <= self.shared_noise <= 1:
-            raise UsageError(f"shared noise must be in [0, 1] (the share of the initial noise the frames have in "
-                             f"common; 0 turns it off, 1 gives every frame the same noise), got {self.shared_noise}; "
-                             f"try --shared-noise 0.5")
-        if not 0 <= self.noise_mean <= 1:
-            raise UsageError(f"noise mean must be in [0, 1] (the scale of the initial noise's spatial mean; 1 keeps "
-                             f"it as drawn), got {self.noise_mean}; try --noise-mean 0")
         _check_common(self)
         # The latent frame's side (the VAE's factor is 8); unsized, the smallest model's (tiny-animatediff: 64 px).
         side = min(self.height or 64, self.width or 64) // 8
@@ -98,6 +98,10 @@ class ImageToVideo:
     decode_chunk_size: int | None = None
     seed: int = 0
     fps: int = 7
+    # As TextToVideo's: the share of the frames' initial noise they have in common, and its mean's scale
+    # (pipelines/initial_noise.py); 0 and 1 are diffusers' own draw.
+    shared_noise: float = 0.0
+    noise_mean: float = 1.0
     extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):

@@ -160,6 +160,8 @@ def i2v(
     noise_aug_strength: Annotated[float, typer.Option(help="Noise added to the conditioning image.")] = 0.02,
     min_guidance: Annotated[float, typer.Option(help="Guidance scale at the first frame.")] = 1.0,
     max_guidance: Annotated[Optional[float], typer.Option(help="Guidance scale at the last frame \\[default: the model's own (sampling.json in its folder; tiny-svd: 2), else 3].")] = None,
+    shared_noise: Annotated[Optional[float], typer.Option(help="Share of each frame's initial noise that all frames have in common, their noise means wholly (PYoCo's mixed noise prior: a steadier background); 0 draws every frame's noise on its own, 1 gives every frame the same noise \\[default: the model's own (sampling.json), else 0].")] = None,
+    noise_mean: Annotated[Optional[float], typer.Option(help="Scale of each frame's initial noise mean: 1 as drawn, 0 zero-mean noise, so the seed does not choose the background's brightness \\[default: the model's own (sampling.json), else 1].")] = None,
     decode_chunk_size: Annotated[Optional[int], typer.Option(help="Frames decoded at once \\[default: all].")] = None,
     seed: Seed = 0,
     fps: Annotated[int, typer.Option(help="Frames per second: SVD's conditioning and the written video's rate.")] = 7,
@@ -201,24 +203,29 @@ def i2v(
     """Image-to-video (Stable Video Diffusion): one video per IMAGE."""
     from asyncvid.video.naming import output_stem  # numpy, PIL: not at --help time
 
+    chosen = dict(max_guidance_scale=max_guidance, shared_noise=shared_noise, noise_mean=noise_mean)  # None: own
+    unset = [name for name, value in chosen.items() if value is None]
+
     def build():
         from asyncvid.video.images import load_image  # PIL: not at --help time
 
+        # Checked now with stand-ins for unset settings; `finish` puts in the model's own once the model is known.
+        settings = {name: PROVISIONAL[name] if value is None else value for name, value in chosen.items()}
+        if max_guidance is None:
+            settings["max_guidance_scale"] = max(min_guidance, PROVISIONAL["max_guidance_scale"])
         requests = []
         for image in images:
             load_image(image)  # fail on a bad image before the model loads
             requests.append(ImageToVideo(
                 image, num_frames=frames, height=height, width=width, num_inference_steps=steps,
-                min_guidance_scale=min_guidance, max_guidance_scale=provisional, motion_bucket_id=motion_bucket_id,
+                min_guidance_scale=min_guidance, motion_bucket_id=motion_bucket_id,
                 noise_aug_strength=noise_aug_strength, decode_chunk_size=decode_chunk_size, seed=seed, fps=fps,
+                **settings,
             ))
         return requests, [output_stem(i, image.stem) for i, image in enumerate(images)]
 
-    # Checked now with a stand-in if unset; `finish` puts in the model's own once the model is known.
-    provisional = max(min_guidance, PROVISIONAL["max_guidance_scale"]) if max_guidance is None else max_guidance
-
     run(build, "image-to-video", model=model, motion_adapter=None, out=out, fmt=fmt.value,
-        finish=_models_own(model, ["max_guidance_scale"] if max_guidance is None else []),
+        finish=_models_own(model, unset),
          overwrite=overwrite, device=device, dtype=dtype, debug=debug, devices=devices, data_parallel=data_parallel,
          parallel=parallel, threads=threads,
          oversubscribe=oversubscribe, scheduler=scheduler, allow_pickle=allow_pickle, variant=variant,

@@ -7,12 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
+from diffusers.utils.torch_utils import randn_tensor
 
 from asyncvid.errors import UsageError
 from asyncvid.models.sources import takes, variant_of
 from asyncvid.models.variants import weight_files
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import svd_parataa
+from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
 from asyncvid.requests import ImageToVideo
 from asyncvid.video.images import load_image
 
@@ -60,11 +62,30 @@ def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
     """Limits that depend on the loaded model (SVD has none beyond the request's own)."""
 
 
+def initial_noise(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, generator) -> torch.Tensor | None:
+    """The request's initial latents (before the scheduler's scaling) with `shared_noise` and `noise_mean`; None
+    (the pipeline draws its own) with neither. Drawn first from `generator`, before the image's noise augmentation."""
+    if not request.shared_noise and request.noise_mean == 1:
+        return None
+    frames = request.num_frames or pipe.unet.config.num_frames
+    height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # The UNet's input is the noisy latents and the image's latents side by side: half its channels are noise.
+    shape = (1, frames, pipe.unet.config.in_channels // 2, height // pipe.vae_scale_factor,
+             width // pipe.vae_scale_factor)
+    device, dtype = pipe._execution_device, pipe.image_encoder.dtype
+    if not request.shared_noise:  # diffusers' own draw (prepare_latents), means scaled
+        return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), request.noise_mean)
+    return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
+                              device=device, dtype=dtype, mean=request.noise_mean)
+
+
 def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback, output_type: str = "np"):
     """Run the pipeline's own sampling loop; returns float frames (F, H, W, 3) in [0, 1], or the latents."""
     # Guidance ramps linspace(min, max, frames), so one frame gets `min`. Say so: diffusers decides whether to use
     # guidance from `max` when encoding the image and from the ramp when sampling, and fails if the two disagree.
     one_frame = request.num_frames == 1
+    latents = initial_noise(pipe, request, generator)
     out = pipe(
         image=load_image(request.image),
         height=request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor,
@@ -78,6 +99,7 @@ def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator
         noise_aug_strength=request.noise_aug_strength,
         decode_chunk_size=request.decode_chunk_size,
         generator=generator,
+        latents=latents,
         output_type=output_type,
         callback_on_step_end=callback,
     )
@@ -100,4 +122,5 @@ def decode(pipe: StableVideoDiffusionPipeline, latents, request: ImageToVideo, s
 
 def parataa_problem(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, eta: float = 0.0):
     """ParaTAA's view of the request (asyncvid.parataa.problem.Problem), prepared as the pipeline prepares it."""
-    return svd_parataa.prepare(pipe, request, image=load_image(request.image), generator=generator, eta=eta)
+    return svd_parataa.prepare(pipe, request, image=load_image(request.image), generator=generator, eta=eta,
+                               latents=initial_noise(pipe, request, generator))

@@ -10,8 +10,10 @@ from asyncvid.parataa.trajectory import from_scheduler
 from asyncvid.requests import ImageToVideo
 
 
-def prepare(pipe, request: ImageToVideo, *, image, generator: torch.Generator, eta: float = 0.0) -> Problem:
-    """Mirror `StableVideoDiffusionPipeline.__call__` up to its denoising loop, drawing noise in the same order."""
+def prepare(pipe, request: ImageToVideo, *, image, generator: torch.Generator, eta: float = 0.0,
+            latents: torch.Tensor | None = None) -> Problem:
+    """Mirror `StableVideoDiffusionPipeline.__call__` up to its denoising loop, drawing noise in the same order;
+    `latents`: the initial noise given to the pipeline (`pipelines/svd.initial_noise`), else drawn as it draws it."""
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     frames = request.num_frames if request.num_frames is not None else pipe.unet.config.num_frames
@@ -35,7 +37,7 @@ def prepare(pipe, request: ImageToVideo, *, image, generator: torch.Generator, e
                                       embeds.dtype, 1, 1, guided).to(device)
     trajectory = from_scheduler(pipe.scheduler, request.num_inference_steps, eta=eta, device=device)
     latents = pipe.prepare_latents(1, frames, pipe.unet.config.in_channels, height, width, embeds.dtype, device,
-                                   generator)
+                                   generator, latents)
     scale_per_frame = torch.linspace(low, high, frames, device=device, dtype=latents.dtype).view(1, -1, 1, 1, 1)
     timesteps, scale = trajectory.timesteps.to(device), trajectory.input_scale.to(device)
 

@@ -181,6 +181,10 @@ CASES = {
     "guidance range reversed": (lambda f: [I2V, IMAGE, *FAST, "--min-guidance", "5", "--max-guidance", "1"],
                                 ["min 5.0"]),
     "noise augmentation negative": (lambda f: [I2V, IMAGE, *FAST, "--noise-aug-strength", "-1"], ["-1"]),
+    "i2v shared noise 1.5": (lambda f: [I2V, IMAGE, *FAST, "--shared-noise", "1.5"],
+                             ["shared noise", "got 1.5", "[0, 1]"]),
+    "i2v noise mean negative": (lambda f: [I2V, IMAGE, *FAST, "--noise-mean", "-0.5"],
+                                ["noise mean", "got -0.5", "--noise-mean 0"]),
     "decode chunk 0": (lambda f: [I2V, IMAGE, *FAST, "--decode-chunk-size", "0"], ["decode chunk"]),
     "motion adapter option for i2v": (lambda f: [I2V, IMAGE, *FAST, "--motion-adapter", "x"], ["--motion-adapter"]),
 }

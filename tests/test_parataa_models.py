@@ -87,6 +87,26 @@ def test_the_problem_starts_from_the_requests_initial_noise(shared_noise, noise_
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 
+@pytest.mark.parametrize("shared_noise, noise_mean", [(0.5, 1.0), (0.0, 0.0), (1.0, 0.0)])
+def test_the_svd_problem_starts_from_the_requests_initial_noise(shared_noise, noise_mean):
+    """Image-to-video too: with shared noise or a scaled noise mean the pipeline is given its initial latents, and
+    ParaTAA's problem must start from the same."""
+    pipe, adapter = load("tiny-svd")
+    request = ImageToVideo(SAMPLES / "red_circle.png", num_frames=4, num_inference_steps=2, seed=3,
+                           shared_noise=shared_noise, noise_mean=noise_mean)
+    want = pipeline_latents(pipe, adapter, request)
+    with torch.inference_mode():
+        problem = adapter.parataa_problem(pipe, request, generator=torch.Generator().manual_seed(request.seed))
+        got = sample_sequential(problem.x0, problem.trajectory, problem.direction())
+    x0 = problem.x0 / pipe.scheduler.init_noise_sigma  # (frames, channels, height, width), as drawn
+    means = x0.mean((-2, -1))
+    if shared_noise:  # the frames' noise means are common
+        assert torch.allclose(means, means[:1].expand_as(means), atol=1e-5)
+    assert torch.allclose(x0, x0[:1].expand_as(x0), atol=1e-5) == (shared_noise == 1)
+    assert (float(means.abs().max()) < 1e-5) == (noise_mean == 0)
+    assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
+
+
 def test_converged_output_matches_sequential(model):
     """At the default tolerance; docs/PARATAA.md has 25 and 50 steps."""
     name, pipe, adapter = model

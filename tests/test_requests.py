@@ -100,6 +100,8 @@ def test_image_to_video_turns_the_image_into_a_path_and_describes_it_as_text():
     assert described["image"] == "samples/red_circle.png"
     assert "extra" not in described
     assert (described["num_frames"], described["num_inference_steps"]) == (4, 2)
+    assert (described["shared_noise"], described["noise_mean"]) == (0.0, 1.0)  # diffusers' own draw
+    assert ImageToVideo("x.png", shared_noise=1, noise_mean=0).describe()["shared_noise"] == 1
 
 
 @pytest.mark.parametrize(
@@ -117,6 +119,9 @@ def test_image_to_video_turns_the_image_into_a_path_and_describes_it_as_text():
         (dict(width=7), "width must be a positive multiple of 8"),
         (dict(seed=-5), "got -5"),
         (dict(fps=0), "fps must be at least 1, got 0"),
+        (dict(shared_noise=1.5), "shared noise must be in [0, 1]"),
+        (dict(shared_noise=float("nan")), "got nan"),
+        (dict(noise_mean=-0.5), "got -0.5; try --noise-mean 0"),
     ],
     ids=lambda v: str(v) if isinstance(v, dict) else "",
 )

@@ -87,7 +87,7 @@ def test_generate_uses_the_folders_settings_unless_given(tmp_path, asyncvid_home
         assert (meta["guidance_scale"], meta["shared_noise"], meta["noise_mean"], meta["shared_grid"]) == expected
 
 
-def test_i2v_and_the_library_use_the_folders_last_frame_guidance_unless_given(tmp_path, asyncvid_home, red_circle):
+def test_i2v_and_the_library_use_the_folders_settings_unless_given(tmp_path, asyncvid_home, red_circle):
     from typer.testing import CliRunner
 
     from asyncvid.api import load
@@ -95,19 +95,25 @@ def test_i2v_and_the_library_use_the_folders_last_frame_guidance_unless_given(tm
     from asyncvid.pipelines.embedded import EMBEDDED
 
     model = shutil.copytree(EMBEDDED["tiny-svd"].source, tmp_path / "model")
-    sampling_defaults.write(model, max_guidance_scale=1.5)
+    sampling_defaults.write(model, max_guidance_scale=1.5, shared_noise=0.25, noise_mean=0)
     image = red_circle
-    for i, (extra, expected) in enumerate((([], 1.5), (["--max-guidance", "4"], 4.0))):
+    for i, (extra, expected) in enumerate((([], (1.5, 0.25, 0.0)), (["--max-guidance", "4"], (4.0, 0.25, 0.0)),
+                                           (["--shared-noise", "0"], (1.5, 0.0, 0.0)),
+                                           (["--noise-mean", "1"], (1.5, 0.25, 1.0)))):
         out = tmp_path / f"out{i}"
         result = CliRunner().invoke(app, ["i2v", str(image), "--model", str(model), "--steps", "1", "--frames", "2",
                                           "--out", str(out), *extra])
         assert result.exit_code == 0, result.output
         [sidecar] = out.glob("*.json")
-        assert json.loads(sidecar.read_text())["max_guidance_scale"] == expected
+        meta = json.loads(sidecar.read_text())
+        assert (meta["max_guidance_scale"], meta["shared_noise"], meta["noise_mean"]) == expected
     # A first-frame guidance above the folder's last-frame one: one line naming both, exit 2, nothing written.
     result = CliRunner().invoke(app, ["i2v", str(image), "--model", str(model), "--steps", "1", "--frames", "2",
                                       "--out", str(tmp_path / "bad"), "--min-guidance", "2"])
     assert result.exit_code == 2 and "min 2.0 and max 1.5" in result.output and not (tmp_path / "bad").exists()
     with load(str(model), threads=1) as pipe:
         video = pipe.image_to_video(image, num_frames=2, num_inference_steps=1)
-    assert video.metadata["max_guidance_scale"] == 1.5
+        given = pipe.image_to_video(image, num_frames=2, num_inference_steps=1, shared_noise=1, noise_mean=1)
+    assert (video.metadata["max_guidance_scale"], video.metadata["shared_noise"], video.metadata["noise_mean"]) == (
+        1.5, 0.25, 0.0)
+    assert (given.metadata["shared_noise"], given.metadata["noise_mean"]) == (1.0, 1.0)

@@ -243,12 +243,14 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     and the text encoder that trained with the UNet (the built one when it was frozen), and tiny-svd the CLIP vision
     tower that trained with its UNet (likewise); a card names the one background its UNet's clips were drawn on, if
     one; `stages` exports one model
-    and leaves the other's folder alone; a VAE without a training log (brought from elsewhere) gets no card row."""
+    and leaves the other's folder alone; a VAE without a training log (brought from elsewhere) gets no card row; each
+    folder's sampling.json is the shipped one."""
     import json
     import shutil
 
     from diffusers import AnimateDiffPipeline, DDIMScheduler, StableVideoDiffusionPipeline
 
+    from asyncvid.pipelines.embedded import EMBEDDED
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
     from asyncvid.training.animatediff import SCHEDULE
     from asyncvid.training.export import export_all
@@ -290,6 +292,9 @@ def test_export_ships_the_schedule_the_unet_was_trained_on(tmp_path, schedule):
     assert ("over the plain tone (235, 235, 220) (RGB), every clip" in card) == bool(schedule)
     svd_card = (tmp_path / "weights" / "tiny-svd" / "README.md").read_text()
     assert "over a plain, striped or graded background" in svd_card
+    for name in ("tiny-animatediff", "tiny-svd"):  # the sampling settings export writes are the ones that ship
+        written = json.loads((tmp_path / "weights" / name / "sampling.json").read_text())
+        assert written == json.loads((EMBEDDED[name].source / "sampling.json").read_text()), name
     for name in ("tiny-animatediff", "tiny-svd"):  # no folder of the training machine is shipped
         for config in (tmp_path / "weights" / name).glob("*/config.json"):
             assert str(tmp_path) not in config.read_text(), config

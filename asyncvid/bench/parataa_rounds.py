@@ -33,7 +33,8 @@ def requests(model: str, steps: int, seed: int = 0):
                            guidance_scale=own.guidance_scale, shared_noise=own.shared_noise,
                            noise_mean=own.noise_mean, shared_grid=own.shared_grid)
     return ImageToVideo(sample_image(), num_inference_steps=steps, seed=seed,
-                        max_guidance_scale=own.max_guidance_scale)
+                        max_guidance_scale=own.max_guidance_scale, shared_noise=own.shared_noise,
+                        noise_mean=own.noise_mean)
 
 
 def measure(model: str, steps: int, configs: dict[str, ParaTAAConfig]) -> list[dict]:
