@@ -131,8 +131,8 @@ class VideoPipeline:
                        generator: torch.Generator | None = None, fps: int = 7, shared_noise: float | None = None,
                        noise_mean: float | None = None) -> Video | list[Video]:
         """A video that starts from `image` (a path or a PIL image; Stable Video Diffusion), or one per image of a
-        list (made by the data-parallel groups at once, returned in order); `None` guidance at the last frame, shared
-        noise and noise mean mean the model's recommended ones (its folder's sampling.json; else SVD's 3 and
+        list (made by the data-parallel groups at once, returned in order); guidance at the last frame, shared noise
+        and noise mean left `None` take the model's recommended ones (its folder's sampling.json; else SVD's 3 and
         independent noise)."""
         own = self._recommended
         max_guidance_scale = own.max_guidance_scale if max_guidance_scale is None else max_guidance_scale

@@ -99,7 +99,8 @@ class ImageToVideo:
     seed: int = 0
     fps: int = 7
     # As TextToVideo's: the share of the frames' initial noise they have in common, and its mean's scale
-    # (pipelines/initial_noise.py); 0 and 1 are diffusers' own draw.
+    # (pipelines/initial_noise.py). With 0 and 1 the pipeline draws its own noise; otherwise it is drawn first, before
+    # the image's noise augmentation, so any other value is a new draw of both.
     shared_noise: float = 0.0
     noise_mean: float = 1.0
     extra: dict = field(default_factory=dict, repr=False)

@@ -74,7 +74,7 @@ def initial_noise(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, gen
     shape = (1, frames, pipe.unet.config.in_channels // 2, height // pipe.vae_scale_factor,
              width // pipe.vae_scale_factor)
     device, dtype = pipe._execution_device, pipe.image_encoder.dtype
-    if not request.shared_noise:  # diffusers' own draw (prepare_latents), means scaled
+    if not request.shared_noise:  # prepare_latents' draw, means scaled (drawn earlier than it draws it)
         return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), request.noise_mean)
     return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
                               device=device, dtype=dtype, mean=request.noise_mean)

@@ -107,6 +107,20 @@ def test_the_svd_problem_starts_from_the_requests_initial_noise(shared_noise, no
     assert float((got - want[0]).norm() / want[0].norm()) < 1e-3
 
 
+def test_svd_without_shared_noise_or_a_scaled_mean_leaves_the_draw_to_the_pipeline():
+    """Independent noise with its mean as drawn is diffusers' own draw, in diffusers' order (after the image's noise
+    augmentation): the generator is not touched first, so tiny-svd's outputs are those of before round 40."""
+    from asyncvid.pipelines import svd
+
+    pipe, _ = load("tiny-svd")
+    generator = torch.Generator().manual_seed(3)
+    state = generator.get_state()
+    assert svd.initial_noise(pipe, ImageToVideo(SAMPLES / "red_circle.png", num_frames=4), generator) is None
+    assert torch.equal(generator.get_state(), state)
+    drawn = svd.initial_noise(pipe, ImageToVideo(SAMPLES / "red_circle.png", num_frames=4, noise_mean=0.5), generator)
+    assert drawn.shape == (1, 4, pipe.unet.config.in_channels // 2, 8, 8)  # the latents, not the image's channels
+
+
 def test_converged_output_matches_sequential(model):
     """At the default tolerance; docs/PARATAA.md has 25 and 50 steps."""
     name, pipe, adapter = model
