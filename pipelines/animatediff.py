@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from accelerate import init_empty_weights
 from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel, UNetMotionModel
-from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer
 
 from asyncvid.asyncdiff.weights import load_owned
@@ -19,7 +18,7 @@ from asyncvid.models.sources import adapter_variant, check_weights, takes, varia
 from asyncvid.models.variants import forms, weight_files
 from asyncvid.models.weights import skeleton
 from asyncvid.pipelines import animatediff_parataa
-from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
+from asyncvid.pipelines import initial_noise as noise
 from asyncvid.requests import TextToVideo, UsageWarning
 
 TASK = "text-to-video"
@@ -168,17 +167,13 @@ def initial_noise(pipe: AnimateDiffPipeline, request: TextToVideo, generator) ->
     """The request's initial latents (before the scheduler's scaling) with `shared_noise`, `noise_mean` and
     `shared_grid`; None (the pipeline draws its own) with none of them. Drawn first from `generator`, where the
     pipeline draws its own."""
-    if not request.shared_noise and request.noise_mean == 1 and request.shared_grid == 1:
-        return None
     frames = request.num_frames or DEFAULT_FRAMES
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     shape = (1, pipe.unet.config.in_channels, frames, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
-    device, dtype = pipe._execution_device, pipe.text_encoder.dtype
-    if not request.shared_noise and request.shared_grid == 1:  # diffusers' own draw (prepare_latents), means scaled
-        return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), request.noise_mean)
-    return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
-                              device=device, dtype=dtype, mean=request.noise_mean, grid=request.shared_grid)
+    return noise.initial_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, mean=request.noise_mean,
+                               grid=request.shared_grid, generator=generator, device=pipe._execution_device,
+                               dtype=pipe.text_encoder.dtype)
 
 
 def call(pipe: AnimateDiffPipeline, request: TextToVideo, *, generator, callback, output_type: str = "np"):

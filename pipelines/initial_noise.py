@@ -19,6 +19,18 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 
+def initial_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, mean: float, grid: int,
+                  generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+    """A request's initial latents: None where it asks for none of the three (the pipeline draws its own, as it
+    always has); diffusers' draw with its means scaled where only `mean` is set; else `shared_frame_noise`."""
+    if not share and mean == 1 and grid == 1:
+        return None
+    if not share and grid == 1:
+        return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), mean)
+    return shared_frame_noise(shape, frame_dim=frame_dim, share=share, generator=generator, device=device,
+                              dtype=dtype, mean=mean, grid=grid)
+
+
 def shared_frame_noise(shape: tuple[int, ...], *, frame_dim: int, share: float, generator: torch.Generator,
                        device: torch.device, dtype: torch.dtype, mean: float = 1.0, grid: int = 1) -> torch.Tensor:
     """Noise of `shape` (..., H, W) whose frames (along `frame_dim`) are each N(0, I), with their spatial means

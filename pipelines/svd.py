@@ -7,14 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableVideoDiffusionPipeline, UNetSpatioTemporalConditionModel
-from diffusers.utils.torch_utils import randn_tensor
 
 from asyncvid.errors import UsageError
 from asyncvid.models.sources import takes, variant_of
 from asyncvid.models.variants import weight_files
 from asyncvid.models.weights import skeleton
+from asyncvid.pipelines import initial_noise as noise
 from asyncvid.pipelines import svd_parataa
-from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
 from asyncvid.requests import ImageToVideo
 from asyncvid.video.images import load_image
 
@@ -65,19 +64,16 @@ def check(pipe: StableVideoDiffusionPipeline, request: ImageToVideo) -> None:
 def initial_noise(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, generator) -> torch.Tensor | None:
     """The request's initial latents (before the scheduler's scaling) with `shared_noise` and `noise_mean`; None
     (the pipeline draws its own) with neither. Drawn first from `generator`, before the image's noise augmentation."""
-    if not request.shared_noise and request.noise_mean == 1:
-        return None
     frames = request.num_frames or pipe.unet.config.num_frames
     height = request.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = request.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     # The UNet's input is the noisy latents and the image's latents side by side: half its channels are noise.
     shape = (1, frames, pipe.unet.config.in_channels // 2, height // pipe.vae_scale_factor,
              width // pipe.vae_scale_factor)
-    device, dtype = pipe._execution_device, pipe.image_encoder.dtype
-    if not request.shared_noise:  # prepare_latents' draw, means scaled (drawn earlier than it draws it)
-        return scaled_mean(randn_tensor(shape, generator=generator, device=device, dtype=dtype), request.noise_mean)
-    return shared_frame_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, generator=generator,
-                              device=device, dtype=dtype, mean=request.noise_mean)
+    # Drawn before the pipeline draws the image's noise augmentation: earlier than prepare_latents would draw it.
+    return noise.initial_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, mean=request.noise_mean,
+                               grid=1, generator=generator, device=pipe._execution_device,
+                               dtype=pipe.image_encoder.dtype)
 
 
 def call(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, *, generator, callback, output_type: str = "np"):
