@@ -70,7 +70,6 @@ def initial_noise(pipe: StableVideoDiffusionPipeline, request: ImageToVideo, gen
     # The UNet's input is the noisy latents and the image's latents side by side: half its channels are noise.
     shape = (1, frames, pipe.unet.config.in_channels // 2, height // pipe.vae_scale_factor,
              width // pipe.vae_scale_factor)
-    # Drawn before the pipeline draws the image's noise augmentation: earlier than prepare_latents would draw it.
     return noise.initial_noise(shape, frame_dim=FRAME_DIM, share=request.shared_noise, mean=request.noise_mean,
                                grid=1, generator=generator, device=pipe._execution_device,
                                dtype=pipe.image_encoder.dtype)
