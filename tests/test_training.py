@@ -375,6 +375,52 @@ def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_pat
         animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
 
 
+def test_svd_flicker_gain_charges_only_the_frames_disagreement_in_mean_x0_error(tmp_path):
+    """`svd --flicker-gain G`: on clips whose latents are zero, a UNet whose v error is one constant per frame costs
+    G x mean(c_out^2) x the constants' variance more than the plain loss (the disagreement in x0 terms), and
+    nothing more when the frames' constants agree."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.data import cache_name
+    from asyncvid.training.svd import svd_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_svd()
+    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path)  # encodes the clips into the cache
+    cache = tmp_path / cache_name(pipe.vae, clips=1, frames=4, seed=0)
+    latents, first, embeds = torch.load(cache, weights_only=False)
+    torch.save((torch.zeros_like(latents), first, embeds), cache)  # x0 = 0: the stub knows every target
+
+    class PerFrameError(torch.nn.Module):  # the target, plus one v error per frame; records each sample's c_out
+        def __init__(self, offsets):
+            super().__init__()
+            self.offsets, self.c_out = offsets.view(1, -1, 1, 1, 1), []
+
+        def forward(self, x, t, **_):
+            sigma = (4 * t).exp().view(-1, 1, 1, 1, 1)  # the loss feeds 0.25 log sigma
+            noisy = x[:, :, : x.shape[2] // 2] * (sigma**2 + 1).sqrt()  # undo c_in
+            c_out = -sigma / (sigma**2 + 1).sqrt()
+            self.c_out.append(c_out.flatten())
+            return SimpleNamespace(sample=-noisy / (sigma**2 + 1) / c_out + self.offsets)
+
+    def losses(offsets):
+        out = {}
+        for gain in (0.0, 7.0):
+            unet = PerFrameError(torch.tensor(offsets, dtype=torch.float64).float())
+            loss = svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=gain)
+            out[gain] = float(loss(unet, 3, torch.Generator().manual_seed(0)))
+        return out, unet.c_out[0]
+
+    agree, _ = losses([0.5, 0.5, 0.5, 0.5])
+    assert agree[7.0] == pytest.approx(agree[0.0], rel=1e-5)
+    apart, c_out = losses([1.0, -1.0, 1.0, -1.0])
+    assert apart[0.0] == pytest.approx(1.0, rel=1e-4)  # the plain loss: the v error's square
+    assert apart[7.0] - apart[0.0] == pytest.approx(7 * float(c_out.square().mean()), rel=1e-4)
+    with pytest.raises(ValueError, match="flicker_gain"):
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
+
+
 def test_brightness_readout_is_the_direction_the_decoder_shows_as_background_brightness():
     """Each frame's readout is the unit gradient of its decoded background's mean brightness: a step along it
     changes that brightness by the gradient's norm, a step across it (same size) by second-order amounts only."""
@@ -663,6 +709,80 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
     assert missing.exit_code == 2 and "unet/config.json there" in missing.output, missing.output
     assert len(starts) == 1  # neither refusal trained
+
+
+
+def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path, monkeypatch):
+    """`svd --init-from FOLDER` starts from that pipeline folder's UNet, encodes the clips with its VAE (the work
+    folder needs no VAE stage) and conditions on its CLIP vision tower; it logs where it started and its
+    --flicker-gain, and export ships that VAE and tower (a stale VAE beside a later plain run is not read); a folder
+    without a UNet is refused, exit 2, before any work."""
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionModelWithProjection
+    from typer.testing import CliRunner
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
+    from asyncvid.training import cli
+    from asyncvid.training.export import export_all
+
+    torch.set_num_threads(1)
+    trained = build_tiny_svd(seed=3)  # not the weights the stage would build (seed 0)
+    trained.vae = build_tiny_animatediff(seed=3).vae  # tiny-svd decodes with the AnimateDiff VAE
+    trained.save_pretrained(tmp_path / "trained")
+    starts, gains = [], []
+    real_train, real_loss_fn = cli.train, cli.svd_loss_fn
+
+    def train(model, loss, config, name):
+        starts.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_train(model, loss, config, name=name)
+
+    def svd_loss_fn(pipe, **kw):
+        gains.append(kw["flicker_gain"])
+        return real_loss_fn(pipe, **kw)
+
+    monkeypatch.setattr(cli, "train", train)
+    monkeypatch.setattr(cli, "svd_loss_fn", svd_loss_fn)
+    args = ["svd", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1", "--clips", "1",
+            "--threads", "1", "--flicker-gain", "3", "--init-from", str(tmp_path / "trained")]
+    result = CliRunner().invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    assert gains == [3.0]
+    assert starts[0].keys() == trained.unet.state_dict().keys()
+    assert all(torch.equal(starts[0][k], v) for k, v in trained.unet.state_dict().items())
+    log = json.loads((tmp_path / "w" / "svd" / "train_log.json").read_text())
+    weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert (log["init_from"], log["flicker_gain"]) == (str(tmp_path / "trained"), 3.0)
+    assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()
+    vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
+    assert [p.name for p in (tmp_path / "w" / "svd").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's latents
+
+    def shipped(part, cls):
+        return cls.from_pretrained(tmp_path / "out" / "tiny-svd", subfolder=part)
+
+    export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))
+    vae, tower = shipped("vae", AutoencoderKL), shipped("image_encoder", CLIPVisionModelWithProjection)
+    assert torch.equal(vae.decoder.conv_out.weight, trained.vae.decoder.conv_out.weight.half())
+    for name, weight in trained.image_encoder.state_dict().items():
+        if weight.is_floating_point():
+            assert torch.equal(tower.state_dict()[name], weight.half()), name
+    card = " ".join((tmp_path / "out" / "tiny-svd" / "README.md").read_text().split())
+    assert f"fine-tuned from the model then in `{tmp_path / 'trained'}`" in card and '"flicker_gain": 3.0' in card
+    # A plain run in the same folder later: its VAE is the work folder's VAE stage, not the fine-tune's copy.
+    plain_vae = build_tiny_animatediff(seed=5).vae
+    plain_vae.save_pretrained(tmp_path / "w" / "vae" / "final")
+    again = CliRunner().invoke(cli.app, [*args[:-4], "--fresh"])
+    assert again.exit_code == 0, again.output
+    shutil.rmtree(tmp_path / "out")
+    export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))
+    assert torch.equal(shipped("vae", AutoencoderKL).decoder.conv_out.weight, plain_vae.decoder.conv_out.weight.half())
+    projection = shipped("image_encoder", CLIPVisionModelWithProjection).visual_projection.weight  # the built one
+    assert not torch.equal(projection, trained.image_encoder.visual_projection.weight.half())
+    missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
+    assert missing.exit_code == 2 and "unet/config.json there" in missing.output, missing.output
+    assert len(starts) == 2  # the refusal trained nothing
 
 
 def _spy_on_pair_losses(monkeypatch) -> list:

@@ -16,8 +16,8 @@ from typing import Annotated, Optional
 
 import torch
 import typer
-from diffusers import AutoencoderKL, UNetMotionModel
-from transformers import CLIPTextModel
+from diffusers import AutoencoderKL, UNetMotionModel, UNetSpatioTemporalConditionModel
+from transformers import CLIPTextModel, CLIPVisionModelWithProjection
 
 from asyncvid.errors import UsageError
 from asyncvid.eval.clips import BACKGROUNDS
@@ -285,7 +285,9 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         seed: Seed = 0, threads: Threads = 1, fresh: Fresh = False, clips: Clips = 16, lr: float = 8e-4,
         object_gain: Annotated[float, typer.Option(min=0.0, help="Extra loss weight on the shape's latent pixels; 0 turns it off.")] = 0.0,
         anneal: Annotated[Optional[int], typer.Option(help="Decay the learning rate linearly to zero over this many final steps of --steps \\[default: a fifth of them].")] = None,
-        train_image_encoder: Annotated[bool, typer.Option("--train-image-encoder/--frozen-image-encoder", help="Train the CLIP vision tower with the UNet, so its embedding can tell the object's colour and shape (the tiny tower is random).")] = False):
+        train_image_encoder: Annotated[bool, typer.Option("--train-image-encoder/--frozen-image-encoder", help="Train the CLIP vision tower with the UNet, so its embedding can tell the object's colour and shape (the tiny tower is random).")] = False,
+        flicker_gain: Annotated[float, typer.Option(min=0.0, help="Extra weight on the frames' disagreement in their mean x0 error (the background's flicker, round 41); 0: the plain loss.")] = 0.0,
+        init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: start from this exported pipeline folder's UNet and CLIP vision tower, on its own VAE's latents (e.g. pipelines/weights/tiny-svd; round 41).")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r5: 4,500 steps,
     the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run).
 
@@ -294,16 +296,31 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     """
     anneal = steps // 5 if anneal is None else anneal
     check_budget(steps, anneal)
+    if init_from is not None and not (init_from / "unet" / "config.json").is_file():
+        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline "
+                                 f"folder such as pipelines/weights/tiny-svd")
     pipe = build_tiny_svd(seed)
-    pipe.vae = trained_part(workdir, "vae", AutoencoderKL)
+    if init_from is None:
+        pipe.vae = trained_part(workdir, "vae", AutoencoderKL)
+    else:  # the trained model's own parts (its UNet draws in its VAE's latents), in float32 however they were stored
+        for part, cls in (("vae", AutoencoderKL), ("unet", UNetSpatioTemporalConditionModel),
+                          ("image_encoder", CLIPVisionModelWithProjection)):
+            setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
+    # Only when set are they recipe keys, so checkpoints trained before the options resume.
+    extra = {} if not flicker_gain else {"flicker_gain": flicker_gain}
+    if init_from is not None:  # the folder names where the start was; the UNet's hash pins which weights
+        extra.update(init_from=str(init_from), init_unet_sha256=weights_sha256(init_from / "unet"))
     config = stage_config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, anneal=anneal, recipe=(("object_gain", object_gain),))
-    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, cache_dir=config.workdir)
+                     fresh=fresh, lr=lr, anneal=anneal, recipe=(("object_gain", object_gain), *extra.items()))
+    loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, flicker_gain=flicker_gain,
+                       cache_dir=config.workdir)
     model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
     log = train(model, loss, config, name="svd")
-    log.update(object_gain=object_gain, train_image_encoder=train_image_encoder)
-    if train_image_encoder:  # the loop left the averaged weights in both parts
+    log.update(object_gain=object_gain, train_image_encoder=train_image_encoder, **extra)
+    if train_image_encoder or init_from is not None:  # trained (the loop left the averaged weights), or brought
         pipe.image_encoder.save_pretrained(config.workdir / "image_encoder")
+    if init_from is not None:  # the latents it trained in, for export: the work folder has no VAE stage of its own
+        pipe.vae.save_pretrained(config.workdir / "vae")
     finish(pipe.unet, config, log)
 
 

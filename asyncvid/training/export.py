@@ -55,12 +55,13 @@ def assemble_animatediff(root: Path):
 
 
 def assemble_svd(root: Path):
-    """The tiny SVD pipeline with the trained VAE and UNet, and the CLIP vision tower it trained with (as built, if
-    it was frozen)."""
+    """The tiny SVD pipeline with the trained VAE (or the one a fine-tune started from) and UNet, and the CLIP vision
+    tower it trained with (as built, if it was frozen)."""
     log = json.loads((root / "svd" / "train_log.json").read_text())
     base = build_tiny_svd(int(log["config"]["seed"]))  # the frozen CLIP vision tower it was trained with
+    # A fine-tune (`svd --init-from`) keeps the tower it started from there too.
     image_encoder = (CLIPVisionModelWithProjection.from_pretrained(root / "svd" / "image_encoder")
-                     if log.get("train_image_encoder") else base.image_encoder)
+                     if log.get("train_image_encoder") or log.get("init_from") else base.image_encoder)
     return StableVideoDiffusionPipeline(
         unet=UNetSpatioTemporalConditionModel.from_pretrained(root / "svd" / "final"),
         vae=AutoencoderKL.from_pretrained(_stage_vae(root, "svd")),  # see `python -m asyncvid.training svd --help`
@@ -68,16 +69,14 @@ def assemble_svd(root: Path):
     )
 
 
-def _vae_candidates(root: Path, stage: str) -> list[Path]:
-    """Where `stage`'s VAE may be, first choice first: a fine-tune (`animatediff --init-from`) keeps the VAE it
-    started from beside its UNet; otherwise the work folder's VAE stage."""
-    return ([root / "animatediff" / "vae"] if stage == "animatediff" else []) + [root / "vae" / "final"]
-
-
 def _stage_vae(root: Path, stage: str) -> Path:
-    """The first of `stage`'s VAE candidates that holds one, else the last (the VAE stage, not trained yet)."""
-    vaes = _vae_candidates(root, stage)
-    return next((folder for folder in vaes if (folder / "config.json").is_file()), vaes[-1])
+    """Where `stage`'s VAE is: a fine-tune (`animatediff` or `svd --init-from`, as its log says) keeps the one it
+    started from beside its UNet (a stale copy there from an earlier fine-tune is not read); otherwise the work
+    folder's VAE stage."""
+    log = root / stage / "train_log.json"
+    if log.is_file() and json.loads(log.read_text()).get("init_from"):
+        return root / stage / "vae"
+    return root / "vae" / "final"
 
 
 def missing_parts(root: Path, stage: str) -> str | None:
@@ -85,8 +84,8 @@ def missing_parts(root: Path, stage: str) -> str | None:
     if not (root / stage / "final" / "config.json").is_file():
         return f"no trained {stage} UNet in {root / stage / 'final'}; run `python -m asyncvid.training {stage}` first"
     if not (_stage_vae(root, stage) / "config.json").is_file():
-        places = " or ".join(map(str, _vae_candidates(root, stage)))
-        return f"no VAE for {stage} in {places}; run `python -m asyncvid.training vae` with this --workdir first"
+        return (f"no VAE for {stage} in {_stage_vae(root, stage)}; run `python -m asyncvid.training vae` with this "
+                f"--workdir first")
     return None
 
 

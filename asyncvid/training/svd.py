@@ -44,11 +44,15 @@ def clip_pixels(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, object_gain: float = 0.0,
-                cache_dir=None):
+                flicker_gain: float = 0.0, cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
-    background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc). With
+    background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc).
+    `flicker_gain` > 0 adds gain times the frames' disagreement in their mean error in x0 terms (the v error times
+    |c_out|, what the decoder shows), as AnimateDiff's clips stage charges it (round 27; for SVD, round 41). With
     `cache_dir`, the encoded clips are kept there for the next run."""
+    if flicker_gain < 0:
+        raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
 
     def encode():
         _, clips = clip_set(clips_per_caption, num_frames, seed)
@@ -94,9 +98,13 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         model_in = torch.cat([noisy * c_in, cond_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2)
         out = unet(model_in, 0.25 * log_sigma, encoder_hidden_states=embeds,
                     added_time_ids=time_ids.expand(batch, -1)).sample
-        target = (x0 - c_skip * noisy) / c_out
-        if pixel_weight is None:
-            return torch.nn.functional.mse_loss(out, target)
-        return (pixel_weight[pick_] * (out - target).square()).mean()
+        error = out - (x0 - c_skip * noisy) / c_out
+        plain = error.square() if pixel_weight is None else pixel_weight[pick_] * error.square()
+        if not flicker_gain:
+            return plain.mean()
+        # Each frame's mean x0 error per channel, against the clip's: the background's flicker. In x0 terms, since
+        # at small sigma (|c_out| ~ sigma) a v error barely moves the denoised frame the decoder shows.
+        level = (error * c_out.abs()).mean(dim=(3, 4))  # (clips, frames, C)
+        return plain.mean() + flicker_gain * (level - level.mean(dim=1, keepdim=True)).square().mean()
 
     return loss
