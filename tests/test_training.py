@@ -421,6 +421,52 @@ def test_svd_flicker_gain_charges_only_the_frames_disagreement_in_mean_x0_error(
         svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
 
 
+def test_svd_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
+    """`svd --shared-noise S --noise-mean M`: on clips whose latents are zero the UNet sees sigma x the noise. At
+    mean 0 every frame's noise has a zero spatial mean per channel; at share 0.5 two frames' noise correlates by
+    about 0.5; by default the frames' noise is independent, each with its own mean, as drawn."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_svd
+    from asyncvid.training.data import cache_name
+    from asyncvid.training.svd import svd_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_svd()
+    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path)
+    cache = tmp_path / cache_name(pipe.vae, clips=1, frames=4, seed=0)
+    latents, first, embeds = torch.load(cache, weights_only=False)
+    torch.save((torch.zeros_like(latents), first, embeds), cache)
+
+    def noise(**settings):  # (clips, frames, C, h, w): what the UNet was given, less its scales
+        seen = []
+
+        def unet(x, t, **_):
+            sigma = (4 * t).exp().view(-1, 1, 1, 1, 1)
+            seen.append(x[:, :, : x.shape[2] // 2] * (sigma**2 + 1).sqrt() / sigma)  # undo c_in and sigma
+            return SimpleNamespace(sample=torch.zeros_like(seen[-1]))
+
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, **settings)(
+            unet, 16, torch.Generator().manual_seed(0))
+        return seen[0].double()
+
+    def frame_correlation(n):
+        a, b = n[:, 0].flatten(1), n[:, 1].flatten(1)
+        return float(((a - a.mean(1, keepdim=True)) * (b - b.mean(1, keepdim=True))).mean() / (a.std() * b.std()))
+
+    zero_mean = noise(noise_mean=0.0)
+    assert zero_mean.mean(dim=(3, 4)).abs().max() < 1e-5
+    half = noise(shared_noise=0.5, noise_mean=0.0)
+    assert half.mean(dim=(3, 4)).abs().max() < 1e-5
+    assert frame_correlation(half) == pytest.approx(0.5, abs=0.05)
+    plain = noise()
+    assert plain.mean(dim=(3, 4)).abs().max() > 0.1 and abs(frame_correlation(plain)) < 0.05
+    with pytest.raises(ValueError, match="shared_noise"):
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, shared_noise=1.0)
+    with pytest.raises(ValueError, match="noise_mean"):
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, noise_mean=-0.5)
+
+
 def test_brightness_readout_is_the_direction_the_decoder_shows_as_background_brightness():
     """Each frame's readout is the unit gradient of its decoded background's mean brightness: a step along it
     changes that brightness by the gradient's norm, a step across it (same size) by second-order amounts only."""
@@ -714,9 +760,9 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
 
 def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path, monkeypatch):
     """`svd --init-from FOLDER` starts from that pipeline folder's UNet, encodes the clips with its VAE (the work
-    folder needs no VAE stage) and conditions on its CLIP vision tower; it logs where it started and its
-    --flicker-gain, and export ships that VAE and tower (a stale VAE beside a later plain run is not read); a folder
-    without a UNet is refused, exit 2, before any work."""
+    folder needs no VAE stage) and conditions on its CLIP vision tower; it logs where it started, its
+    --flicker-gain and the noise it trained on, and export ships that VAE and tower and recommends that noise (a
+    stale VAE beside a later plain run is not read); a folder without a UNet is refused, exit 2, before any work."""
     import json
     import shutil
 
@@ -740,21 +786,23 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
         return real_train(model, loss, config, name=name)
 
     def svd_loss_fn(pipe, **kw):
-        gains.append(kw["flicker_gain"])
+        gains.append((kw["flicker_gain"], kw["shared_noise"], kw["noise_mean"]))
         return real_loss_fn(pipe, **kw)
 
     monkeypatch.setattr(cli, "train", train)
     monkeypatch.setattr(cli, "svd_loss_fn", svd_loss_fn)
     args = ["svd", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1", "--clips", "1",
-            "--threads", "1", "--flicker-gain", "3", "--init-from", str(tmp_path / "trained")]
+            "--threads", "1", "--shared-noise", "0.5", "--noise-mean", "0", "--flicker-gain", "3",
+            "--init-from", str(tmp_path / "trained")]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
-    assert gains == [3.0]
+    assert gains == [(3.0, 0.5, 0.0)]
     assert starts[0].keys() == trained.unet.state_dict().keys()
     assert all(torch.equal(starts[0][k], v) for k, v in trained.unet.state_dict().items())
     log = json.loads((tmp_path / "w" / "svd" / "train_log.json").read_text())
     weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (log["init_from"], log["flicker_gain"]) == (str(tmp_path / "trained"), 3.0)
+    assert (log["shared_noise"], log["noise_mean"]) == (0.5, 0.0)
     assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
     assert [p.name for p in (tmp_path / "w" / "svd").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's latents
@@ -770,14 +818,17 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
             assert torch.equal(tower.state_dict()[name], weight.half()), name
     card = " ".join((tmp_path / "out" / "tiny-svd" / "README.md").read_text().split())
     assert f"fine-tuned from the model then in `{tmp_path / 'trained'}`" in card and '"flicker_gain": 3.0' in card
+    sampling = json.loads((tmp_path / "out" / "tiny-svd" / "sampling.json").read_text())
+    assert sampling == {"max_guidance_scale": 2.0, "shared_noise": 0.5, "noise_mean": 0.0}  # sampled as trained
     # A plain run in the same folder later: its VAE is the work folder's VAE stage, not the fine-tune's copy.
     plain_vae = build_tiny_animatediff(seed=5).vae
     plain_vae.save_pretrained(tmp_path / "w" / "vae" / "final")
-    again = CliRunner().invoke(cli.app, [*args[:-4], "--fresh"])
+    again = CliRunner().invoke(cli.app, [*args[:-8], "--fresh"])
     assert again.exit_code == 0, again.output
     shutil.rmtree(tmp_path / "out")
     export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))
     assert torch.equal(shipped("vae", AutoencoderKL).decoder.conv_out.weight, plain_vae.decoder.conv_out.weight.half())
+    assert json.loads((tmp_path / "out" / "tiny-svd" / "sampling.json").read_text()) == {"max_guidance_scale": 2.0}
     projection = shipped("image_encoder", CLIPVisionModelWithProjection).visual_projection.weight  # the built one
     assert not torch.equal(projection, trained.image_encoder.visual_projection.weight.half())
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])

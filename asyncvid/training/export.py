@@ -114,8 +114,9 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         if stage == "animatediff":
             sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN,
                                     shared_grid=SHARED_GRID)
-        else:
-            sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE)
+        else:  # and the noise it trained on (`svd --shared-noise/--noise-mean`), where that was not the default
+            noise = {k: logs[stage][k] for k in ("shared_noise", "noise_mean") if k in logs[stage]}
+            sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE, **noise)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():

@@ -9,6 +9,7 @@ import torch
 from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion import _resize_with_antialiasing
 from PIL import Image
 
+from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
 from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
 
 CONDITION_DROPOUT = 0.1
@@ -44,15 +45,21 @@ def clip_pixels(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, object_gain: float = 0.0,
-                flicker_gain: float = 0.0, cache_dir=None):
+                flicker_gain: float = 0.0, shared_noise: float = 0.0, noise_mean: float = 1.0, cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
     background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc).
     `flicker_gain` > 0 adds gain times the frames' disagreement in their mean error in x0 terms (the v error times
-    |c_out|, what the decoder shows), as AnimateDiff's clips stage charges it (round 27; for SVD, round 41). With
-    `cache_dir`, the encoded clips are kept there for the next run."""
+    |c_out|, what the decoder shows), as AnimateDiff's clips stage charges it (round 27; for SVD, round 41).
+    `shared_noise` and `noise_mean`: each clip's frames are noised as the pipeline draws a request's initial noise
+    with those settings (`shared_frame_noise`, `scaled_mean`), so the model trains on the noise it samples from, as
+    AnimateDiff's does (round 38). With `cache_dir`, the encoded clips are kept there for the next run."""
     if flicker_gain < 0:
         raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
+    if not 0 <= shared_noise < 1:
+        raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
+    if not 0 <= noise_mean <= 1:
+        raise ValueError(f"noise_mean must be in [0, 1], got {noise_mean}")
 
     def encode():
         _, clips = clip_set(clips_per_caption, num_frames, seed)
@@ -93,7 +100,12 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
             torch.randn(batch, generator=generator) * P_STD + P_MEAN,
         )
         sigma = log_sigma.exp().view(batch, 1, 1, 1, 1)
-        noisy = x0 + sigma * torch.randn(x0.shape, generator=generator)
+        if shared_noise:  # SVD's latents are (clips, frames, C, h, w)
+            noise = shared_frame_noise(x0.shape, frame_dim=1, share=shared_noise, generator=generator,
+                                       device=x0.device, dtype=x0.dtype, mean=noise_mean)
+        else:
+            noise = scaled_mean(torch.randn(x0.shape, generator=generator), noise_mean)
+        noisy = x0 + sigma * noise
         c_in, c_skip, c_out = 1 / (sigma**2 + 1).sqrt(), 1 / (sigma**2 + 1), -sigma / (sigma**2 + 1).sqrt()
         model_in = torch.cat([noisy * c_in, cond_latents[:, None].expand(-1, num_frames, -1, -1, -1)], dim=2)
         out = unet(model_in, 0.25 * log_sigma, encoder_hidden_states=embeds,
