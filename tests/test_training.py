@@ -757,7 +757,6 @@ def test_init_from_fine_tunes_an_exported_model_on_its_own_vae(tmp_path, monkeyp
     assert len(starts) == 1  # neither refusal trained
 
 
-
 def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path, monkeypatch):
     """`svd --init-from FOLDER` starts from that pipeline folder's UNet, encodes the clips with its VAE (the work
     folder needs no VAE stage) and conditions on its CLIP vision tower; it logs where it started, its
@@ -772,7 +771,7 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
     from asyncvid.training import cli
-    from asyncvid.training.export import export_all
+    from asyncvid.training.export import export_all, missing_parts
 
     torch.set_num_threads(1)
     trained = build_tiny_svd(seed=3)  # not the weights the stage would build (seed 0)
@@ -810,6 +809,9 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     def shipped(part, cls):
         return cls.from_pretrained(tmp_path / "out" / "tiny-svd", subfolder=part)
 
+    (tmp_path / "w" / "vae").mkdir()  # a VAE stage's log in the folder: not the VAE the fine-tune ships
+    (tmp_path / "w" / "vae" / "train_log.json").write_text(json.dumps(
+        {"steps": 7, "minutes": 0.1, "final_loss": 0.5, "config": {"batch": 2, "lr": 1e-3, "seed": 0}}))
     export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))
     vae, tower = shipped("vae", AutoencoderKL), shipped("image_encoder", CLIPVisionModelWithProjection)
     assert torch.equal(vae.decoder.conv_out.weight, trained.vae.decoder.conv_out.weight.half())
@@ -820,6 +822,10 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     assert f"fine-tuned from the model then in `{tmp_path / 'trained'}`" in card and '"flicker_gain": 3.0' in card
     sampling = json.loads((tmp_path / "out" / "tiny-svd" / "sampling.json").read_text())
     assert sampling == {"max_guidance_scale": 2.0, "shared_noise": 0.5, "noise_mean": 0.0}  # sampled as trained
+    assert "| vae | 7 |" not in card and "| svd | 1 |" in card  # the VAE stage's row: not the VAE it ships
+    (tmp_path / "w" / "svd" / "vae").rename(tmp_path / "aside")
+    assert "svd --init-from FOLDER --fresh" in missing_parts(tmp_path / "w", "svd")  # not the VAE stage's command
+    (tmp_path / "aside").rename(tmp_path / "w" / "svd" / "vae")
     # A plain run in the same folder later: its VAE is the work folder's VAE stage, not the fine-tune's copy.
     plain_vae = build_tiny_animatediff(seed=5).vae
     plain_vae.save_pretrained(tmp_path / "w" / "vae" / "final")
@@ -833,7 +839,12 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     assert not torch.equal(projection, trained.image_encoder.visual_projection.weight.half())
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
     assert missing.exit_code == 2 and "unet/config.json there" in missing.output, missing.output
-    assert len(starts) == 2  # the refusal trained nothing
+    shutil.rmtree(tmp_path / "trained" / "image_encoder")
+    no_tower = CliRunner().invoke(cli.app, [*args, "--fresh"])
+    assert no_tower.exit_code == 2 and "image_encoder/config.json there" in no_tower.output, no_tower.output
+    one = CliRunner().invoke(cli.app, [*args[:-8], "--shared-noise", "1", "--fresh"])
+    assert one.exit_code == 2 and "--shared-noise 1.0 must be in [0, 1)" in one.output, one.output
+    assert len(starts) == 2  # the refusals trained nothing
 
 
 def _spy_on_pair_losses(monkeypatch) -> list:

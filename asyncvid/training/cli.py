@@ -298,9 +298,13 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     """
     anneal = steps // 5 if anneal is None else anneal
     check_budget(steps, anneal)
-    if init_from is not None and not (init_from / "unet" / "config.json").is_file():
-        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline "
-                                 f"folder such as pipelines/weights/tiny-svd")
+    if not 0 <= shared_noise < 1:
+        raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
+    lacking = init_from and next((part for part in ("unet", "vae", "image_encoder")
+                                  if not (init_from / part / "config.json").is_file()), None)
+    if lacking:
+        raise typer.BadParameter(f"--init-from {init_from}: no {lacking}/config.json there; pass an exported "
+                                 f"tiny-svd pipeline folder such as pipelines/weights/tiny-svd")
     pipe = build_tiny_svd(seed)
     if init_from is None:
         pipe.vae = trained_part(workdir, "vae", AutoencoderKL)
@@ -308,8 +312,6 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         for part, cls in (("vae", AutoencoderKL), ("unet", UNetSpatioTemporalConditionModel),
                           ("image_encoder", CLIPVisionModelWithProjection)):
             setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
-    if not 0 <= shared_noise < 1:
-        raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
     # Only when set are they recipe keys, so checkpoints trained before the options resume.
     extra = {key: value for key, value, off in (("flicker_gain", flicker_gain, 0.0), ("shared_noise", shared_noise, 0.0),
                                                 ("noise_mean", noise_mean, 1.0)) if value != off}

@@ -83,9 +83,12 @@ def missing_parts(root: Path, stage: str) -> str | None:
     """What `stage`'s pipeline lacks in the work folder `root`, and the command that makes it (None: nothing)."""
     if not (root / stage / "final" / "config.json").is_file():
         return f"no trained {stage} UNet in {root / stage / 'final'}; run `python -m asyncvid.training {stage}` first"
-    if not (_stage_vae(root, stage) / "config.json").is_file():
-        return (f"no VAE for {stage} in {_stage_vae(root, stage)}; run `python -m asyncvid.training vae` with this "
-                f"--workdir first")
+    vae = _stage_vae(root, stage)
+    if not (vae / "config.json").is_file() and vae.parent.name == stage:  # a fine-tune whose copy is gone
+        return (f"no VAE for {stage} in {vae}, where its fine-tune keeps the one it started from; run `python -m "
+                f"asyncvid.training {stage} --init-from FOLDER --fresh` with this --workdir again")
+    if not (vae / "config.json").is_file():
+        return f"no VAE for {stage} in {vae}; run `python -m asyncvid.training vae` with this --workdir first"
     return None
 
 
@@ -104,9 +107,11 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
             continue
         name = NAMES[stage]
         pipe = assemble(root).to(dtype=torch.float16)
-        # A VAE brought from elsewhere (a shipped folder copied to vae/final) has no log: its card row is left out.
-        logs = {s: json.loads(log.read_text()) for s in (vae_stage, stage)
-                if (log := root / s / "train_log.json").is_file() or s == stage}
+        # A VAE brought from elsewhere (a shipped folder copied to vae/final) has no log, and a fine-tune ships the
+        # VAE it started from (its card names that folder): either way the VAE stage's row is left out.
+        logs = {stage: json.loads((root / stage / "train_log.json").read_text())}
+        if (vae_log := root / vae_stage / "train_log.json").is_file() and not logs[stage].get("init_from"):
+            logs = {vae_stage: json.loads(vae_log.read_text()), **logs}
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=dest))
         pipe.save_pretrained(tmp, safe_serialization=True)
         _forget_training_paths(tmp)

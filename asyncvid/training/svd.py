@@ -49,8 +49,8 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
     background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc).
-    `flicker_gain` > 0 adds gain times the frames' disagreement in their mean error in x0 terms (the v error times
-    |c_out|, what the decoder shows), as AnimateDiff's clips stage charges it (round 27; for SVD, round 41).
+    `flicker_gain` > 0 adds gain times the frames' disagreement in their mean error, as AnimateDiff's clips stage
+    charges it (round 27), but in x0 terms (the v error times |c_out|, what the decoder shows; round 41).
     `shared_noise` and `noise_mean`: each clip's frames are noised as the pipeline draws a request's initial noise
     with those settings (`shared_frame_noise`, `scaled_mean`), so the model trains on the noise it samples from, as
     AnimateDiff's does (round 38). With `cache_dir`, the encoded clips are kept there for the next run."""
