@@ -375,6 +375,18 @@ def test_flicker_gain_charges_only_the_frames_disagreement_in_mean_error(tmp_pat
         animatediff_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
 
 
+def _zero_svd_latents(pipe, folder):
+    """Encode 4-frame clips into `svd_loss_fn`'s cache in `folder`, then zero their latents (first frames and
+    embeddings kept), so every x0 is 0 and a stub UNet can work out its target from its input."""
+    from asyncvid.training.data import cache_name
+    from asyncvid.training.svd import svd_loss_fn
+
+    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=folder)  # encodes the clips into the cache
+    cache = folder / cache_name(pipe.vae, clips=1, frames=4, seed=0)
+    latents, first, embeds = torch.load(cache, weights_only=False)
+    torch.save((torch.zeros_like(latents), first, embeds), cache)
+
+
 def test_svd_flicker_gain_charges_only_the_frames_disagreement_in_mean_x0_error(tmp_path):
     """`svd --flicker-gain G`: on clips whose latents are zero, a UNet whose v error is one constant per frame costs
     G x mean(c_out^2) x the constants' variance more than the plain loss (the disagreement in x0 terms), and
@@ -382,15 +394,11 @@ def test_svd_flicker_gain_charges_only_the_frames_disagreement_in_mean_x0_error(
     from types import SimpleNamespace
 
     from asyncvid.pipelines.tiny_models import build_tiny_svd
-    from asyncvid.training.data import cache_name
     from asyncvid.training.svd import svd_loss_fn
 
     torch.set_num_threads(1)
     pipe = build_tiny_svd()
-    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path)  # encodes the clips into the cache
-    cache = tmp_path / cache_name(pipe.vae, clips=1, frames=4, seed=0)
-    latents, first, embeds = torch.load(cache, weights_only=False)
-    torch.save((torch.zeros_like(latents), first, embeds), cache)  # x0 = 0: the stub knows every target
+    _zero_svd_latents(pipe, tmp_path)  # x0 = 0: the stub knows every target
 
     class PerFrameError(torch.nn.Module):  # the target, plus one v error per frame; records each sample's c_out
         def __init__(self, offsets):
@@ -428,15 +436,11 @@ def test_svd_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
     from types import SimpleNamespace
 
     from asyncvid.pipelines.tiny_models import build_tiny_svd
-    from asyncvid.training.data import cache_name
     from asyncvid.training.svd import svd_loss_fn
 
     torch.set_num_threads(1)
     pipe = build_tiny_svd()
-    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path)
-    cache = tmp_path / cache_name(pipe.vae, clips=1, frames=4, seed=0)
-    latents, first, embeds = torch.load(cache, weights_only=False)
-    torch.save((torch.zeros_like(latents), first, embeds), cache)
+    _zero_svd_latents(pipe, tmp_path)
 
     def noise(**settings):  # (clips, frames, C, h, w): what the UNet was given, less its scales
         seen = []
