@@ -429,6 +429,64 @@ def test_svd_flicker_gain_charges_only_the_frames_disagreement_in_mean_x0_error(
         svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, flicker_gain=-1.0)
 
 
+def test_svd_brightness_gain_charges_the_frames_disagreement_along_the_decoders_brightness(tmp_path):
+    """`svd --brightness-gain G`: the readout is cached in SVD's (clips, frames, C, h, w) layout, a unit vector per
+    frame. On zero latents, a UNet whose v error is a_f times that frame's readout costs G / (C h w) x mean(c_out^2)
+    x the a_f's variance more than the plain loss; the same error orthogonal to the readout, or agreeing across
+    frames, costs nothing more."""
+    from types import SimpleNamespace
+
+    from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
+    from asyncvid.training.data import cache_name
+    from asyncvid.training.svd import svd_loss_fn
+
+    torch.set_num_threads(1)
+    pipe = build_tiny_svd()
+    pipe.vae = build_tiny_animatediff().vae  # the frame-by-frame VAE the svd stage trains in
+    _zero_svd_latents(pipe, tmp_path)
+    svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=1.0)  # the readout
+    path = tmp_path / cache_name(pipe.vae, clips=1, frames=4, seed=0).replace("latents-", "brightness-")
+    readout = torch.load(path, weights_only=False)
+    latents = torch.load(tmp_path / path.name.replace("brightness-", "latents-"), weights_only=False)[0]
+    assert readout.shape == latents.shape  # (clips, frames, C, h, w)
+    assert torch.allclose(readout.flatten(2).norm(dim=2), torch.ones(readout.shape[:2]), atol=1e-5)
+    # A known direction per frame, the same for every clip, and one orthogonal to it, in place of the decoder's
+    generator = torch.Generator().manual_seed(1)
+    along = torch.randn((1, *readout.shape[1:]), generator=generator)
+    along /= along.flatten(2).norm(dim=2)[..., None, None, None]
+    across = torch.randn(along.shape, generator=generator)
+    across -= (across * along).sum(dim=(2, 3, 4), keepdim=True) * along
+    torch.save(along.expand(readout.shape).clone(), path)
+
+    class AlongError(torch.nn.Module):  # the target, plus a_f times a direction; records each sample's c_out
+        def __init__(self, direction, amounts):
+            super().__init__()
+            self.direction, self.amounts, self.c_out = direction, torch.tensor(amounts).view(1, -1, 1, 1, 1), []
+
+        def forward(self, x, t, **_):
+            sigma = (4 * t).exp().view(-1, 1, 1, 1, 1)
+            noisy = x[:, :, : x.shape[2] // 2] * (sigma**2 + 1).sqrt()
+            c_out = -sigma / (sigma**2 + 1).sqrt()
+            self.c_out.append(c_out.flatten())
+            return SimpleNamespace(sample=-noisy / (sigma**2 + 1) / c_out + self.amounts * self.direction)
+
+    def extra(direction, amounts, gain=7.0):
+        out = []
+        for g in (0.0, gain):
+            unet = AlongError(direction, amounts)
+            loss = svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=g)
+            out.append(float(loss(unet, 3, torch.Generator().manual_seed(0))))
+        return out[1] - out[0], unet.c_out[0]
+
+    modes = readout[0, 0].numel()
+    charged, c_out = extra(along, [1.0, -1.0, 1.0, -1.0])
+    assert charged == pytest.approx(7 / modes * float(c_out.square().mean()), rel=1e-4)
+    assert extra(along, [0.5, 0.5, 0.5, 0.5])[0] == pytest.approx(0.0, abs=1e-6)
+    assert extra(across, [1.0, -1.0, 1.0, -1.0])[0] == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="brightness_gain"):
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=-1.0)
+
+
 def test_svd_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
     """`svd --shared-noise S --noise-mean M`: on clips whose latents are zero the UNet sees sigma x the noise. At
     mean 0 every frame's noise has a zero spatial mean per channel; at share 0.5 two frames' noise correlates by
@@ -789,22 +847,22 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
         return real_train(model, loss, config, name=name)
 
     def svd_loss_fn(pipe, **kw):
-        gains.append((kw["flicker_gain"], kw["shared_noise"], kw["noise_mean"]))
+        gains.append((kw["flicker_gain"], kw["brightness_gain"], kw["shared_noise"], kw["noise_mean"]))
         return real_loss_fn(pipe, **kw)
 
     monkeypatch.setattr(cli, "train", train)
     monkeypatch.setattr(cli, "svd_loss_fn", svd_loss_fn)
     args = ["svd", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1", "--clips", "1",
             "--threads", "1", "--shared-noise", "0.5", "--noise-mean", "0", "--flicker-gain", "3",
-            "--init-from", str(tmp_path / "trained")]
+            "--brightness-gain", "5", "--init-from", str(tmp_path / "trained")]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
-    assert gains == [(3.0, 0.5, 0.0)]
+    assert gains == [(3.0, 5.0, 0.5, 0.0)]
     assert starts[0].keys() == trained.unet.state_dict().keys()
     assert all(torch.equal(starts[0][k], v) for k, v in trained.unet.state_dict().items())
     log = json.loads((tmp_path / "w" / "svd" / "train_log.json").read_text())
     weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-    assert (log["init_from"], log["flicker_gain"]) == (str(tmp_path / "trained"), 3.0)
+    assert (log["init_from"], log["flicker_gain"], log["brightness_gain"]) == (str(tmp_path / "trained"), 3.0, 5.0)
     assert (log["shared_noise"], log["noise_mean"]) == (0.5, 0.0)
     assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
@@ -833,7 +891,7 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     # A plain run in the same folder later: its VAE is the work folder's VAE stage, not the fine-tune's copy.
     plain_vae = build_tiny_animatediff(seed=5).vae
     plain_vae.save_pretrained(tmp_path / "w" / "vae" / "final")
-    again = CliRunner().invoke(cli.app, [*args[:-8], "--fresh"])
+    again = CliRunner().invoke(cli.app, [*args[:-10], "--fresh"])
     assert again.exit_code == 0, again.output
     shutil.rmtree(tmp_path / "out")
     export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))

@@ -10,7 +10,7 @@ from diffusers.pipelines.stable_video_diffusion.pipeline_stable_video_diffusion 
 from PIL import Image
 
 from asyncvid.pipelines.initial_noise import scaled_mean, shared_frame_noise
-from asyncvid.training.data import cache_name, cached, clip_set, encode_frames, object_mask, pick
+from asyncvid.training.data import brightness_readout, cache_name, cached, clip_set, encode_frames, object_mask, pick
 
 CONDITION_DROPOUT = 0.1
 P_MEAN, P_STD = 0.7, 1.6  # SVD's log-normal training sigmas
@@ -45,17 +45,23 @@ def clip_pixels(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, object_gain: float = 0.0,
-                flicker_gain: float = 0.0, shared_noise: float = 0.0, noise_mean: float = 1.0, cache_dir=None):
+                flicker_gain: float = 0.0, brightness_gain: float = 0.0, shared_noise: float = 0.0,
+                noise_mean: float = 1.0, cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
     background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc).
     `flicker_gain` > 0 adds gain times the frames' disagreement in their mean error, as AnimateDiff's clips stage
     charges it (round 27), but in x0 terms (the v error times |c_out|, what the decoder shows; round 41).
+    `brightness_gain` > 0: the same for each frame's x0 error along the direction in which the decoder shows it as the
+    background's brightness (`brightness_readout` at the clip's latents, cached), weighed 1 + gain times as one of the
+    C x h x w modes (AnimateDiff's round 28 term; round 42: the mid-grey backgrounds flicker most).
     `shared_noise` and `noise_mean`: each clip's frames are noised as the pipeline draws a request's initial noise
     with those settings (`shared_frame_noise`, `scaled_mean`), so the model trains on the noise it samples from, as
     AnimateDiff's does (round 38). With `cache_dir`, the encoded clips are kept there for the next run."""
     if flicker_gain < 0:
         raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
+    if brightness_gain < 0:
+        raise ValueError(f"brightness_gain must be >= 0, got {brightness_gain}")
     if not 0 <= shared_noise < 1:
         raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
     if not 0 <= noise_mean <= 1:
@@ -75,6 +81,10 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
     name = cache_name(pipe.vae, clips=clips_per_caption, frames=num_frames, seed=seed)
     latents, first, image_embeds = cached(cache_dir and cache_dir / name, encode)
     n = len(latents)
+    readout = None
+    if brightness_gain:  # brightness_readout reads AnimateDiff's (clips, C, frames, h, w) layout
+        readout = cached(cache_dir and cache_dir / name.replace("latents-", "brightness-"),
+                         lambda: brightness_readout(pipe.vae, latents.transpose(1, 2)).transpose(1, 2))
     # object_mask reads (N, C, F, h, w); SVD's latents are (N, F, C, h, w)
     pixel_weight = (1.0 + object_gain * object_mask(latents.transpose(1, 2)).transpose(1, 2)
                     if object_gain > 0 else None)
@@ -112,11 +122,17 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
                     added_time_ids=time_ids.expand(batch, -1)).sample
         error = out - (x0 - c_skip * noisy) / c_out
         plain = error.square() if pixel_weight is None else pixel_weight[pick_] * error.square()
-        if not flicker_gain:
-            return plain.mean()
-        # Each frame's mean x0 error per channel, against the clip's: the background's flicker. In x0 terms, since
-        # at small sigma (|c_out| ~ sigma) a v error barely moves the denoised frame the decoder shows.
-        level = (error * c_out.abs()).mean(dim=(3, 4))  # (clips, frames, C)
-        return plain.mean() + flicker_gain * (level - level.mean(dim=1, keepdim=True)).square().mean()
+        total = plain.mean()
+        # In x0 terms, since at small sigma (|c_out| ~ sigma) a v error barely moves the denoised frame the decoder
+        # shows.
+        x0_error = error * c_out.abs()
+        if flicker_gain:  # each frame's mean x0 error per channel, against the clip's: the background's flicker
+            level = x0_error.mean(dim=(3, 4))  # (clips, frames, C)
+            total = total + flicker_gain * (level - level.mean(dim=1, keepdim=True)).square().mean()
+        if brightness_gain:  # each frame's x0 error along its decoded background brightness, against the clip's
+            shown = (readout[pick_] * x0_error).sum(dim=(2, 3, 4))  # (clips, frames)
+            modes = x0_error[0, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
+            total = total + brightness_gain / modes * (shown - shown.mean(dim=1, keepdim=True)).square().mean()
+        return total
 
     return loss
