@@ -433,7 +433,7 @@ def test_svd_brightness_gain_charges_the_frames_disagreement_along_the_decoders_
     """`svd --brightness-gain G`: the readout is cached in SVD's (clips, frames, C, h, w) layout, a unit vector per
     frame. On zero latents, a UNet whose v error is a_f times that frame's readout costs G / (C h w) x mean(c_out^2)
     x the a_f's variance more than the plain loss; the same error orthogonal to the readout, or agreeing across
-    frames, costs nothing more."""
+    frames, costs nothing more; `--brightness-below` charges only the samples whose sigma is below it."""
     from types import SimpleNamespace
 
     from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
@@ -468,23 +468,33 @@ def test_svd_brightness_gain_charges_the_frames_disagreement_along_the_decoders_
             noisy = x[:, :, : x.shape[2] // 2] * (sigma**2 + 1).sqrt()
             c_out = -sigma / (sigma**2 + 1).sqrt()
             self.c_out.append(c_out.flatten())
+            self.sigma = sigma.flatten()
             return SimpleNamespace(sample=-noisy / (sigma**2 + 1) / c_out + self.amounts * self.direction)
 
-    def extra(direction, amounts, gain=7.0):
+    def extra(direction, amounts, gain=7.0, below=None):
         out = []
         for g in (0.0, gain):
             unet = AlongError(direction, amounts)
-            loss = svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=g)
+            loss = svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=g,
+                               brightness_below=below if g else None)
             out.append(float(loss(unet, 3, torch.Generator().manual_seed(0))))
-        return out[1] - out[0], unet.c_out[0]
+        return out[1] - out[0], unet.c_out[0], unet.sigma
 
     modes = readout[0, 0].numel()
-    charged, c_out = extra(along, [1.0, -1.0, 1.0, -1.0])
+    charged, c_out, sigma = extra(along, [1.0, -1.0, 1.0, -1.0])
     assert charged == pytest.approx(7 / modes * float(c_out.square().mean()), rel=1e-4)
+    below = float(sigma.sort().values[1:].mean())  # between the samples' sigmas: some charged, some not
+    kept = sigma < below
+    assert 0 < int(kept.sum()) < len(sigma)
+    expected = 7 / modes * float((c_out.square() * kept).mean())
+    assert extra(along, [1.0, -1.0, 1.0, -1.0], below=below)[0] == pytest.approx(expected, rel=1e-4)
     assert extra(along, [0.5, 0.5, 0.5, 0.5])[0] == pytest.approx(0.0, abs=1e-6)
     assert extra(across, [1.0, -1.0, 1.0, -1.0])[0] == pytest.approx(0.0, abs=1e-6)
     with pytest.raises(ValueError, match="brightness_gain"):
         svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=-1.0)
+    with pytest.raises(ValueError, match="brightness_below"):
+        svd_loss_fn(pipe, clips_per_caption=1, num_frames=4, cache_dir=tmp_path, brightness_gain=1.0,
+                    brightness_below=0.0)
 
 
 def test_svd_trains_on_the_noise_the_pipeline_samples_from(tmp_path):
@@ -847,23 +857,24 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
         return real_train(model, loss, config, name=name)
 
     def svd_loss_fn(pipe, **kw):
-        gains.append((kw["flicker_gain"], kw["brightness_gain"], kw["shared_noise"], kw["noise_mean"]))
+        gains.append((kw["flicker_gain"], kw["brightness_gain"], kw["brightness_below"], kw["shared_noise"],
+                      kw["noise_mean"]))
         return real_loss_fn(pipe, **kw)
 
     monkeypatch.setattr(cli, "train", train)
     monkeypatch.setattr(cli, "svd_loss_fn", svd_loss_fn)
     args = ["svd", "--workdir", str(tmp_path / "w"), "--steps", "1", "--anneal", "1", "--batch", "1", "--clips", "1",
             "--threads", "1", "--shared-noise", "0.5", "--noise-mean", "0", "--flicker-gain", "3",
-            "--brightness-gain", "5", "--init-from", str(tmp_path / "trained")]
+            "--brightness-gain", "5", "--brightness-below", "2", "--init-from", str(tmp_path / "trained")]
     result = CliRunner().invoke(cli.app, args)
     assert result.exit_code == 0, result.output
-    assert gains == [(3.0, 5.0, 0.5, 0.0)]
+    assert gains == [(3.0, 5.0, 2.0, 0.5, 0.0)]
     assert starts[0].keys() == trained.unet.state_dict().keys()
     assert all(torch.equal(starts[0][k], v) for k, v in trained.unet.state_dict().items())
     log = json.loads((tmp_path / "w" / "svd" / "train_log.json").read_text())
     weights = (tmp_path / "trained" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert (log["init_from"], log["flicker_gain"], log["brightness_gain"]) == (str(tmp_path / "trained"), 3.0, 5.0)
-    assert (log["shared_noise"], log["noise_mean"]) == (0.5, 0.0)
+    assert (log["shared_noise"], log["noise_mean"], log["brightness_below"]) == (0.5, 0.0, 2.0)
     assert log["init_unet_sha256"] == hashlib.sha256(weights).hexdigest()
     vae_sum = sum(float(p.detach().double().sum()) for p in trained.vae.parameters())
     assert [p.name for p in (tmp_path / "w" / "svd").glob(f"latents-*{vae_sum:.6e}.pt")]  # its VAE's latents
@@ -891,7 +902,7 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     # A plain run in the same folder later: its VAE is the work folder's VAE stage, not the fine-tune's copy.
     plain_vae = build_tiny_animatediff(seed=5).vae
     plain_vae.save_pretrained(tmp_path / "w" / "vae" / "final")
-    again = CliRunner().invoke(cli.app, [*args[:-10], "--fresh"])
+    again = CliRunner().invoke(cli.app, [*args[:-12], "--fresh"])
     assert again.exit_code == 0, again.output
     shutil.rmtree(tmp_path / "out")
     export_all(tmp_path / "w", tmp_path / "out", stages=("svd",))

@@ -288,6 +288,7 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         train_image_encoder: Annotated[bool, typer.Option("--train-image-encoder/--frozen-image-encoder", help="Train the CLIP vision tower with the UNet, so its embedding can tell the object's colour and shape (the tiny tower is random).")] = False,
         flicker_gain: Annotated[float, typer.Option(min=0.0, help="Extra weight on the frames' disagreement in their mean x0 error (the background's flicker, round 41); 0: the plain loss.")] = 0.0,
         brightness_gain: Annotated[float, typer.Option(min=0.0, help="Extra weight on the frames' disagreement in their x0 error along the decoder's background brightness (AnimateDiff's round 28 term, round 42); 0: off.")] = 0.0,
+        brightness_below: Annotated[Optional[float], typer.Option(help="Charge --brightness-gain only at noise levels (sigma) below this, where the sampler draws the flicker (AnimateDiff's round 29 bound, round 42) \\[default: at every one].")] = None,
         shared_noise: Annotated[float, typer.Option(min=0.0, help="Noise the clips' frames share (their spatial means, and this part of the rest), as the pipeline draws it with --shared-noise; export recommends it in sampling.json (round 41); 0: each frame's own.")] = 0.0,
         noise_mean: Annotated[float, typer.Option(min=0.0, max=1.0, help="Scale of each frame's noise mean, as the pipeline draws it with --noise-mean; export recommends it in sampling.json (round 41); 1: as drawn.")] = 1.0,
         init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: start from this exported pipeline folder's UNet and CLIP vision tower, on its own VAE's latents (e.g. pipelines/weights/tiny-svd; round 41).")] = None):
@@ -301,6 +302,10 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
     check_budget(steps, anneal)
     if not 0 <= shared_noise < 1:
         raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
+    if brightness_below is not None and not brightness_gain:  # it bounds that term's sigmas: alone it does nothing
+        raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
+    if brightness_below is not None and not brightness_below > 0:
+        raise typer.BadParameter(f"--brightness-below {brightness_below:g} must be a sigma > 0 (e.g. 2)")
     lacking = init_from and next((part for part in ("unet", "vae", "image_encoder")
                                   if not (init_from / part / "config.json").is_file()), None)
     if lacking:
@@ -315,15 +320,16 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
             setattr(pipe, part, cls.from_pretrained(init_from / part, torch_dtype=torch.float32))
     # Only when set are they recipe keys, so checkpoints trained before the options resume.
     settings = (("flicker_gain", flicker_gain, 0.0), ("brightness_gain", brightness_gain, 0.0),
-                ("shared_noise", shared_noise, 0.0), ("noise_mean", noise_mean, 1.0))
+                ("brightness_below", brightness_below, None), ("shared_noise", shared_noise, 0.0),
+                ("noise_mean", noise_mean, 1.0))
     extra = {key: value for key, value, off in settings if value != off}
     if init_from is not None:  # the folder names where the start was; the UNet's hash pins which weights
         extra.update(init_from=str(init_from), init_unet_sha256=weights_sha256(init_from / "unet"))
     config = stage_config(workdir, "svd", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
                      fresh=fresh, lr=lr, anneal=anneal, recipe=(("object_gain", object_gain), *extra.items()))
     loss = svd_loss_fn(pipe, clips_per_caption=clips, seed=seed, object_gain=object_gain, flicker_gain=flicker_gain,
-                       brightness_gain=brightness_gain, shared_noise=shared_noise, noise_mean=noise_mean,
-                       cache_dir=config.workdir)
+                       brightness_gain=brightness_gain, brightness_below=brightness_below, shared_noise=shared_noise,
+                       noise_mean=noise_mean, cache_dir=config.workdir)
     model = UNetWithImageEncoder(pipe.unet, pipe.image_encoder) if train_image_encoder else pipe.unet
     log = train(model, loss, config, name="svd")
     log.update(object_gain=object_gain, train_image_encoder=train_image_encoder, **extra)

@@ -45,8 +45,8 @@ def clip_pixels(frames: torch.Tensor, feature_extractor) -> torch.Tensor:
 
 def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int = 0, fps: int = 7,
                 motion_bucket_id: int = 127, noise_aug_strength: float = 0.02, object_gain: float = 0.0,
-                flicker_gain: float = 0.0, brightness_gain: float = 0.0, shared_noise: float = 0.0,
-                noise_mean: float = 1.0, cache_dir=None):
+                flicker_gain: float = 0.0, brightness_gain: float = 0.0, brightness_below: float | None = None,
+                shared_noise: float = 0.0, noise_mean: float = 1.0, cache_dir=None):
     """The loss for `pipe.unet`; fps, motion bucket and noise augmentation are the CLI defaults, fed as the
     pipeline feeds them (fps - 1). `object_gain` > 0 weighs the shape's latent pixels 1 + gain times the
     background's (the shape and its edge are ~8 of 64 latent pixels, and its corners are what tells a square from a disc).
@@ -55,6 +55,8 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
     `brightness_gain` > 0: the same for each frame's x0 error along the direction in which the decoder shows it as the
     background's brightness (`brightness_readout` at the clip's latents, cached), weighed 1 + gain times as one of the
     C x h x w modes (AnimateDiff's round 28 term; round 42: the mid-grey backgrounds flicker most).
+    `brightness_below` sigma: that term only at noise levels below it, where the sampler draws the flicker rather
+    than the object's colour (AnimateDiff's round 29 bound, as a sigma); None: at every one.
     `shared_noise` and `noise_mean`: each clip's frames are noised as the pipeline draws a request's initial noise
     with those settings (`shared_frame_noise`, `scaled_mean`), so the model trains on the noise it samples from, as
     AnimateDiff's does (round 38). With `cache_dir`, the encoded clips are kept there for the next run."""
@@ -62,6 +64,8 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         raise ValueError(f"flicker_gain must be >= 0, got {flicker_gain}")
     if brightness_gain < 0:
         raise ValueError(f"brightness_gain must be >= 0, got {brightness_gain}")
+    if brightness_below is not None and not brightness_below > 0:
+        raise ValueError(f"brightness_below must be a sigma > 0 (or None: every one), got {brightness_below}")
     if not 0 <= shared_noise < 1:
         raise ValueError(f"shared_noise must be in [0, 1), got {shared_noise}")
     if not 0 <= noise_mean <= 1:
@@ -132,7 +136,10 @@ def svd_loss_fn(pipe, *, clips_per_caption: int, num_frames: int = 8, seed: int 
         if brightness_gain:  # each frame's x0 error along its decoded background brightness, against the clip's
             shown = (readout[pick_] * x0_error).sum(dim=(2, 3, 4))  # (clips, frames)
             modes = x0_error[0, 0].numel()  # the plain loss's share of one mode: 1 / (C x h x w)
-            total = total + brightness_gain / modes * (shown - shown.mean(dim=1, keepdim=True)).square().mean()
+            flicker = (shown - shown.mean(dim=1, keepdim=True)).square().mean(dim=1)  # (clips,)
+            if brightness_below is not None:
+                flicker = torch.where(sigma.flatten() < brightness_below, flicker, 0.0)
+            total = total + brightness_gain / modes * flicker.mean()
         return total
 
     return loss
