@@ -24,6 +24,8 @@ from asyncvid.models import sampling_defaults
 from asyncvid.pipelines.tiny_models import build_tiny_animatediff, build_tiny_svd
 from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SD_SCHEDULE, SHARED_GRID, SHARED_NOISE
 from asyncvid.training.svd import MAX_GUIDANCE
+from asyncvid.training.svd import NOISE_MEAN as SVD_NOISE_MEAN
+from asyncvid.training.svd import SHARED_NOISE as SVD_SHARED_NOISE
 
 NAMES = {"animatediff": "tiny-animatediff", "svd": "tiny-svd"}
 
@@ -119,9 +121,9 @@ def export_all(root: Path, dest: Path | None = None, scores: dict | None = None,
         if stage == "animatediff":
             sampling_defaults.write(tmp, guidance_scale=GUIDANCE, shared_noise=SHARED_NOISE, noise_mean=NOISE_MEAN,
                                     shared_grid=SHARED_GRID)
-        else:  # and the noise it trained on (`svd --shared-noise/--noise-mean`), where that was not the default
-            noise = {k: logs[stage][k] for k in ("shared_noise", "noise_mean") if k in logs[stage]}
-            sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE, **noise)
+        else:
+            sampling_defaults.write(tmp, max_guidance_scale=MAX_GUIDANCE, shared_noise=SVD_SHARED_NOISE,
+                                    noise_mean=SVD_NOISE_MEAN)
         (tmp / "README.md").write_text(model_card(name, pipe, logs, (scores or {}).get(name)))
         target = dest / name
         if target.exists():

@@ -21,6 +21,12 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 700.0
 # 94% / 94% and 100% / 96% at 2; at 4, 88% and 96% (seed 0); guidance mostly pulls later frames off the input's
 # hue (docs/MODELS.md, round 20).
 MAX_GUIDANCE = 2.0
+# The initial noise `export` recommends in the folder's sampling.json: every frame on one draw, its spatial means at
+# zero (pipelines/initial_noise.py), however the model trained. r5 fine-tuned at flicker gain 64 keeps 50.7 / 44.4%
+# of the 144 held-out clips' backgrounds calm at seeds 0 / 1 with each frame's own noise, 75.7 / 75.0% so; trained
+# on half-shared noise and sampled at 0.5, 52.8 / 37.5%, at 1, 66.0 / 63.2% (docs/MODELS.md, round 41).
+SHARED_NOISE = 1.0
+NOISE_MEAN = 0.0
 
 
 class UNetWithImageEncoder(torch.nn.Module):
