@@ -293,7 +293,9 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         noise_mean: Annotated[float, typer.Option(min=0.0, max=1.0, help="Scale of each frame's noise mean, as the pipeline draws it with --noise-mean (round 41; export recommends 0); 1: as drawn.")] = 1.0,
         init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: start from this exported pipeline folder's UNet and CLIP vision tower, on its own VAE's latents (e.g. pipelines/weights/tiny-svd; round 41).")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r5: 4,500 steps,
-    the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run).
+    the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run; r6 fine-tunes r5, as `all`
+    exports it, with --init-from R5_FOLDER --flicker-gain 64 --brightness-gain 256 --brightness-below 2 --steps 2000
+    --anneal 2000 --lr 2e-4 --threads 2, about 25 minutes: docs/MODELS.md, round 42).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
     (`svd-vae`) did not reach usable colours in the CPU budget.
