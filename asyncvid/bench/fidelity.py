@@ -26,6 +26,7 @@ from asyncvid.bench.parataa_rounds import requests
 from asyncvid.bench.report import _pyplot, check_plotting, replace_kept_section
 from asyncvid.eval.fidelity import compare, psnr
 from asyncvid.parataa.config import ParaTAAConfig
+from asyncvid.requests import ImageToVideo
 from asyncvid.runtime import launch
 from asyncvid.runtime.loaders import ModelSpec, load_sampler, quiet_libraries
 
@@ -123,6 +124,9 @@ def _line(r: dict) -> str:
 
 def _settings(request) -> str:
     """The recommended settings a request samples with, in words."""
+    if isinstance(request, ImageToVideo):
+        return (f"guidance rising to {request.max_guidance_scale:g}, shared noise {request.shared_noise:g} and "
+                f"noise mean {request.noise_mean:g}")
     return (f"guidance {request.guidance_scale:g}, shared noise {request.shared_noise:g}, noise mean "
             f"{request.noise_mean:g} and shared grid {request.shared_grid}")
 
@@ -134,7 +138,8 @@ def table(result: dict) -> str:
         "",
         f"Measured {result['date']} by `python -m asyncvid.bench.fidelity --out docs` ({result['minutes']:.0f} min; "
         f"load average {result['load_before']:.1f} before, {result['load_after']:.1f} after, on {os.cpu_count()} "
-        "cores). Each model at the CLI's default request (tiny-svd: samples/red_circle.png; tiny-animatediff: "
+        "cores). Each model at the CLI's default request (tiny-svd: samples/red_circle.png, its sampling.json's "
+        f"{_settings(requests('tiny-svd', 25))}; tiny-animatediff: "
         f"\"a red circle moving left\", its sampling.json's {_settings(requests('tiny-animatediff', 25))}), seed 0, "
         "float32. PSNR over the whole clip and mean SSIM per frame, both against sequential sampling of the same "
         "request.",
