@@ -10,6 +10,8 @@ from asyncvid.models import sampling_defaults
 from asyncvid.pipelines import recommended_sampling
 from asyncvid.training.animatediff import GUIDANCE, NOISE_MEAN, SHARED_GRID, SHARED_NOISE
 from asyncvid.training.svd import MAX_GUIDANCE
+from asyncvid.training.svd import NOISE_MEAN as SVD_NOISE_MEAN
+from asyncvid.training.svd import SHARED_NOISE as SVD_SHARED_NOISE
 
 
 def test_a_folder_without_sampling_json_gets_diffusers_defaults(tmp_path):
@@ -60,8 +62,10 @@ def test_the_embedded_model_recommends_the_recipes_settings(asyncvid_home):
     assert recommended_sampling("tiny-animatediff") == sampling_defaults.Recommended(GUIDANCE, SHARED_NOISE,
                                                                                      noise_mean=NOISE_MEAN,
                                                                                      shared_grid=SHARED_GRID)
-    # SVD's guidance is a per-frame ramp, from 1 to the recommended one at the last frame
-    assert recommended_sampling("tiny-svd") == sampling_defaults.Recommended(max_guidance_scale=MAX_GUIDANCE)
+    # SVD's guidance is a per-frame ramp, from 1 to the recommended one at the last frame; its noise, one draw for
+    # every frame with its mean at zero (round 42)
+    assert recommended_sampling("tiny-svd") == sampling_defaults.Recommended(
+        max_guidance_scale=MAX_GUIDANCE, shared_noise=SVD_SHARED_NOISE, noise_mean=SVD_NOISE_MEAN)
 
 
 def test_generate_uses_the_folders_settings_unless_given(tmp_path, asyncvid_home):

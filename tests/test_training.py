@@ -913,6 +913,9 @@ def test_svd_init_from_fine_tunes_an_exported_model_with_its_own_parts(tmp_path,
     assert not torch.equal(projection, trained.image_encoder.visual_projection.weight.half())
     missing = CliRunner().invoke(cli.app, [*args[:-1], str(tmp_path / "nothing"), "--fresh"])
     assert missing.exit_code == 2 and "unet/config.json there" in missing.output, missing.output
+    for bound in (["--brightness-below", "2"], ["--brightness-gain", "5", "--brightness-below", "0"]):
+        unbounded = CliRunner().invoke(cli.app, [*args[:-12], *bound, "--fresh"])  # no gain, or a sigma of 0
+        assert unbounded.exit_code == 2 and "--brightness-below" in unbounded.output, unbounded.output
     shutil.rmtree(tmp_path / "trained" / "image_encoder")
     no_tower = CliRunner().invoke(cli.app, [*args, "--fresh"])
     assert no_tower.exit_code == 2 and "image_encoder/config.json there" in no_tower.output, no_tower.output

@@ -47,6 +47,7 @@ from asyncvid.training.cli_options import (
     UNetStage,
     Workdir,
     check_budget,
+    check_init_from,
     stage_config,
     trained_part,
     weights_sha256,
@@ -127,8 +128,7 @@ def vae_invariance(init_from: Annotated[Path, typer.Option(help="An exported tin
                    anchor: Annotated[float, typer.Option(min=0.0, help="Weight of the distance to the starting encoder's latents.")] = 0.1):
     """Fine-tune a trained VAE so its background latent does not follow the object's colour (round 36; ~20 min)."""
     check_budget(steps, anneal)
-    if not (init_from / "vae" / "config.json").is_file():
-        raise typer.BadParameter(f"--init-from {init_from}: no vae/config.json there; pass an exported pipeline folder")
+    check_init_from(init_from, ("vae",))
     if dest.exists():
         raise typer.BadParameter(f"--dest {dest} exists; name a new folder")
     config = stage_config(workdir, "vae-invariance", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
@@ -218,9 +218,7 @@ def animatediff(workdir: Workdir = None, minutes: Minutes = 150.0, steps: MaxSte
     if init_from is not None and image_steps:
         raise typer.BadParameter(f"--init-from {init_from} starts the clips' stage from a trained model; "
                                  f"pass --image-steps 0")
-    if init_from is not None and not (init_from / "unet" / "config.json").is_file():
-        raise typer.BadParameter(f"--init-from {init_from}: no unet/config.json there; pass an exported pipeline "
-                                 f"folder such as pipelines/weights/tiny-animatediff")
+    check_init_from(init_from, ("unet",), "pipelines/weights/tiny-animatediff")
     if brightness_below < 1 and not brightness_gain:  # it bounds that term's timesteps: alone it would do nothing
         raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
     if brightness_margin is not None and not brightness_gain:
@@ -293,26 +291,19 @@ def svd(workdir: Workdir = None, minutes: Minutes = 120.0, steps: MaxSteps = SVD
         noise_mean: Annotated[float, typer.Option(min=0.0, max=1.0, help="Scale of each frame's noise mean, as the pipeline draws it with --noise-mean (round 41; export recommends 0); 1: as drawn.")] = 1.0,
         init_from: Annotated[Optional[Path], typer.Option(help="Fine-tune a trained model: start from this exported pipeline folder's UNet and CLIP vision tower, on its own VAE's latents (e.g. pipelines/weights/tiny-svd; round 41).")] = None):
     """SVD's UNetSpatioTemporalConditionModel on 8-frame clips, conditioned on their first frames (r5: 4,500 steps,
-    the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run; r6 fine-tunes r5, as `all`
-    exports it, with --init-from R5_FOLDER --flicker-gain 64 --brightness-gain 256 --brightness-below 2 --steps 2000
-    --anneal 2000 --lr 2e-4 --threads 2, about 25 minutes: docs/MODELS.md, round 42).
+    the last 900 annealed, about 70 minutes on one thread beside the AnimateDiff run; r6 fine-tunes r5 with
+    --init-from and the flicker and brightness terms, about 25 minutes: docs/MODELS.md, round 42).
 
     It uses the AnimateDiff VAE (frame by frame; the SVD pipeline decodes with any VAE): the temporal decoder
-    (`svd-vae`) did not reach usable colours in the CPU budget.
-    """
+    (`svd-vae`) did not reach usable colours in the CPU budget."""
     anneal = steps // 5 if anneal is None else anneal
     check_budget(steps, anneal)
     if not 0 <= shared_noise < 1:
         raise typer.BadParameter(f"--shared-noise {shared_noise} must be in [0, 1) (0: each frame's own noise)")
-    if brightness_below is not None and not brightness_gain:  # it bounds that term's sigmas: alone it does nothing
-        raise typer.BadParameter(f"--brightness-below {brightness_below:g} needs --brightness-gain G (> 0)")
-    if brightness_below is not None and not brightness_below > 0:
-        raise typer.BadParameter(f"--brightness-below {brightness_below:g} must be a sigma > 0 (e.g. 2)")
-    lacking = init_from and next((part for part in ("unet", "vae", "image_encoder")
-                                  if not (init_from / part / "config.json").is_file()), None)
-    if lacking:
-        raise typer.BadParameter(f"--init-from {init_from}: no {lacking}/config.json there; pass an exported "
-                                 f"tiny-svd pipeline folder such as pipelines/weights/tiny-svd")
+    if brightness_below is not None and not (brightness_gain and brightness_below > 0):  # it bounds that term
+        raise typer.BadParameter(f"--brightness-below {brightness_below:g} must be a sigma > 0 (e.g. 2), with "
+                                 f"--brightness-gain G (> 0)")
+    check_init_from(init_from, ("unet", "vae", "image_encoder"), "pipelines/weights/tiny-svd")
     pipe = build_tiny_svd(seed)
     if init_from is None:
         pipe.vae = trained_part(workdir, "vae", AutoencoderKL)

@@ -51,3 +51,12 @@ def trained_part(workdir: Path | None, stage: str, cls):
 def check_budget(steps: int, anneal: int) -> None:
     if not 0 <= anneal <= steps:  # here, not after the clips are rendered
         raise typer.BadParameter(f"--anneal {anneal} must be between 0 and --steps ({steps})")
+
+
+def check_init_from(init_from: Path | None, parts: tuple[str, ...], example: str = "") -> None:
+    """Refuse, before any work, an --init-from folder without one of the diffusers parts it must hold."""
+    lacking = init_from and next((part for part in parts if not (init_from / part / "config.json").is_file()), None)
+    if lacking:
+        such = f" such as {example}" if example else ""
+        raise typer.BadParameter(f"--init-from {init_from}: no {lacking}/config.json there; pass an exported "
+                                 f"pipeline folder{such}")
