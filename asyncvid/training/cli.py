@@ -1,5 +1,5 @@
 """Train the embedded models: `python -m asyncvid.training all` (or one stage: vae, animatediff, svd, export; a
-trained VAE fine-tuned: vae-invariance).
+trained VAE fine-tuned: vae-invariance, vae-steady).
 
 Each stage resumes from its checkpoint in the work folder; --fresh starts over. Stages after the VAEs need them.
 """
@@ -36,6 +36,7 @@ from asyncvid.training.animatediff import (
     animatediff_loss_fn,
     clip_stage_gains,
 )
+from asyncvid.training.cli_finetunes import vae_invariance, vae_steady
 from asyncvid.training.cli_options import (
     Batch,
     Clips,
@@ -53,7 +54,6 @@ from asyncvid.training.cli_options import (
     weights_sha256,
     workdir_root,
 )
-from asyncvid.training.colour_invariance import fine_tune
 from asyncvid.training.export import export_all, missing_parts
 from asyncvid.training.image_stage import train_image_stage
 from asyncvid.training.loop import finish, train
@@ -80,6 +80,8 @@ from asyncvid.training.vae import (
 )
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app.command("vae-invariance")(vae_invariance)  # the fine-tunes of a trained VAE (asyncvid.training.cli_finetunes)
+app.command("vae-steady")(vae_steady)
 
 @app.command()
 def vae(workdir: Workdir = None, minutes: Annotated[float, typer.Option(help="Wall-clock budget of the whole stage, all phases.")] = 150.0,
@@ -116,25 +118,6 @@ def svd_vae(workdir: Workdir = None, minutes: Minutes = 8.0, steps: MaxSteps = 3
     _train_vae("svd-vae", build_tiny_svd(seed).vae, True, workdir, minutes,
                [dict(steps=steps, anneal=0, lr=lr, crop=32, batch=batch)], seed=seed, threads=threads, fresh=fresh,
                clips=clips)
-
-
-@app.command("vae-invariance")
-def vae_invariance(init_from: Annotated[Path, typer.Option(help="An exported tiny-animatediff folder whose VAE to fine-tune (r9's: docs/MODELS.md).")],
-                   dest: Annotated[Path, typer.Option(help="A new folder: --init-from's with the fine-tuned VAE, for `animatediff --init-from`.")],
-                   workdir: Workdir = None, minutes: Minutes = 60.0, steps: MaxSteps = 600, batch: Batch = 8,
-                   seed: Seed = 0, threads: Threads = 2, fresh: Fresh = False, lr: float = 1e-4,
-                   anneal: Annotated[int, typer.Option(help="Decay the learning rate linearly to zero over this many final steps.")] = 180,
-                   invariance: Annotated[float, typer.Option(min=0.0, help="Weight of the colour pairs' latent difference off the object.")] = 1.0,
-                   anchor: Annotated[float, typer.Option(min=0.0, help="Weight of the distance to the starting encoder's latents.")] = 0.1):
-    """Fine-tune a trained VAE so its background latent does not follow the object's colour (round 36; ~20 min)."""
-    check_budget(steps, anneal)
-    check_init_from(init_from, ("vae",))
-    if dest.exists():
-        raise typer.BadParameter(f"--dest {dest} exists; name a new folder")
-    config = stage_config(workdir, "vae-invariance", minutes=minutes, steps=steps, batch=batch, seed=seed, threads=threads,
-                     fresh=fresh, lr=lr, ema=0.99, anneal=anneal, recipe=(("invariance", invariance), ("anchor", anchor)))
-    fine_tune(init_from, dest, config, invariance=invariance, anchor=anchor, shape_align=0.3, colour_align=0.3,
-              latent_noise=0.2)
 
 
 def _train_vae(stage, model, temporal, workdir, minutes, phases, *, seed, threads, fresh, clips,
