@@ -40,7 +40,7 @@ EMBEDDED = {
         EmbeddedModel(
             "tiny-svd", "image-to-video",
             "SVD-xt-shaped spatio-temporal UNet (4 levels, 5.9M params) trained on moving-shape clips, Euler (Karras)",
-            "r6",  # r5 fine-tuned for a calm background, sampled with every frame on the same noise (sampling.json)
+            "r7",  # r6 (r5 fine-tuned for a calm background) with its decoder fine-tuned to draw the background steadily
         ),
     )
 }
