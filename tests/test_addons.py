@@ -27,11 +27,11 @@ CPU = torch.device("cpu")
 EXACT = dict(stages=2, warmup=STEPS, cost="flops")  # warm-up = steps: the sequential forward, relayed
 DEFAULTS = dict(stages=2, cost="flops")  # AsyncDiff's default warm-up and stale-input prediction
 # PSNR (dB) of the defaults against sequential (decoded frames in [0, 1]) on these tiny models at 4 steps: measured
-# (in the comment; tiny-animatediff r13, tiny-svd r6) on this 2-core CPU, the floor about 1 dB below. These requests
+# (in the comment; tiny-animatediff r13, tiny-svd r7) on this 2-core CPU, the floor about 1 dB below. These requests
 # sample diffusers' own independent noise; r13 was fine-tuned on zero-mean shared noise (docs/MODELS.md, round 38).
 FLOOR = {"lora": 25.0, "lora-fused": 25.0,  # 25.9, 25.9 (r12: 29.4, r11: 28.7, r10: 33.0, r9: 28.9)
-         "free-noise": 23.0, "svd": 53.0, "odd-size": 19.0,  # 24.2 (r12: 32.0), 54.3 (the default warm-up covers
-         # most steps; tiny-svd r5: 54.3, r4: 57.9, r3: 70.1), 20.2 (r12: 27.6; r9 to r13 were trained at 64x64 only)
+         "free-noise": 23.0, "svd": 53.0, "odd-size": 19.0,  # 24.2 (r12: 32.0), 54.0 (the default warm-up covers
+         # most steps; tiny-svd r6 and r5: 54.3, r4: 57.9, r3: 70.1), 20.2 (r12: 27.6; r9 to r13 were trained at 64x64 only)
          "controlnet": 24.5, "sparsectrl": 24.0, "ip-adapter": 26.0,  # 25.4, 25.1, 27.3 (r12: 31.6, 31.4, 34.1)
          "freeu": 24.0, "sdxl": 39.0}  # 25.1, 40.1 (r12: 31.5, 40.1)
 
