@@ -188,6 +188,9 @@ def render_colours(seed: int, background: int | None = None) -> tuple[str, np.nd
     return shape, np.clip(np.stack(frames), 0, 255).round().astype(np.uint8)
 
 
+HELDOUT_IMAGE_SEED = 100_000  # image i of heldout_images is rendered at this seed + i: none a training clip uses
+
+
 def heldout_images() -> list[tuple[Caption, int]]:
     """The image-to-video evaluation set: every shape in every colour on every plain background (144 images), each
     with one of its colour and shape's held-out captions, the backgrounds taking turns over them; (caption,
@@ -210,7 +213,7 @@ def write_heldout_images(folder) -> list:
     paths = []
     for i, (caption, background) in enumerate(heldout_images()):
         path = folder / f"{i:03d}-{caption.text.replace(' ', '-')}-on-{background}.png"
-        Image.fromarray(render(caption, 100_000 + i, 1, background)[0]).save(path)
+        Image.fromarray(render(caption, HELDOUT_IMAGE_SEED + i, 1, background)[0]).save(path)
         paths.append(path)
     return paths
 

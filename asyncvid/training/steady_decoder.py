@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL
 
-from asyncvid.eval.clips import heldout_images, render
+from asyncvid.eval.clips import HELDOUT_IMAGE_SEED, heldout_images, render
 from asyncvid.eval.temporal import read_consistency
 from asyncvid.training.data import clip_set, object_weight, pick
 from asyncvid.training.loop import TrainConfig, finish, train
@@ -59,15 +59,14 @@ def unsteadiness(err: torch.Tensor, background: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def round_trip_flicker(vae, *, num_frames: int = 8) -> float:
-    """Median over the held-out images' clips (asyncvid.eval.clips.heldout_images, as rendered for round 42) of the
+    """Median over the held-out images' clips (asyncvid.eval.clips.heldout_images, at their images' seeds) of the
     largest frame-to-frame background brightness step of their round trip (latent means), in levels of 255."""
     flicker = []
     for i, (caption, tone) in enumerate(heldout_images()):
-        frames = render(caption, 100_000 + i, num_frames, tone)
+        frames = render(caption, HELDOUT_IMAGE_SEED + i, num_frames, tone)
         x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
         decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
-        pixels = ((decoded.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
-        flicker.append(read_consistency(pixels).flicker)
+        flicker.append(read_consistency(((decoded + 1) / 2).permute(0, 2, 3, 1).numpy()).flicker)
     return float(statistics.median(flicker))
 
 
