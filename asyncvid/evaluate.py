@@ -14,7 +14,7 @@ import typer
 from PIL import Image
 
 from asyncvid.errors import UsageError
-from asyncvid.eval.adherence import score_image_video, score_video, summarize
+from asyncvid.eval.adherence import SCORES, score_image_video, score_video, summarize
 from asyncvid.video.writers import read_png_frames
 
 
@@ -78,7 +78,7 @@ def main(
     for folder, scores, summary in scored:
         if verbose:
             for s in scores:
-                ok = "".join("x" if s.get(k) else "." for k in ("colour", "shape", "direction", "smooth", "steady", "calm"))
+                ok = "".join("x" if s.get(k) else "." for k in SCORES)
                 wanted = s.get("want", s.get("prompt"))
                 typer.echo(f"{ok}  {s['output']}  seen {s['seen']}  wanted {wanted}")
         typer.echo(_line(summary, scores) + (f"  {folder}" if len(folders) > 1 else ""))
@@ -107,6 +107,8 @@ def _line(summary: dict, scores: list[dict]) -> str:
     if "worst_flicker" in summary:  # asyncvid.eval.temporal
         line += (f"; smooth {summary['smooth']}%, steady {summary['steady']}%, calm background {summary['calm']}% "
                  f"(worst flicker {summary['worst_flicker']:g} levels)")
+    if "one_colour" in summary:
+        line += f"; one colour throughout {summary['one_colour']}%"
     return line
 
 
