@@ -139,7 +139,7 @@ def test_tiny_grid_runs_end_to_end(tmp_path, monkeypatch):
 
 def test_refreshed_adherence_carries_its_own_stamp_and_leaves_the_grid_alone(tmp_path, monkeypatch):
     """`--adherence-only` rewrites the page: the adherence section says when, by which command and on which weights
-    it was measured, with its smooth and calm columns; the grid's command stays the grid's (it used to grow by one
+    it was measured, with its smooth, calm and one colour columns; the grid's command stays the grid's (it used to grow by one
     command per refresh), and the notes kept in the grid's record come back in the header."""
     from asyncvid.bench import adherence
     from asyncvid.pipelines.embedded import EMBEDDED
@@ -149,7 +149,7 @@ def test_refreshed_adherence_carries_its_own_stamp_and_leaves_the_grid_alone(tmp
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "benchmarks.json").write_text(json.dumps(result))
     scored = dict(videos=2, colour=100.0, shape=50.0, direction=100.0, smooth=50.0, steady=100.0, calm=50.0,
-                  worst_flicker=7.5, seconds=1.0, misses=[])
+                  one_colour=0.0, worst_flicker=7.5, seconds=1.0, misses=[])
     monkeypatch.setattr(adherence, "score_configuration", lambda *a: scored)
     config = BenchConfig(out=tmp_path / "out", adherence_only=True, adherence_prompts=2, plots=False,
                          command="python -m asyncvid.bench --adherence-only")
@@ -159,7 +159,7 @@ def test_refreshed_adherence_carries_its_own_stamp_and_leaves_the_grid_alone(tmp
     page = (tmp_path / "out" / "BENCHMARKS.md").read_text()
     revision = EMBEDDED["tiny-animatediff"].revision
     assert f"by `python -m asyncvid.bench --adherence-only` on tiny-animatediff {revision} (load average" in page
-    assert "| sequential | 1 | 2 | 100% | 50% | 100% | 50% | 50% (7.5) | 1 |" in page
+    assert "| sequential | 1 | 2 | 100% | 50% | 100% | 50% | 50% (7.5) | 0% | 1 |" in page
     assert "**Which weights:** the grid ran on older weights." in page.split("## Summary")[0]
 
 

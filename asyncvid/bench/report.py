@@ -214,20 +214,22 @@ def adherence_section(section: dict | None) -> list[str]:
              f"{section['model']} on the held-out prompts of `{section['prompts_file']}` (combinations never shown in "
              f"training), {section['steps']} steps, seed {section['seed']}: the share of videos that show the asked "
              "colour, shape and direction (asyncvid.eval.adherence reads them from the frames), moving smoothly, "
-             "and with a calm background (within 3 levels of 255 from frame to frame).", ""]
+             "with a calm background (within 3 levels of 255 from frame to frame), and in one colour in every frame.",
+             ""]
     if "measured" in section:  # sections from before the stamp have none
         revision = f" {section['revision']}" if section["revision"] else ""
         before, after = section["load_average"]
         lines += [f"Measured {section['measured']} by `{section['command']}` on {section['model']}{revision} "
                   f"(load average {before:.1f} before, {after:.1f} after).", ""]
-    lines += ["| configuration | devices | videos | colour | shape | direction | smooth | calm (worst flicker) | seconds |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| configuration | devices | videos | colour | shape | direction | smooth | calm (worst flicker) | one colour "
+              "| seconds |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in section["rows"]:
         calm = f"{r['calm']:.0f}%" if "calm" in r else "—"
         calm += f" ({r['worst_flicker']:.1f})" if "worst_flicker" in r else ""
-        smooth = f"{r['smooth']:.0f}%" if "smooth" in r else "—"
+        smooth, one_colour = (f"{r[k]:.0f}%" if k in r else "—" for k in ("smooth", "one_colour"))
         lines.append(f"| {r['config']} | {r['devices']} | {r['videos']} | {r['colour']:.0f}% | {r['shape']:.0f}% "
-                     f"| {r['direction']:.0f}% | {smooth} | {calm} | {r['seconds']:.0f} |")
+                     f"| {r['direction']:.0f}% | {smooth} | {calm} | {one_colour} | {r['seconds']:.0f} |")
     return lines + [""]
 
 
