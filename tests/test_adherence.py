@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from asyncvid.eval.adherence import implied_direction, read_video, score_image_video, score_video, summarize
-from asyncvid.eval.clips import Caption, all_captions, render
+from asyncvid.eval.clips import COLOURS, Caption, all_captions, render
+from asyncvid.eval.masks import object_masks
 from asyncvid.evaluate import score_folder
 from asyncvid.video.writers import write_json_atomic, write_mp4
 
@@ -35,9 +36,6 @@ def test_a_colour_that_flashes_for_a_few_frames_keeps_the_clip_colour_but_not_on
     """A red disc drawn pink in frames 2-4 (what tiny-svd r7 does to samples/red_circle.png) is still a red clip by
     the majority, but not one colour throughout; the same clip left red is, and so is a clip pink throughout (the
     colour score charges that, not this one)."""
-    from asyncvid.eval.clips import COLOURS
-    from asyncvid.eval.masks import object_masks
-
     clip = render(Caption("red", "circle", "left"), 0)
     flashed = clip.copy()
     for i in (2, 3, 4):
